@@ -1,0 +1,25 @@
+# The README's two commands: `make run` (set up + the default suite) and `make test` (set up + the tests).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
+
+.PHONY: setup run test bench-round clean
+
+setup: $(STAMP)
+
+# One pip resolve of pyproject.toml under the tested pins of constraints.txt (FedML route (a): plain
+# `pip install fedml`, which brings a CUDA torch build that also runs on CPU).
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -c constraints.txt -e ".[dev]"
+	rm -f $(VENV)/.installed-* && touch $@
+
+run: setup
+	$(BIN)/pfedseq suite recipes/suites/default.yaml
+
+test: setup
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,100 @@
+"""The client model: a frozen ``ViTForImageClassification`` with a PEFT LoRA adapter, plus a local head.
+
+The backbone's own classifier is replaced by ``nn.Identity`` so that the ViT returns its [CLS] features; the new
+classification head is a separate ``nn.Linear`` outside the PEFT model (not in ``modules_to_save``), so the
+LoRA state a client sends never holds it. One ``AdapterModel`` can serve many clients: each client keeps its own
+LoRA state and head state and loads them before it trains or evaluates.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from torch import nn
+from transformers import AutoImageProcessor, ViTForImageClassification
+
+from fedml_pfedseq.lora_state import StateDict
+
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "hf_models"
+
+
+def bundled_models() -> list[str]:
+    return sorted(p.parent.name for p in BUNDLED_MODELS_DIR.glob("*/config.json"))
+
+
+def resolve_backbone(name: str) -> str:
+    """A local directory, a model bundled under ``hf_models/``, or a Hub id ``owner/name`` (returned unchanged).
+
+    A bare name that is neither a directory nor bundled fails here, rather than after minutes of Hub retries.
+    """
+    if Path(name).is_dir():
+        if not (Path(name) / "config.json").is_file():
+            raise FileNotFoundError(f"backbone directory {name!r} has no config.json")
+        return str(Path(name))
+    if (BUNDLED_MODELS_DIR / name / "config.json").is_file():
+        return str(BUNDLED_MODELS_DIR / name)
+    if "/" not in name or name.startswith((".", "/")):
+        raise FileNotFoundError(f"backbone {name!r} is not a directory, not a model bundled in {BUNDLED_MODELS_DIR} "
+                                f"(bundled: {bundled_models()}), and not a Hub id of the form owner/name")
+    return name
+
+
+def load_image_processor(name: str):
+    return AutoImageProcessor.from_pretrained(resolve_backbone(name))
+
+
+class AdapterModel(nn.Module):
+    """Frozen ViT + LoRA adapter (trainable) + classification head (trainable, outside the adapter)."""
+
+    def __init__(
+        self,
+        backbone: str,
+        num_labels: int,
+        lora_r: int = 8,
+        lora_alpha: int = 16,
+        lora_dropout: float = 0.0,
+        target_modules: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+    ):
+        super().__init__()
+        vit = ViTForImageClassification.from_pretrained(resolve_backbone(backbone))
+        vit.classifier = nn.Identity()  # the ViT now returns [CLS] features; the head below classifies
+        lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                          target_modules=list(target_modules))
+        self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
+        self.head = nn.Linear(vit.config.hidden_size, num_labels)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        features = self.backbone(pixel_values=pixel_values).logits  # [batch, hidden]
+        return self.head(features)  # [batch, num_labels]
+
+    def get_lora_state(self) -> StateDict:
+        """A detached CPU copy of the LoRA tensors (PEFT's names, without the adapter name)."""
+        return {k: v.detach().cpu().clone() for k, v in get_peft_model_state_dict(self.backbone).items()}
+
+    def set_lora_state(self, state: StateDict) -> None:
+        expected = get_peft_model_state_dict(self.backbone)
+        if set(state) != set(expected):
+            missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+            raise KeyError(f"LoRA state does not match the adapter: missing {missing[:3]}, unexpected {extra[:3]}")
+        for key, value in state.items():
+            if value.shape != expected[key].shape:
+                raise ValueError(f"LoRA tensor {key}: shape {tuple(value.shape)} != {tuple(expected[key].shape)}")
+        set_peft_model_state_dict(self.backbone, state)
+
+    def get_head_state(self) -> StateDict:
+        return {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}
+
+    def set_head_state(self, state: StateDict) -> None:
+        self.head.load_state_dict(state)
+
+    def init_head_state(self, seed: int) -> StateDict:
+        """A freshly initialised head, reproducible from ``seed`` (nn.Linear's default init)."""
+        head = nn.Linear(self.head.in_features, self.head.out_features)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            head.reset_parameters()
+        return {k: v.detach().clone() for k, v in head.state_dict().items()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]

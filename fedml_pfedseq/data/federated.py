@@ -1,0 +1,81 @@
+"""Build the federation's data: load, partition into clients, split each client into train/validation/test."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import datasets
+import numpy as np
+
+from fedml_pfedseq.config import DataArgs, RecipeError
+from fedml_pfedseq.data.loading import KNOWN_DATASETS, load_image_dataset
+from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
+from fedml_pfedseq.data.transforms import image_classification_transform
+
+
+@dataclass
+class ClientData:
+    """One client's three splits, each yielding {pixel_values, labels} through a lazy transform."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset
+
+
+@dataclass
+class FederatedData:
+    clients: list[ClientData]
+    label_names: list[str]
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def client_seed(seed: int, client: int, purpose: int = 0) -> int:
+    """A per-client seed derived from the run seed (stable across runs and processes)."""
+    return int(np.random.SeedSequence([seed, client, purpose]).generate_state(1)[0])
+
+
+def partition_indices(dataset: datasets.Dataset, args: DataArgs, label_column: str,
+                      num_clients: int | None, seed: int) -> list[np.ndarray]:
+    """Row indices of each client, by the recipe's partition method."""
+    if args.partition_method == "column":
+        if args.partition_column not in dataset.column_names:
+            raise RecipeError(f"data_args.partition_column {args.partition_column!r} is not a column of "
+                              f"{args.dataset!r}; columns: {dataset.column_names}")
+        parts = partition_by_column(dataset.data.column(args.partition_column).to_numpy())
+        if num_clients is not None and num_clients != len(parts):
+            raise RecipeError(f"train_args.client_num_in_total is {num_clients} but column "
+                              f"{args.partition_column!r} has {len(parts)} distinct values (one client each)")
+        return parts
+    if num_clients is None:
+        raise RecipeError("train_args.client_num_in_total is required with partition_method 'dirichlet'")
+    labels = dataset.data.column(label_column).to_numpy()
+    return partition_dirichlet(labels, num_clients, args.partition_alpha, seed,
+                               args.partition_min_size, args.partition_max_retries)
+
+
+def build_federated_data(args: DataArgs, processor, num_clients: int | None, seed: int) -> FederatedData:
+    """Load ``args.dataset``, partition it, split each client and attach the backbone's image transform."""
+    dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir, hub_id=args.hub_id)
+    info = KNOWN_DATASETS.get(args.dataset)
+    label_column = args.label_column or (info.label_column if info else "label")
+    image_column = info.image_column if info else "image"
+    if label_column not in dataset.column_names:
+        raise RecipeError(f"data_args.label_column {label_column!r} is not a column of {args.dataset!r}; "
+                          f"columns: {dataset.column_names}")
+    feature = dataset.features[label_column]
+    label_names = list(feature.names) if hasattr(feature, "names") else [
+        str(v) for v in sorted(set(dataset.data.column(label_column).to_pylist()))]
+
+    transform = image_classification_transform(processor, image_column, label_column)
+    labels = dataset.data.column(label_column).to_numpy()
+    clients = []
+    for i, rows in enumerate(partition_indices(dataset, args, label_column, num_clients, seed)):
+        if args.samples_per_client is not None and len(rows) > args.samples_per_client:
+            rng = np.random.default_rng(client_seed(seed, i, purpose=1))
+            rows = np.sort(rng.choice(rows, size=args.samples_per_client, replace=False))
+        train, val, test = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, i, 2))
+        clients.append(ClientData(*(dataset.select(rows[part]).with_transform(transform)
+                                    for part in (train, val, test))))
+    return FederatedData(clients=clients, label_names=label_names)

@@ -1,0 +1,121 @@
+"""FedAvg (McMahan et al. 2017) on the LoRA adapter and the head: the base every other method overrides.
+
+What travels is declared by ``shared_parts``: the server sends client i a payload {"client_id", part: state...}
+and the client answers with an upload {"client_id", "num_samples", part: delta...} where each delta is what local
+training changed in that part. The server keeps what it sent, so it rebuilds each client's trained state as
+sent + delta (spec, round step 2) and averages them weighted by sample counts (eq. 1).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.config import Recipe
+from fedml_pfedseq.data.federated import ClientData, client_seed
+from fedml_pfedseq.lora_state import StateDict, add, check_finite, subtract, weighted_average
+from fedml_pfedseq.training import evaluate_model, make_loader, train_epochs
+
+Payload = dict  # {"client_id": int, "<part>": StateDict, ...}: what the server sends one client
+Upload = dict  # {"client_id": int, "num_samples": int, "<part>": StateDict delta, ...}: what a client sends
+
+
+@dataclass
+class NoArgs:
+    """This method has no algorithm_args."""
+
+
+class FedAvgServer:
+    """Averages every shared part and sends the same global state to all clients."""
+
+    shared_parts: tuple[str, ...] = ("lora", "head")
+
+    def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
+        self.num_clients = num_clients
+        self.recipe = recipe
+        self.global_state = {part: initial_state[part] for part in self.shared_parts}
+        self.sent: dict[int, Payload] = {}
+
+    def initial_payloads(self) -> dict[int, Payload]:
+        return self._send({i: self.global_state for i in range(self.num_clients)})
+
+    def _send(self, states: dict[int, dict[str, StateDict]]) -> dict[int, Payload]:
+        """Record what each client gets (to rebuild its trained state later) and wrap it as payloads."""
+        self.sent = {i: {"client_id": i, **states[i]} for i in states}
+        return self.sent
+
+    def trained_states(self, uploads: dict[int, Upload]) -> dict[int, dict[str, StateDict]]:
+        """Each client's state after local training: what the server sent it plus the delta it reported."""
+        states = {}
+        for i, upload in uploads.items():
+            if upload.get("client_id") != i:
+                raise ValueError(f"upload in slot {i} claims to come from client {upload.get('client_id')}")
+            states[i] = {}
+            for part in self.shared_parts:
+                if part not in upload:
+                    raise KeyError(f"client {i}: upload lacks {part!r}; this method expects {self.shared_parts}")
+                check_finite(upload[part], f"client {i} {part} update")
+                if upload[part].keys() != self.sent[i][part].keys():
+                    raise KeyError(f"client {i}: {part} update has keys that differ from what it was sent")
+                states[i][part] = add(self.sent[i][part], upload[part])
+        return states
+
+    def aggregate(self, uploads: dict[int, Upload]) -> dict[int, Payload]:
+        states = self.trained_states(uploads)
+        weights = [uploads[i]["num_samples"] for i in states]
+        self.global_state = {part: weighted_average([states[i][part] for i in states], weights)
+                             for part in self.shared_parts}
+        return self._send({i: self.global_state for i in range(self.num_clients)})
+
+
+class FedAvgClient:
+    """Loads what it receives, evaluates it with its current head, trains LoRA + head, reports deltas."""
+
+    shared_parts: tuple[str, ...] = ("lora", "head")
+
+    def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
+        self.client_id = client_id
+        self.data = data
+        self.model = model
+        self.recipe = recipe
+        seed = recipe.common_args.random_seed
+        self.state: dict[str, StateDict] = {
+            "lora": model.get_lora_state(),  # replaced by the first payload for methods that share it
+            "head": model.init_head_state(client_seed(seed, client_id, purpose=3)),
+        }
+        self.received: dict[str, StateDict] = {}
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.data.train)
+
+    def receive(self, payload: Payload) -> None:
+        if payload.get("client_id", self.client_id) != self.client_id:
+            raise ValueError(f"client {self.client_id} received the payload of client {payload['client_id']}")
+        self.received = {part: payload[part] for part in self.shared_parts}
+        self.state.update(self.received)
+
+    def load(self) -> None:
+        """Put this client's state into the (possibly shared) model."""
+        self.model.set_lora_state(self.state["lora"])
+        self.model.set_head_state(self.state["head"])
+
+    def evaluate(self, splits: tuple[str, ...] = ("validation", "test")) -> dict[str, float]:
+        self.load()
+        batch_size = self.recipe.validation_args.eval_batch_size
+        out = {}
+        for split in splits:
+            for key, value in evaluate_model(self.model, make_loader(getattr(self.data, split), batch_size,
+                                                                     shuffle=False)).items():
+                out[f"{split}_{key}"] = value
+        return out
+
+    def train(self, round_idx: int) -> Upload:
+        self.load()
+        args = self.recipe.train_args
+        seed = client_seed(self.recipe.common_args.random_seed, self.client_id, purpose=1000 + round_idx)
+        loader = make_loader(self.data.train, args.batch_size, shuffle=True, seed=seed)
+        self.last_train_stats = train_epochs(self.model, loader, args.epochs, args.learning_rate,
+                                             args.momentum, args.weight_decay)
+        self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
+        deltas = {part: subtract(self.state[part], self.received[part]) for part in self.shared_parts}
+        return {"client_id": self.client_id, "num_samples": self.num_samples, **deltas}

@@ -1,0 +1,77 @@
+"""Local training and evaluation: the one implementation every engine (simulator, FedML) and method calls."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import evaluate
+import torch
+import torch.nn.functional as F
+from accelerate import PartialState
+from torch.utils.data import DataLoader
+
+from fedml_pfedseq.adapter_model import AdapterModel
+
+ACCURACY_METRIC_DIR = Path(__file__).parent / "metrics" / "accuracy"
+
+
+def select_device(using_gpu: bool = True) -> torch.device:
+    """The device accelerate picks for this process (an accelerator when present and allowed, else CPU)."""
+    return PartialState(cpu=not using_gpu).device
+
+
+@lru_cache(maxsize=1)
+def accuracy_metric() -> evaluate.EvaluationModule:
+    return evaluate.load(str(ACCURACY_METRIC_DIR))
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed) if shuffle else None
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator)
+
+
+def train_epochs(
+    model: AdapterModel,
+    loader: DataLoader,
+    epochs: int,
+    learning_rate: float,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    parameters: list[torch.nn.Parameter] | None = None,
+) -> dict[str, float]:
+    """SGD on ``parameters`` (default: every trainable one, i.e. LoRA + head) for ``epochs`` passes."""
+    device = next(model.head.parameters()).device
+    params = parameters if parameters is not None else model.trainable_parameters()
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+    model.train()
+    seen, loss_sum = 0, 0.0
+    for _ in range(epochs):
+        for batch in loader:
+            logits = model(batch["pixel_values"].to(device))
+            loss = F.cross_entropy(logits, batch["labels"].to(device))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            seen += len(batch["labels"])
+            loss_sum += loss.item() * len(batch["labels"])
+    if seen and not torch.isfinite(torch.tensor(loss_sum)):
+        raise FloatingPointError(f"local training diverged (loss {loss_sum / seen}); lower train_args.learning_rate")
+    return {"train_loss": loss_sum / max(seen, 1), "train_samples": seen / max(epochs, 1)}
+
+
+@torch.no_grad()
+def evaluate_model(model: AdapterModel, loader: DataLoader) -> dict[str, float]:
+    """Accuracy (through ``evaluate``), mean cross-entropy and sample count on one split."""
+    device = next(model.head.parameters()).device
+    model.eval()
+    metric = accuracy_metric()
+    loss_sum, seen = 0.0, 0
+    for batch in loader:
+        logits = model(batch["pixel_values"].to(device))
+        labels = batch["labels"].to(device)
+        loss_sum += F.cross_entropy(logits, labels, reduction="sum").item()
+        seen += len(labels)
+        metric.add_batch(predictions=logits.argmax(-1).cpu().tolist(), references=labels.cpu().tolist())
+    if seen == 0:
+        return {"accuracy": float("nan"), "loss": float("nan"), "samples": 0}
+    return {"accuracy": metric.compute()["accuracy"], "loss": loss_sum / seen, "samples": seen}

@@ -1,0 +1,58 @@
+"""Shared fixtures: a tiny random ViT saved like a Hub checkpoint, and small recipes built in code."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+from fedml_pfedseq.config import parse_recipe
+
+TINY_HIDDEN = 32
+TINY_LAYERS = 2
+
+
+@pytest.fixture(scope="session")
+def tiny_vit(tmp_path_factory) -> str:
+    """A randomly initialised 2-layer ViT (hidden 32, 32x32 input, patch 8) with its image processor."""
+    path = tmp_path_factory.mktemp("tiny_vit")
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+                       num_attention_heads=2, intermediate_size=64, num_labels=10)
+    ViTForImageClassification(config).save_pretrained(path)
+    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    return str(path)
+
+
+def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # noqa: F821
+    """An Omniglot recipe on a small slice (embedded data), overridable per section."""
+    raw = {
+        "common_args": {"random_seed": 0, "output_dir": str(tmp_path / "{recipe}")},
+        "data_args": {"dataset": "omniglot", "partition_method": "column", "partition_column": "drawer",
+                      "samples_per_client": 40},
+        "model_args": {"model": model},
+        "train_args": {"federated_optimizer": method, "comm_round": 2, "learning_rate": 0.05},
+        "device_args": {"num_threads": 2},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return parse_recipe(raw, where=f"test:{method}")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``shared_data`` read ../shared/data (PACS, CIFAR-10), which only some machines have.
+
+    Where it is missing they are skipped with the reason shown; with PFEDSEQ_REQUIRE_SHARED_DATA=1 (set by
+    .ci/run) they run regardless and fail on the missing files.
+    """
+    import os
+
+    from fedml_pfedseq.data.loading import data_search_path
+
+    if os.environ.get("PFEDSEQ_REQUIRE_SHARED_DATA") == "1":
+        return
+    if any((d / "pacs112.parquet").is_file() for d in data_search_path()):
+        return
+    skip = pytest.mark.skip(reason="../shared/data (PACS, CIFAR-10) not found; set PFEDSEQ_DATA_DIR")
+    for item in items:
+        if "shared_data" in item.keywords:
+            item.add_marker(skip)

@@ -1,0 +1,95 @@
+"""Recipes and the CLI: every shipped recipe loads; bad recipes stop with a message naming the problem."""
+import dataclasses
+from pathlib import Path
+
+import pytest
+import yaml
+
+from fedml_pfedseq.cli import main
+from fedml_pfedseq.config import SECTIONS, RecipeError, load_recipe
+from fedml_pfedseq.strategies import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = REPO / "recipes" / "omniglot_fedavg.yaml"
+
+
+def write_recipe(tmp_path, mutate) -> Path:
+    raw = yaml.safe_load(GOOD.read_text())
+    mutate(raw)
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "recipes").rglob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_recipe_and_suite_checks(path, capsys):
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok:")
+
+
+def test_key_names_are_unique_across_sections_because_fedml_flattens_them():
+    names = [f.name for cls in SECTIONS.values() for f in dataclasses.fields(cls)]
+    names += [f.name for m in METHODS.values() for f in dataclasses.fields(m.Args)]
+    assert len(names) == len(set(names))
+
+
+def test_overrides_reach_the_recipe():
+    recipe = load_recipe(GOOD, ["train_args.comm_round=3", "data_args.split_fractions=[0.8, 0.1, 0.1]"])
+    assert recipe.train_args.comm_round == 3 and recipe.data_args.split_fractions == [0.8, 0.1, 0.1]
+
+
+@pytest.mark.parametrize("mutate, message", [
+    (lambda r: r["train_args"].update(comm_rounds=5), "unknown key 'comm_rounds' (did you mean 'comm_round'?)"),
+    (lambda r: r.update(train_arg={}), "unknown section 'train_arg' (did you mean 'train_args'?)"),
+    (lambda r: r["train_args"].update(comm_round=0), "train_args.comm_round must be >= 1"),
+    (lambda r: r["train_args"].update(comm_round="ten"), "train_args.comm_round: expected int"),
+    (lambda r: r["train_args"].update(learning_rate=-0.1), "train_args.learning_rate must be > 0"),
+    (lambda r: r["data_args"].update(split_fractions=[0.5, 0.1, 0.1]), "split_fractions must be three"),
+    (lambda r: r["train_args"].update(client_num_per_round=30), "exceeds client_num_in_total"),
+    (lambda r: r["train_args"].update(federated_optimizer="FedAwg"), "unknown method 'FedAwg'"),
+    (lambda r: r["data_args"].update(partition_method="random"), "partition_method must be 'column' or"),
+    (lambda r: r.update(algorithm_args={"beta": 1}), "algorithm_args: unknown key 'beta'"),
+])
+def test_bad_recipes_fail_with_the_key_named(tmp_path, mutate, message):
+    path = write_recipe(tmp_path, mutate)
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert message in str(err.value) and str(path) in str(err.value)
+
+
+def test_cli_reports_errors_on_stderr_and_exits_2(tmp_path, capsys):
+    assert main(["check", str(tmp_path / "missing.yaml")]) == 2
+    assert "recipe file not found" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train_args: [unclosed\n")
+    assert main(["check", str(broken)]) == 2
+    assert "malformed YAML" in capsys.readouterr().err
+    bad = write_recipe(tmp_path, lambda r: r["train_args"].update(epochs=0))
+    assert main(["run", str(bad)]) == 2
+    assert "train_args.epochs must be >= 1" in capsys.readouterr().err
+
+
+def test_missing_data_file_names_every_place_searched(tmp_path, capsys, tiny_vit):
+    recipe = write_recipe(tmp_path, lambda r: (r["data_args"].update(dataset="pacs", data_dir=str(tmp_path),
+                                                                   partition_column="domain"),
+                                               r["model_args"].update(model=tiny_vit)))
+    assert main(["run", str(recipe), "--set", "train_args.client_num_in_total=4",
+                 "--set", "train_args.client_num_per_round=4", "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "pacs112.parquet" in err and str(tmp_path) in err
+
+
+def test_suite_with_a_bad_recipe_fails_before_running_anything(tmp_path, capsys):
+    bad = write_recipe(tmp_path, lambda r: r["model_args"].update(lora_rank=8))
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"recipes": [str(GOOD), bad.name], "output_dir": str(tmp_path / "out")}))
+    assert main(["suite", str(suite)]) == 2
+    assert "unknown key 'lora_rank' (did you mean 'lora_r'?)" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unknown_backbone_fails_at_once_naming_the_bundled_models(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, lambda r: r["model_args"].update(model="vit-does-not-exist"))
+    assert main(["run", str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "backbone 'vit-does-not-exist' is not a directory" in err and "owner/name" in err

@@ -1,0 +1,90 @@
+"""Partitioners, checked by the statistics of what they produce."""
+import numpy as np
+import pytest
+
+from fedml_pfedseq.data.loading import load_image_dataset
+from fedml_pfedseq.data.partition import (PartitionError, partition_by_column, partition_dirichlet,
+                                          split_train_val_test)
+
+
+def assert_exact_cover(parts, n):
+    joined = np.concatenate(parts)
+    assert len(joined) == n and len(np.unique(joined)) == n, "clients must cover every row exactly once"
+
+
+def test_omniglot_drawer_column_gives_20_clients_of_one_drawing_per_character():
+    ds = load_image_dataset("omniglot")
+    drawers = ds.data.column("drawer").to_numpy()
+    parts = partition_by_column(drawers)
+    assert len(parts) == 20
+    assert_exact_cover(parts, len(ds))
+    for part in parts:
+        assert len(np.unique(drawers[part])) == 1
+        assert len(part) == 1623  # each of the 1,623 characters was drawn once by every drawer
+
+
+@pytest.mark.shared_data
+def test_pacs_domain_column_gives_4_clients_with_the_published_domain_sizes():
+    ds = load_image_dataset("pacs")
+    parts = partition_by_column(ds.data.column("domain").to_numpy())
+    assert [len(p) for p in parts] == [2048, 2344, 1670, 3929]  # art_painting, cartoon, photo, sketch
+
+
+def _label_shares(labels, parts, num_classes):
+    return np.stack([np.bincount(labels[p], minlength=num_classes) / len(p) for p in parts])
+
+
+def test_dirichlet_small_alpha_skews_labels_and_large_alpha_does_not():
+    labels = np.repeat(np.arange(10), 1000)
+    skewed = partition_dirichlet(labels, 10, alpha=0.1, seed=0, min_size=10)
+    even = partition_dirichlet(labels, 10, alpha=1000.0, seed=0, min_size=10)
+    assert_exact_cover(skewed, len(labels))
+    assert_exact_cover(even, len(labels))
+    # alpha=0.1: a client's largest class dominates; alpha=1000: every class near its global share of 0.1
+    assert _label_shares(labels, skewed, 10).max(axis=1).mean() > 0.5
+    assert np.abs(_label_shares(labels, even, 10) - 0.1).max() < 0.03
+
+
+def test_dirichlet_honours_min_size_and_is_seeded():
+    labels = np.repeat(np.arange(10), 100)
+    a = partition_dirichlet(labels, 10, alpha=0.5, seed=3, min_size=40)
+    b = partition_dirichlet(labels, 10, alpha=0.5, seed=3, min_size=40)
+    c = partition_dirichlet(labels, 10, alpha=0.5, seed=4, min_size=40)
+    assert min(len(p) for p in a) >= 40
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c))
+
+
+def test_dirichlet_gives_up_after_bounded_retries_with_a_clear_error():
+    labels = np.repeat(np.arange(10), 100)
+    with pytest.raises(PartitionError, match="no draw in 5 tries"):
+        partition_dirichlet(labels, 20, alpha=0.01, seed=0, min_size=45, max_retries=5)
+    with pytest.raises(PartitionError, match="cannot give 20 clients 60 samples"):
+        partition_dirichlet(labels, 20, alpha=1.0, seed=0, min_size=60)
+
+
+def test_split_fractions_are_exact_and_stratified_per_class():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 12, size=1000)
+    train, val, test = split_train_val_test(labels, (0.7, 0.1, 0.2), seed=0)
+    assert_exact_cover([train, val, test], len(labels))
+    assert (len(train), len(val), len(test)) == (700, 100, 200)
+    counts = np.bincount(labels, minlength=12)
+    assert np.all(np.abs(np.bincount(labels[test], minlength=12) - 0.2 * counts) < 1 + 1e-9)
+    assert np.all(np.abs(np.bincount(labels[val], minlength=12) - 0.1 * counts) < 1 + 1e-9)
+
+
+def test_split_with_many_singleton_classes_still_fills_test_and_validation():
+    labels = np.arange(100) % 80  # 80 classes, most with a single sample
+    train, val, test = split_train_val_test(labels, (0.7, 0.1, 0.2), seed=1)
+    assert (len(train), len(val), len(test)) == (70, 10, 20)
+    assert_exact_cover([train, val, test], 100)
+
+
+def test_split_is_seeded():
+    labels = np.arange(200) % 7
+    a = split_train_val_test(labels, (0.7, 0.1, 0.2), seed=5)
+    b = split_train_val_test(labels, (0.7, 0.1, 0.2), seed=5)
+    c = split_train_val_test(labels, (0.7, 0.1, 0.2), seed=6)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert not np.array_equal(a[2], c[2])
