@@ -1,5 +1,6 @@
 """End-to-end federations in the in-process simulator, on small slices of the embedded Omniglot."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,3 +82,15 @@ def test_fedavg_learns_omniglot_alphabets_above_chance_with_the_pretrained_backb
     chance = 1 / fed.data.num_labels
     assert log.mean_at(0, "test_accuracy") < 3 * chance  # untrained head: near chance
     assert log.mean_at(3, "test_accuracy") > 5 * chance
+
+
+def test_default_suite_runs_every_recipe_and_writes_the_comparison(tiny_vit, tmp_path):
+    from fedml_pfedseq.suite import run_suite
+
+    overrides = [f"model_args.model={tiny_vit}", "data_args.samples_per_client=20", "train_args.comm_round=1"]
+    summaries = run_suite(Path(__file__).resolve().parents[1] / "recipes/suites/default.yaml", overrides, output_dir=tmp_path, progress=False)
+    assert [s["method"] for s in summaries] == ["Local", "FedAvg", "FedAvgLocalHead"]
+    for name in ["suite_summary.md", "suite_summary.csv", "suite_learning_curves.png"]:
+        assert (tmp_path / name).is_file(), name
+    table = (tmp_path / "suite_summary.md").read_text()
+    assert all(s["recipe"] in table for s in summaries)
