@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 EVAL_FIELDS = ["round", "client", "validation_accuracy", "validation_loss", "validation_samples",
                "test_accuracy", "test_loss", "test_samples"]
@@ -49,23 +50,40 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def plot_learning_curve(log: MetricsLog, title: str, path: Path) -> None:
-    """Mean test accuracy over clients per round, with each client's curve faint behind it."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    rounds = log.rounds
-    for client in sorted({r["client"] for r in log.rows}):
-        points = [(r["round"], r["test_accuracy"]) for r in log.rows if r["client"] == client]
-        ax.plot(*zip(*points), color="grey", alpha=0.25, linewidth=0.8)
-    ax.plot(rounds, [log.mean_at(t, "test_accuracy") for t in rounds], color="C0", linewidth=2, marker="o",
-            label="mean over clients")
+def mean_test_curve(rows: list[dict]) -> tuple[list[int], list[float]]:
+    """Rounds and the mean over clients of local test accuracy at each."""
+    log = MetricsLog(rows=rows)
+    return log.rounds, [log.mean_at(t, "test_accuracy") for t in log.rounds]
+
+
+def save_accuracy_plot(ax, fig, title: str, path: Path) -> None:
     ax.set_xlabel("round (aggregations completed)")
-    ax.set_ylabel("local test accuracy")
+    ax.set_ylabel("local test accuracy (mean over clients)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_learning_curve(log: MetricsLog, title: str, path: Path) -> None:
+    """Mean test accuracy over clients per round, with each client's curve faint behind it."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for client in sorted({r["client"] for r in log.rows}):
+        points = [(r["round"], r["test_accuracy"]) for r in log.rows if r["client"] == client]
+        ax.plot(*zip(*points), color="grey", alpha=0.25, linewidth=0.8)
+    ax.plot(*mean_test_curve(log.rows), color="C0", linewidth=2, marker="o", label="mean over clients")
+    save_accuracy_plot(ax, fig, title, path)
+
+
+def plot_suite(curves: dict[str, list[dict]], title: str, path: Path) -> None:
+    """One mean test-accuracy curve per run (name -> its evaluation rows)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, rows in curves.items():
+        ax.plot(*mean_test_curve(rows), marker="o", label=name)
+    save_accuracy_plot(ax, fig, title, path)
 
 
 def format_table(headers: list[str], rows: list[list]) -> str:

@@ -10,14 +10,9 @@ import csv
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from fedml_pfedseq.config import RecipeError, load_recipe, load_yaml  # noqa: E402
-from fedml_pfedseq.results import format_table  # noqa: E402
-from fedml_pfedseq.simulation import run_recipe  # noqa: E402
+from fedml_pfedseq.config import RecipeError, load_recipe, load_yaml
+from fedml_pfedseq.results import format_table, plot_suite
+from fedml_pfedseq.simulation import run_recipe
 
 SUITE_KEYS = {"recipes", "overrides", "output_dir", "description"}
 
@@ -34,23 +29,6 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> tu
     overrides = list(raw.get("overrides") or []) + list(extra_overrides or [])
     recipes = [load_recipe(path.parent / entry, overrides) for entry in raw["recipes"]]
     return recipes, Path(raw.get("output_dir") or f"runs/{path.stem}")
-
-
-def plot_suite(run_dirs: dict[str, Path], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name, run_dir in run_dirs.items():
-        rows = json.loads((run_dir / "metrics.json").read_text())["eval"]
-        rounds = sorted({r["round"] for r in rows})
-        means = [sum(r["test_accuracy"] for r in rows if r["round"] == t) /
-                 sum(1 for r in rows if r["round"] == t) for t in rounds]
-        ax.plot(rounds, means, marker="o", label=name)
-    ax.set_xlabel("round (aggregations completed)")
-    ax.set_ylabel("mean local test accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def run_suite(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
@@ -71,6 +49,7 @@ def run_suite(path: str | Path, extra_overrides: list[str] | None = None, output
     (output_dir / "suite_summary.md").write_text(table + "\n")
     with (output_dir / "suite_summary.csv").open("w", newline="") as f:
         csv.writer(f).writerows([headers] + rows)
-    plot_suite(run_dirs, output_dir / "suite_learning_curves.png")
+    curves = {name: json.loads((d / "metrics.json").read_text())["eval"] for name, d in run_dirs.items()}
+    plot_suite(curves, f"suite {Path(path).stem}", output_dir / "suite_learning_curves.png")
     print(f"\nsuite {Path(path).stem} ({output_dir}):\n{table}")
     return summaries
