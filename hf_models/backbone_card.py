@@ -61,6 +61,7 @@ the project trains its own; where a network exists, recipes can name any Hub ViT
 epoch; no checkpoint was selected on test data). Final-epoch training accuracy (augmented, label-smoothed
 loss): {history[-1]["train_accuracy"]:.2%}.
 
+{("## How this run went" + chr(10) + report["notes"] + chr(10)) if report.get("notes") else ""}
 ## Reproduce
 ```bash
 python hf_models/pretrain_vit.py --out hf_models/{model_dir.name} --epochs {report["epochs"]}

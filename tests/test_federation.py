@@ -75,13 +75,16 @@ def test_run_recipe_writes_metrics_plot_table_and_summary(tiny_vit, tmp_path):
 
 
 def test_fedavg_learns_omniglot_alphabets_above_chance_with_the_pretrained_backbone(tmp_path):
-    """The committed backbone, 20 drawers x 200 drawings, 3 rounds: far above the 1/50 chance level."""
+    """The committed backbone, 20 drawers x 200 drawings, 3 rounds at the recipes' lr: well above 1/50 chance.
+
+    Measured when written: mean test accuracy 0.029 at round 0 and 0.126 at round 3.
+    """
     recipe = small_recipe("FedAvg", "vit-small-cifar10", tmp_path, data_args={"samples_per_client": 200},
-                          train_args={"comm_round": 3})
+                          train_args={"comm_round": 3, "learning_rate": 0.5})
     fed, log = run(recipe)
     chance = 1 / fed.data.num_labels
-    assert log.mean_at(0, "test_accuracy") < 3 * chance  # untrained head: near chance
-    assert log.mean_at(3, "test_accuracy") > 5 * chance
+    assert log.mean_at(0, "test_accuracy") < 2 * chance  # untrained head: near chance
+    assert log.mean_at(3, "test_accuracy") > 3 * chance
 
 
 def test_default_suite_runs_every_recipe_and_writes_the_comparison(tiny_vit, tmp_path):
