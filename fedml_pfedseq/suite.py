@@ -43,7 +43,7 @@ def run_suite(path: str | Path, extra_overrides: list[str] | None = None, output
     headers = ["recipe", "method", "rounds", "clients", "test acc (mean)", "test acc (std)", "val acc (mean)",
                "s/round"]
     rows = [[s["recipe"], s["method"], s["rounds"], s["clients"], s["final_test_accuracy_mean"],
-             s["final_test_accuracy_std"], s["final_validation_accuracy_mean"], round(s["mean_round_seconds"], 1)]
+             s["final_test_accuracy_std"], s["final_validation_accuracy_mean"], f"{s['mean_round_seconds']:.1f}"]
             for s in summaries]
     table = format_table(headers, rows)
     (output_dir / "suite_summary.md").write_text(table + "\n")
