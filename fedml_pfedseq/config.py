@@ -214,8 +214,9 @@ def _validate(recipe: Recipe, where: str) -> None:
         require(t.client_num_per_round <= t.client_num_in_total, "train_args.client_num_per_round",
                 f"({t.client_num_per_round}) exceeds client_num_in_total ({t.client_num_in_total})")
     require(t.client_num_per_round is None or t.client_num_per_round == t.client_num_in_total,
-            "train_args.client_num_per_round", "below client_num_in_total (partial participation) is not "
-            "supported yet: every client takes part in every round")
+            "train_args.client_num_per_round", f"({t.client_num_per_round}) must be null or equal "
+            f"client_num_in_total ({t.client_num_in_total}): every client takes part in every round "
+            "(partial participation is not supported yet)")
     require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")

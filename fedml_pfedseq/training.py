@@ -56,7 +56,7 @@ def train_epochs(
             loss_sum += loss.item() * len(batch["labels"])
     if seen and not torch.isfinite(torch.tensor(loss_sum)):
         raise FloatingPointError(f"local training diverged (loss {loss_sum / seen}); lower train_args.learning_rate")
-    return {"train_loss": loss_sum / max(seen, 1), "train_samples": seen / max(epochs, 1)}
+    return {"train_loss": loss_sum / max(seen, 1)}
 
 
 @torch.no_grad()

@@ -51,6 +51,8 @@ def test_a_client_refuses_a_payload_addressed_to_another(runs):
     fed, _ = runs["FedAvg"]
     with pytest.raises(ValueError, match="received the payload of client 1"):
         fed.clients[0].receive({"client_id": 1, **fed.server.global_state})
+    with pytest.raises(KeyError, match="client 0: payload lacks \\['head'\\]"):
+        fed.clients[0].receive({"client_id": 0, "lora": fed.server.global_state["lora"]})
 
 
 def test_same_seed_same_numbers_other_seed_other_numbers(tiny_vit, tmp_path):

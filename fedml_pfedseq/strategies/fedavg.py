@@ -83,6 +83,7 @@ class FedAvgClient:
             "head": model.init_head_state(client_seed(seed, client_id, purpose=3)),
         }
         self.received: dict[str, StateDict] = {}
+        self.last_train_stats: dict[str, float] = {}
 
     @property
     def num_samples(self) -> int:
@@ -91,6 +92,9 @@ class FedAvgClient:
     def receive(self, payload: Payload) -> None:
         if payload.get("client_id", self.client_id) != self.client_id:
             raise ValueError(f"client {self.client_id} received the payload of client {payload['client_id']}")
+        missing = [part for part in self.shared_parts if part not in payload]
+        if missing:
+            raise KeyError(f"client {self.client_id}: payload lacks {missing}; this method expects {self.shared_parts}")
         self.received = {part: payload[part] for part in self.shared_parts}
         self.state.update(self.received)
 
