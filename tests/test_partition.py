@@ -1,4 +1,6 @@
 """Partitioners, checked by the statistics of what they produce."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -88,3 +90,35 @@ def test_split_is_seeded():
     c = split_train_val_test(labels, (0.7, 0.1, 0.2), seed=6)
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert not np.array_equal(a[2], c[2])
+
+
+@pytest.mark.shared_data
+def test_cifar10_recipe_data_path_federates_the_test_split_with_dirichlet_skew():
+    from transformers import ViTImageProcessor
+
+    from fedml_pfedseq.config import load_recipe
+    from fedml_pfedseq.data.federated import build_federated_data
+
+    recipe = load_recipe(Path(__file__).resolve().parents[1] / "recipes" / "cifar10_fedavg.yaml")
+    data = build_federated_data(recipe.data_args, ViTImageProcessor(size={"height": 32, "width": 32}),
+                                recipe.train_args.client_num_in_total, seed=0)
+    sizes = [len(c.train) + len(c.validation) + len(c.test) for c in data.clients]
+    assert len(data.clients) == 10 and sum(sizes) == 10_000  # the test split only, every image once
+    assert min(sizes) >= recipe.data_args.partition_min_size
+    labels = [np.bincount(np.array(c.train.with_format(None)["label"]), minlength=10) for c in data.clients]
+    assert np.mean([lab.max() / lab.sum() for lab in labels]) > 0.4  # Dirichlet(0.1): one class dominates
+
+
+def test_recipe_partition_errors_name_the_column_and_the_client_count(tmp_path):
+    from transformers import ViTImageProcessor
+
+    from fedml_pfedseq.config import DataArgs, RecipeError
+    from fedml_pfedseq.data.federated import build_federated_data
+
+    processor = ViTImageProcessor(size={"height": 32, "width": 32})
+    with pytest.raises(RecipeError, match="partition_column 'writer' is not a column"):
+        build_federated_data(DataArgs(partition_column="writer"), processor, None, seed=0)
+    with pytest.raises(RecipeError, match="client_num_in_total is 5 but column 'drawer' has 20"):
+        build_federated_data(DataArgs(), processor, 5, seed=0)
+    with pytest.raises(RecipeError, match="required with partition_method 'dirichlet'"):
+        build_federated_data(DataArgs(partition_method="dirichlet"), processor, None, seed=0)
