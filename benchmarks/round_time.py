@@ -2,7 +2,8 @@
 
     python benchmarks/round_time.py recipes/omniglot_fedavg.yaml --rounds 2 --set data_args.samples_per_client=null
 
-Prints seconds per round, per client and images per second; nothing is asserted (see README "Measured").
+Runs the simulator's own round loop and prints the timings it records per round, with images per second;
+nothing is asserted (see README "Measured").
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import time
 import torch
 
 from fedml_pfedseq.config import load_recipe
-from fedml_pfedseq.simulation import build_federation
+from fedml_pfedseq.simulation import build_federation, run_federation
 
 
 def main() -> None:
@@ -21,32 +22,19 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     args = parser.parse_args()
-    recipe = load_recipe(args.recipe, args.overrides)
+    recipe = load_recipe(args.recipe, args.overrides + [f"train_args.comm_round={args.rounds}",
+                                                        "validation_args.frequency_of_the_test=1"])
     started = time.perf_counter()
     fed = build_federation(recipe)
-    print(f"build: {time.perf_counter() - started:.1f} s; {len(fed.clients)} clients, "
-          f"{sum(c.num_samples for c in fed.clients)} training images per round, torch threads "
-          f"{torch.get_num_threads()}")
-    payloads = fed.server.initial_payloads()
-    for t in range(1, args.rounds + 1):
-        train_s = eval_s = 0.0
-        evaluated = 0
-        uploads = {}
-        for i, client in enumerate(fed.clients):
-            client.receive(payloads[i])
-            t0 = time.perf_counter()
-            metrics = client.evaluate()
-            t1 = time.perf_counter()
-            uploads[i] = client.train(t)
-            t2 = time.perf_counter()
-            eval_s, train_s = eval_s + t1 - t0, train_s + t2 - t1
-            evaluated += metrics["validation_samples"] + metrics["test_samples"]
-        t3 = time.perf_counter()
-        payloads = fed.server.aggregate(uploads)
-        agg_s = time.perf_counter() - t3
-        trained = sum(c.num_samples for c in fed.clients)
-        print(f"round {t}: {train_s + eval_s + agg_s:.1f} s = train {train_s:.1f} s ({trained / train_s:.0f} img/s) "
-              f"+ eval {eval_s:.1f} s ({evaluated / eval_s:.0f} img/s) + aggregate {agg_s:.2f} s")
+    trained = sum(c.num_samples for c in fed.clients)
+    print(f"build: {time.perf_counter() - started:.1f} s; {len(fed.clients)} clients, {trained} training images "
+          f"per round, torch threads {torch.get_num_threads()}")
+    log = run_federation(fed, progress=False)
+    for t, (total, train_s, eval_s) in enumerate(zip(log.round_seconds, log.train_seconds, log.eval_seconds), 1):
+        evaluated = sum(r["validation_samples"] + r["test_samples"] for r in log.at(t - 1))
+        print(f"round {t}: {total:.1f} s = train {train_s:.1f} s ({trained / train_s:.0f} img/s) "
+              f"+ eval {eval_s:.1f} s ({evaluated / eval_s:.0f} img/s) + aggregate and rest "
+              f"{total - train_s - eval_s:.2f} s")
 
 
 if __name__ == "__main__":

@@ -22,7 +22,9 @@ EVAL_FIELDS = ["round", "client", "validation_accuracy", "validation_loss", "val
 class MetricsLog:
     rows: list[dict] = field(default_factory=list)  # evaluation: one row per (round, client)
     train_rows: list[dict] = field(default_factory=list)  # local training: one row per (round, client)
-    round_seconds: list[float] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)  # per round: the whole round
+    train_seconds: list[float] = field(default_factory=list)  # per round: all clients' local training
+    eval_seconds: list[float] = field(default_factory=list)  # per round: all clients' evaluation before training
 
     def add(self, **row) -> None:
         self.rows.append(row)
@@ -99,7 +101,8 @@ def write_run_outputs(log: MetricsLog, recipe, output_dir: Path, wall_seconds: f
     _write_csv(output_dir / "metrics.csv", [{k: r.get(k) for k in EVAL_FIELDS} for r in log.rows])
     _write_csv(output_dir / "train_metrics.csv", log.train_rows)
     (output_dir / "metrics.json").write_text(json.dumps(
-        {"eval": log.rows, "train": log.train_rows, "round_seconds": log.round_seconds}, indent=1))
+        {"eval": log.rows, "train": log.train_rows, "round_seconds": log.round_seconds,
+         "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds}, indent=1))
     plot_learning_curve(log, f"{recipe.name} ({recipe.train_args.federated_optimizer})",
                         output_dir / "learning_curve.png")
 

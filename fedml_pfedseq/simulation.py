@@ -60,15 +60,20 @@ def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
     bar = tqdm(range(1, rounds + 1), desc=f"{fed.recipe.name}", disable=not progress)
     for t in bar:
         started = time.perf_counter()
-        uploads = {}
+        uploads, train_s, eval_s = {}, 0.0, 0.0
         for i, client in enumerate(fed.clients):
             client.receive(payloads[i])
+            t0 = time.perf_counter()
             if (t - 1) % every == 0:
                 log.add(round=t - 1, client=i, **client.evaluate())
+            t1 = time.perf_counter()
             uploads[i] = client.train(t)
+            train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
             log.add_train(round=t, client=i, **client.last_train_stats)
         payloads = fed.server.aggregate(uploads)
         log.round_seconds.append(time.perf_counter() - started)
+        log.train_seconds.append(train_s)
+        log.eval_seconds.append(eval_s)
         if log.rows:
             bar.set_postfix(test_acc=f"{log.mean_at(log.rows[-1]['round'], 'test_accuracy'):.3f}")
     for i, client in enumerate(fed.clients):

@@ -72,8 +72,11 @@ def test_run_recipe_writes_metrics_plot_table_and_summary(tiny_vit, tmp_path):
         assert (tmp_path / "out" / name).is_file(), name
     saved = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert saved == summary and saved["clients"] == 20 and saved["rounds"] == 1
-    rows = json.loads((tmp_path / "out" / "metrics.json").read_text())["eval"]
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    rows = metrics["eval"]
     assert len(rows) == 40 and {r["round"] for r in rows} == {0, 1}
+    assert all(len(metrics[k]) == 1 and metrics[k][0] > 0 for k in ["round_seconds", "train_seconds", "eval_seconds"])
+    assert metrics["train_seconds"][0] + metrics["eval_seconds"][0] <= metrics["round_seconds"][0]
 
 
 def test_fedavg_learns_omniglot_alphabets_above_chance_with_the_pretrained_backbone(tmp_path):
