@@ -22,6 +22,7 @@ EVAL_FIELDS = ["round", "client", "validation_accuracy", "validation_loss", "val
 class MetricsLog:
     rows: list[dict] = field(default_factory=list)  # evaluation: one row per (round, client)
     train_rows: list[dict] = field(default_factory=list)  # local training: one row per (round, client)
+    server_rows: list[dict] = field(default_factory=list)  # server-side measurements: one row per round
     round_seconds: list[float] = field(default_factory=list)  # per round: the whole round
     train_seconds: list[float] = field(default_factory=list)  # per round: all clients' local training
     eval_seconds: list[float] = field(default_factory=list)  # per round: all clients' evaluation before training
@@ -31,6 +32,9 @@ class MetricsLog:
 
     def add_train(self, **row) -> None:
         self.train_rows.append(row)
+
+    def add_server(self, **row) -> None:
+        self.server_rows.append(row)
 
     def at(self, round_idx: int) -> list[dict]:
         return [r for r in self.rows if r["round"] == round_idx]
@@ -46,8 +50,9 @@ class MetricsLog:
 def _write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
+    columns = list(dict.fromkeys(key for row in rows for key in row))  # rows may add keys as a run goes on
     with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
 
@@ -97,11 +102,12 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 
 def write_run_outputs(log: MetricsLog, recipe, output_dir: Path, wall_seconds: float) -> dict:
-    """Write metrics.json/.csv, train_metrics.csv, learning_curve.png, final_table.md; return the summary."""
+    """Write metrics.json/.csv, train/server_metrics.csv, learning_curve.png, final_table.md; return the summary."""
     _write_csv(output_dir / "metrics.csv", [{k: r.get(k) for k in EVAL_FIELDS} for r in log.rows])
     _write_csv(output_dir / "train_metrics.csv", log.train_rows)
+    _write_csv(output_dir / "server_metrics.csv", log.server_rows)
     (output_dir / "metrics.json").write_text(json.dumps(
-        {"eval": log.rows, "train": log.train_rows, "round_seconds": log.round_seconds,
+        {"eval": log.rows, "train": log.train_rows, "server": log.server_rows, "round_seconds": log.round_seconds,
          "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds}, indent=1))
     plot_learning_curve(log, f"{recipe.name} ({recipe.train_args.federated_optimizer})",
                         output_dir / "learning_curve.png")

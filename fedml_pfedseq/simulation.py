@@ -71,6 +71,8 @@ def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
             train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
             log.add_train(round=t, client=i, **client.last_train_stats)
         payloads = fed.server.aggregate(uploads)
+        if fed.server.last_round_stats:
+            log.add_server(**fed.server.last_round_stats)
         log.round_seconds.append(time.perf_counter() - started)
         log.train_seconds.append(train_s)
         log.eval_seconds.append(eval_s)
@@ -90,6 +92,7 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     started = time.perf_counter()
     fed = build_federation(recipe)
     log = run_federation(fed, progress=progress)
+    fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

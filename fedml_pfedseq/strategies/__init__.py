@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, NoArgs
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
 from fedml_pfedseq.strategies.local import LocalClient, LocalServer
+from fedml_pfedseq.strategies.pfedseq import PFedSeqArgs, PFedSeqClient, PFedSeqServer
 
 
 @dataclass(frozen=True)
@@ -20,6 +21,7 @@ METHODS: dict[str, Method] = {m.name.lower(): m for m in [
     Method("Local", LocalServer, LocalClient, NoArgs),
     Method("FedAvg", FedAvgServer, FedAvgClient, NoArgs),
     Method("FedAvgLocalHead", FedAvgLocalHeadServer, FedAvgLocalHeadClient, NoArgs),
+    Method("pFedSeq", PFedSeqServer, PFedSeqClient, PFedSeqArgs),
 ]}
 
 

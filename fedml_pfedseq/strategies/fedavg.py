@@ -34,6 +34,7 @@ class FedAvgServer:
         self.recipe = recipe
         self.global_state = {part: initial_state[part] for part in self.shared_parts}
         self.sent: dict[int, Payload] = {}
+        self.last_round_stats: dict[str, float] = {}  # server-side measurements of the last round, if any
 
     def initial_payloads(self) -> dict[int, Payload]:
         return self._send({i: self.global_state for i in range(self.num_clients)})
@@ -65,6 +66,10 @@ class FedAvgServer:
         self.global_state = {part: weighted_average([states[i][part] for i in states], weights)
                              for part in self.shared_parts}
         return self._send({i: self.global_state for i in range(self.num_clients)})
+
+
+    def save_artifacts(self, output_dir) -> None:
+        """Write server-side models at the end of a run (FedAvg has none beyond the metrics)."""
 
 
 class FedAvgClient:

@@ -1,0 +1,62 @@
+"""Configuration of pFedSeq's sequential learner (one learner per adapted backbone layer, grouped in one model)."""
+from __future__ import annotations
+
+import math
+
+from transformers import PretrainedConfig
+
+ARCHITECTURES = ("mamba", "mlp", "lstm")  # the paper's Selective SSM; variant D; variant E
+
+
+class SeqLearnerConfig(PretrainedConfig):
+    """What shapes the learner: its input is a window of updates [D, L, N] per layer (batch D, sequence L, channels N).
+
+    Args:
+        num_clients: N, the channel count (clients' updates of one round, stacked).
+        num_adapter_layers: how many backbone layers carry an adapter; each gets its own learner.
+        max_seq_len: L_max, the longest window of rounds the learner reads (the MLP reads exactly this many).
+        architecture: "mamba" (Selective SSM, the paper's), "mlp" (variant D) or "lstm" (variant E).
+        cross_client: False is variant C: one learner reads each client's own sequence (1 channel) separately.
+        num_blocks: Mamba blocks (paper: 2), or MLP hidden layers / LSTM layers.
+        state_size: M, the SSM state per channel (paper: 16).
+        expand: E, channel expansion inside a Mamba block (our choice: 2, as Mamba).
+        conv_kernel: the causal depthwise convolution's width over rounds.
+        dt_rank: rank of the input-dependent step size's projection (None: ceil(channels / 16)).
+        hidden_size: width of the MLP and LSTM learners.
+        output_scale_init: initial value of each layer's learnable output scale, so that an untrained learner adds a
+            calibration of about this fraction of an update's RMS (see ``SeqLearnerModel``).
+    """
+
+    model_type = "pfedseq_seq_learner"
+
+    def __init__(self, num_clients: int = 20, num_adapter_layers: int = 12, max_seq_len: int = 10,
+                 architecture: str = "mamba", cross_client: bool = True, num_blocks: int = 2, state_size: int = 16,
+                 expand: int = 2, conv_kernel: int = 4, dt_rank: int | None = None, hidden_size: int = 64,
+                 output_scale_init: float = 0.1, rms_norm_eps: float = 1e-5, **kwargs):
+        checks = {"num_clients": num_clients, "num_adapter_layers": num_adapter_layers, "max_seq_len": max_seq_len,
+                  "num_blocks": num_blocks, "state_size": state_size, "expand": expand, "conv_kernel": conv_kernel,
+                  "hidden_size": hidden_size}
+        for name, value in checks.items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SeqLearnerConfig.{name} must be a positive integer, got {value!r}")
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"SeqLearnerConfig.architecture must be one of {ARCHITECTURES}, got {architecture!r}")
+        self.num_clients = num_clients
+        self.num_adapter_layers = num_adapter_layers
+        self.max_seq_len = max_seq_len
+        self.architecture = architecture
+        self.cross_client = cross_client
+        self.num_blocks = num_blocks
+        self.state_size = state_size
+        self.expand = expand
+        self.conv_kernel = conv_kernel
+        self.dt_rank = dt_rank or math.ceil(self.num_channels / 16)
+        self.hidden_size = hidden_size
+        self.output_scale_init = output_scale_init
+        self.rms_norm_eps = rms_norm_eps
+        super().__init__(**kwargs)
+
+    @property
+    def num_channels(self) -> int:
+        """Channels the learner sees: all clients, or one (variant C)."""
+        return self.num_clients if self.cross_client else 1

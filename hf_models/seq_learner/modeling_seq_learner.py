@@ -1,0 +1,186 @@
+"""pFedSeq's sequential learner (paper eq. 2, 6, 7; Fig. 3b) as a Hugging Face ``PreTrainedModel``.
+
+For each adapted backbone layer l, the learner reads the window of the last L rounds of all clients' updates of that
+layer, Delta in R^{D_l x L x N}: the D_l adapter parameters are the batch, the L rounds the sequence, the N clients
+the channels. Its output at the last round is the calibration xi in R^{D_l x N}, one column per client. So the
+learner's size depends on N, never on D; ``d_chunk`` bounds memory by processing the batch in slices.
+
+Normalisation (our choice; the paper's appendix is not available): updates are ~1e-4..1e-2, so the caller passes a
+per-layer scale s (the server's running RMS of updates) and the learner computes xi = s * f(Delta / s), with f
+ending in a learnable per-layer ``output_scale`` (initialised to ``config.output_scale_init``): an untrained
+learner adds a calibration of roughly that fraction of an update's size.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from hf_models.seq_learner.configuration_seq_learner import SeqLearnerConfig
+from hf_models.seq_learner.scan import selective_scan
+
+
+class MambaBlock(nn.Module):
+    """RMSNorm -> in_proj -> causal depthwise conv -> SiLU -> selective SSM -> gate SiLU(z) -> out_proj -> residual."""
+
+    def __init__(self, config: SeqLearnerConfig):
+        super().__init__()
+        c, e, m = config.num_channels, config.expand * config.num_channels, config.state_size
+        self.dt_rank, self.state_size = config.dt_rank, m
+        self.norm = nn.RMSNorm(c, eps=config.rms_norm_eps)
+        self.in_proj = nn.Linear(c, 2 * e, bias=False)
+        self.conv1d = nn.Conv1d(e, e, config.conv_kernel, groups=e, padding=config.conv_kernel - 1)
+        self.x_proj = nn.Linear(e, self.dt_rank + 2 * m, bias=False)  # input-dependent dt, B, C
+        self.dt_proj = nn.Linear(self.dt_rank, e)
+        self.A_log = nn.Parameter(torch.empty(e, m))
+        self.D = nn.Parameter(torch.empty(e))
+        self.out_proj = nn.Linear(e, c, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Mamba's initialisation of the SSM: A = -(1..M), D = 1, dt log-uniform in [1e-3, 1e-1]."""
+        e, m = self.A_log.shape
+        self.A_log.copy_(torch.log(torch.arange(1, m + 1, dtype=torch.float32)).repeat(e, 1))
+        self.D.fill_(1.0)
+        nn.init.uniform_(self.dt_proj.weight, -self.dt_rank**-0.5, self.dt_rank**-0.5)
+        dt = torch.exp(torch.rand(e) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c]
+        length = x.shape[1]
+        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # [b, L, e] each
+        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length].transpose(1, 2))  # causal: drop the right padding
+        dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
+        dt = F.softplus(self.dt_proj(dt))  # [b, L, e]
+        y = selective_scan(u, dt, -torch.exp(self.A_log), B, C, self.D)  # [b, L, e]
+        return x + self.out_proj(y * F.silu(z))  # [b, L, c]
+
+
+class MambaLearner(nn.Module):
+    """The paper's learner: a stack of Mamba blocks; the last round's output, normalised, read out per channel."""
+
+    def __init__(self, config: SeqLearnerConfig):
+        super().__init__()
+        self.blocks = nn.ModuleList(MambaBlock(config) for _ in range(config.num_blocks))
+        self.norm = nn.RMSNorm(config.num_channels, eps=config.rms_norm_eps)
+        self.readout = nn.Linear(config.num_channels, config.num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
+        for block in self.blocks:
+            x = block(x)
+        return self.readout(self.norm(x[:, -1]))
+
+
+class MLPLearner(nn.Module):
+    """Variant D: an MLP over the flattened window [L_max * c]; rounds before the first are zeros."""
+
+    def __init__(self, config: SeqLearnerConfig):
+        super().__init__()
+        self.max_seq_len = config.max_seq_len
+        widths = [config.max_seq_len * config.num_channels] + [config.hidden_size] * config.num_blocks
+        layers = []
+        for width_in, width_out in zip(widths[:-1], widths[1:]):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], config.num_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
+        x = F.pad(x, (0, 0, self.max_seq_len - x.shape[1], 0))  # [b, L_max, c], zero rounds in front
+        return self.net(x.flatten(1))
+
+
+class LSTMLearner(nn.Module):
+    """Variant E: an LSTM over rounds (same cell at every step, no selectivity); the last step read out."""
+
+    def __init__(self, config: SeqLearnerConfig):
+        super().__init__()
+        self.lstm = nn.LSTM(config.num_channels, config.hidden_size, num_layers=config.num_blocks, batch_first=True)
+        self.readout = nn.Linear(config.hidden_size, config.num_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
+        return self.readout(self.lstm(x)[0][:, -1])
+
+
+LEARNERS = {"mamba": MambaLearner, "mlp": MLPLearner, "lstm": LSTMLearner}
+
+
+def row_chunks(rows: int, d_chunk: int | None) -> list[slice]:
+    """Slices of ``d_chunk`` rows covering ``rows`` (one slice when d_chunk is None)."""
+    step = d_chunk or rows
+    if step < 1:
+        raise ValueError(f"d_chunk must be positive, got {d_chunk}")
+    return [slice(start, min(start + step, rows)) for start in range(0, rows, step)]
+
+
+class SeqLearnerModel(PreTrainedModel):
+    """One sequential learner per adapted backbone layer, saved and loaded together."""
+
+    config_class = SeqLearnerConfig
+    base_model_prefix = "seq_learner"
+    main_input_name = "updates"
+
+    def __init__(self, config: SeqLearnerConfig):
+        super().__init__(config)
+        self.learners = nn.ModuleList(LEARNERS[config.architecture](config)
+                                      for _ in range(config.num_adapter_layers))
+        self.output_scale = nn.Parameter(torch.full((config.num_adapter_layers,), float(config.output_scale_init)))
+        self.post_init()
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """PyTorch's own initialisation for every module (and Mamba's for the SSM), not transformers' N(0, 0.02)."""
+        if module is self:
+            self.output_scale.fill_(self.config.output_scale_init)
+        elif hasattr(module, "reset_parameters") and not isinstance(module, (MambaLearner, MLPLearner, LSTMLearner)):
+            module.reset_parameters()
+
+    def _check(self, updates: torch.Tensor, layer: int) -> None:
+        c = self.config
+        if not 0 <= layer < c.num_adapter_layers:
+            raise IndexError(f"layer {layer} out of range: this learner has {c.num_adapter_layers} layers")
+        if updates.dim() != 3 or updates.shape[2] != c.num_clients:
+            raise ValueError(f"updates must be [D, L, N={c.num_clients}], got {tuple(updates.shape)}")
+        if not 1 <= updates.shape[1] <= c.max_seq_len:
+            raise ValueError(f"window of {updates.shape[1]} rounds; this learner reads 1..{c.max_seq_len}")
+
+    def forward(self, updates: torch.Tensor, layer: int) -> torch.Tensor:
+        """f(updates) for one layer: normalised updates [D, L, N] -> normalised calibrations [D, N]."""
+        self._check(updates, layer)
+        d, length, n = updates.shape
+        if not self.config.cross_client:  # variant C: each client's own sequence, as 1-channel rows
+            updates = updates.permute(0, 2, 1).reshape(d * n, length, 1)
+        return self.learners[layer](updates).reshape(d, n) * self.output_scale[layer]
+
+    def _scaled(self, updates: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
+        return scale * self(updates / scale, layer)
+
+    @torch.no_grad()
+    def calibrate(self, updates: torch.Tensor, scale: float, layer: int, d_chunk: int | None = None) -> torch.Tensor:
+        """xi = scale * f(updates / scale): [D, L, N] -> [D, N], computed ``d_chunk`` rows at a time."""
+        return torch.cat([self._scaled(updates[rows], scale, layer) for rows in row_chunks(updates.shape[0], d_chunk)])
+
+    def proxy_gradient(self, updates: torch.Tensor, scale: float, layer: int, descent: torch.Tensor,
+                       d_chunk: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """The learner's gradient with a client update as the proxy of the loss gradient (paper eq. 5).
+
+        ``descent`` [D, N] is the clients' updates Delta^t, a descent direction, so -Delta stands for dL/dxi:
+        g = sum_i (d xi_i / d psi)^T (-Delta_i), accumulated over chunks of ``d_chunk`` rows.
+        Returns one gradient per parameter of ``self.parameters()`` and xi [D, N] (detached).
+        """
+        if descent.shape != (updates.shape[0], updates.shape[2]):
+            raise ValueError(f"descent must be [D, N] = {(updates.shape[0], updates.shape[2])}, "
+                             f"got {tuple(descent.shape)}")
+        params = list(self.parameters())
+        grads = [torch.zeros_like(p) for p in params]
+        calibrations = []
+        for rows in row_chunks(updates.shape[0], d_chunk):
+            xi = self._scaled(updates[rows], scale, layer)
+            for total, grad in zip(grads, torch.autograd.grad(xi, params, grad_outputs=-descent[rows],
+                                                              allow_unused=True)):
+                if grad is not None:
+                    total += grad
+            calibrations.append(xi.detach())
+        return grads, torch.cat(calibrations)

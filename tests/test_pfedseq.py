@@ -1,0 +1,208 @@
+"""pFedSeq's server on synthetic LoRA updates (no backbone needed): eqs. 1, 3, 5, 6, warm-up, privacy, variants."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from fedml_pfedseq.config import RecipeError, parse_recipe
+from fedml_pfedseq.lora_state import add, weighted_average
+from fedml_pfedseq.strategies import method_class
+
+N, RANK, HIDDEN = 4, 2, 3  # 4 clients; per layer D = 4 * RANK * HIDDEN = 24
+
+
+def initial_lora() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in range(2):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.vit.layers.{layer}.attention.{proj}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(RANK, HIDDEN, generator=g)
+            state[f"{prefix}.lora_B.weight"] = torch.zeros(HIDDEN, RANK)
+    return state
+
+
+def make_server(**algorithm_args):
+    args = {"warmup_rounds": 1, "seq_len": 3, "state_size": 4, "learner_hidden_size": 8, **algorithm_args}
+    recipe = parse_recipe({"train_args": {"federated_optimizer": "pFedSeq"}, "algorithm_args": args,
+                           "device_args": {"using_gpu": False}})
+    server = method_class("pFedSeq").Server(N, {"lora": initial_lora()}, recipe)
+    server.initial_payloads()
+    return server
+
+
+def uploads_for(round_idx: int, scale: float = 1e-3) -> dict[int, dict]:
+    """Client i's LoRA update in this round: a client-specific direction plus noise, and its sample count."""
+    g = torch.Generator().manual_seed(100 + round_idx)
+    out = {}
+    for i in range(N):
+        delta = {k: scale * (torch.full_like(v, float(i + 1)) + torch.randn(v.shape, generator=g))
+                 for k, v in initial_lora().items()}
+        out[i] = {"client_id": i, "num_samples": 10 * (i + 1), "lora": delta}
+    return out
+
+
+def run_rounds(server, rounds, start=1):
+    return [server.aggregate(uploads_for(t)) for t in range(start, start + rounds)]
+
+
+def lora_equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_global_adapter_is_the_sample_weighted_average_of_trained_adapters():
+    server = make_server()
+    sent = {i: server.sent[i]["lora"] for i in range(N)}
+    uploads = uploads_for(1)
+    server.aggregate(uploads)
+    trained = [add(sent[i], uploads[i]["lora"]) for i in range(N)]
+    expected = weighted_average(trained, [10, 20, 30, 40])
+    for k in expected:
+        torch.testing.assert_close(server.global_state["lora"][k], expected[k])
+
+
+def test_warm_up_sends_only_the_global_adapter_then_personalized_ones():
+    server = make_server(warmup_rounds=2)
+    for t in range(1, 4):
+        payloads = server.aggregate(uploads_for(t))
+        theta_g = server.global_state["lora"]
+        if t <= 2:
+            assert all(lora_equal(p["lora"], theta_g) for p in payloads.values()), f"round {t}"
+        else:
+            for i, p in payloads.items():  # eq. 3: theta_i = theta_g + xi_i
+                expected = add(theta_g, server.layout.unflatten([xi[:, i] for xi in server.calibrations]))
+                assert lora_equal(p["lora"], expected)
+            assert not lora_equal(payloads[0]["lora"], payloads[1]["lora"])
+
+
+def test_calibrations_are_nonzero_and_differ_across_clients_after_warm_up():
+    server = make_server()
+    run_rounds(server, 2)
+    xi = torch.cat(server.calibrations)  # [sum D_l, N]
+    assert (xi.norm(dim=0) > 0).all()
+    assert all(not torch.allclose(xi[:, i], xi[:, j]) for i in range(N) for j in range(i + 1, N))
+    assert 0 < server.last_round_stats["calibration_ratio_min"] <= server.last_round_stats["calibration_ratio_max"]
+
+
+def test_each_payload_holds_only_its_own_client_adapter():
+    server = make_server()
+    payloads = run_rounds(server, 3)[-1]
+    for i, payload in payloads.items():
+        assert set(payload) == {"client_id", "lora"} and payload["client_id"] == i
+        assert payload["lora"].keys() == initial_lora().keys()
+        mine = server.layout.flatten(payload["lora"])
+        for j in range(N):  # client i's tensors carry xi_i, never another client's calibration
+            others = server.layout.flatten(add(server.global_state["lora"], server.layout.unflatten(
+                [xi[:, j] for xi in server.calibrations])))
+            assert all(torch.equal(a, b) for a, b in zip(mine, others)) == (i == j)
+
+
+def test_history_keeps_the_last_L_rounds_with_their_normalisers():
+    server = make_server(seq_len=3)
+    run_rounds(server, 5)
+    assert [entry.round for entry in server.history] == [3, 4, 5]
+    assert all(len(entry.scales) == 2 and min(entry.scales) > 0 for entry in server.history)
+    assert server._window(0).shape == (24, 3, N)
+
+
+def test_recomputed_calibrations_equal_what_clients_received():
+    """Step 3 recomputes xi^{t-1} from the stored window and normalisers before psi moves: exactly what was sent."""
+    server = make_server()
+    run_rounds(server, 3)
+    sent = server.calibrations
+    server.aggregate(uploads_for(4))
+    for recomputed, xi in zip(server.recomputed, sent):
+        assert torch.equal(recomputed, xi)
+
+
+def test_learner_step_is_adam_on_the_surrogate_gradient():
+    """The server's step equals an Adam step on -sum_l <xi_l^{t-1}, Delta_l^t> / s_l^2, by plain backward."""
+    server = make_server()
+    run_rounds(server, 2)
+    reference = copy.deepcopy(server.learner)
+    optimizer = torch.optim.Adam(reference.parameters(), lr=server.args.learner_lr)
+    optimizer.load_state_dict(copy.deepcopy(server.optimizer.state_dict()))
+    windows = [server._window(l) for l in range(2)]
+    scales = server.history[-1].scales
+    uploads = uploads_for(3)
+    deltas = [torch.stack(cols, dim=1) for cols in zip(*(server.layout.flatten(uploads[i]["lora"]) for i in range(N)))]
+    surrogate = -sum((scales[l] * reference(windows[l] / scales[l], l) * deltas[l]).sum() / scales[l] ** 2
+                     for l in range(2))
+    surrogate.backward()
+    optimizer.step()
+    server.aggregate(uploads)
+    for (name, p), q in zip(server.learner.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+def test_a_small_learner_step_moves_calibrations_along_the_updates():
+    """After one Adam step with a small lr, <xi_new - xi_old, Delta> > 0 on the window that made xi_old."""
+    server = make_server(learner_lr=1e-5)
+    run_rounds(server, 2)
+    windows = [server._window(l) for l in range(2)]
+    scales = server.history[-1].scales
+    uploads = uploads_for(3)
+    server.aggregate(uploads)
+    deltas = [torch.stack(cols, dim=1) for cols in zip(*(server.layout.flatten(uploads[i]["lora"]) for i in range(N)))]
+    gain = sum(float(((server.learner.calibrate(windows[l], scales[l], l) - server.recomputed[l]) * deltas[l]).sum())
+               for l in range(2))
+    assert gain > 0
+
+
+def test_bad_uploads_are_refused_without_touching_the_server_state():
+    server = make_server()
+    run_rounds(server, 2)
+    before = (server.round, [e.round for e in server.history], copy.deepcopy(server.learner.state_dict()))
+    bad = uploads_for(3)
+    bad[2]["lora"][next(iter(bad[2]["lora"]))][0, 0] = float("nan")
+    with pytest.raises(ValueError, match="client 2 lora update"):
+        server.aggregate(bad)
+    missing = uploads_for(3)
+    del missing[1]
+    with pytest.raises(ValueError, match=r"missing clients \[1\]"):
+        server.aggregate(missing)
+    assert (server.round, [e.round for e in server.history]) == before[:2]
+    assert all(torch.equal(v, before[2][k]) for k, v in server.learner.state_dict().items())
+
+
+def test_variant_a_sends_learner_outputs_as_adapters_and_own_adapters_in_warm_up():
+    server = make_server(global_aggregation=False, warmup_rounds=1)
+    sent = {i: server.sent[i]["lora"] for i in range(N)}
+    uploads = uploads_for(1)
+    payloads = server.aggregate(uploads)
+    for i in range(N):  # warm-up: nothing shared, each client gets back what it trained
+        assert lora_equal(payloads[i]["lora"], add(sent[i], uploads[i]["lora"]))
+    payloads = server.aggregate(uploads_for(2))
+    for i in range(N):  # theta_i = xi_i, no global adapter added
+        assert lora_equal(payloads[i]["lora"], server.layout.unflatten([xi[:, i] for xi in server.calibrations]))
+
+
+def test_variant_b_reads_only_the_latest_round():
+    server = make_server(seq_len=1)
+    run_rounds(server, 3)
+    assert [e.round for e in server.history] == [3] and server._window(1).shape == (24, 1, N)
+
+
+def test_variants_c_d_e_configure_the_learner():
+    assert make_server(cross_client=False).learner.config.num_channels == 1
+    assert type(make_server(learner_architecture="mlp").learner.learners[0]).__name__ == "MLPLearner"
+    assert type(make_server(learner_architecture="lstm").learner.learners[0]).__name__ == "LSTMLearner"
+    for variant in [{"cross_client": False}, {"learner_architecture": "mlp"}, {"learner_architecture": "lstm"}]:
+        server = make_server(**variant)
+        payloads = run_rounds(server, 2)[-1]
+        assert not lora_equal(payloads[0]["lora"], payloads[1]["lora"]), variant
+
+
+def test_learner_is_reproducible_from_the_seed():
+    a, b = make_server(), make_server()
+    run_rounds(a, 3), run_rounds(b, 3)
+    assert all(torch.equal(x, y) for x, y in zip(a.calibrations, b.calibrations))
+
+
+@pytest.mark.parametrize("key, value", [("warmup_rounds", -1), ("seq_len", 0), ("learner_architecture", "gru"),
+                                        ("learner_lr", 0.0), ("norm_momentum", 1.0), ("d_chunk", 0)])
+def test_bad_algorithm_args_are_named(key, value):
+    with pytest.raises(RecipeError, match=key):
+        make_server(**{key: value})
