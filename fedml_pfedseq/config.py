@@ -117,10 +117,11 @@ class Recipe:
     tracking_args: TrackingArgs = field(default_factory=TrackingArgs)
     algorithm_args: Any = None  # the method's own dataclass, filled by load_recipe
     source: Path | None = None
+    label: str | None = None  # a name for this run other than the file's stem (a suite's variant of a recipe)
 
     @property
     def name(self) -> str:
-        return self.source.stem if self.source else "recipe"
+        return self.label or (self.source.stem if self.source else "recipe")
 
     @property
     def output_dir(self) -> Path:
@@ -269,13 +270,15 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    """Load, override and validate a recipe file."""
+def load_recipe(path: str | Path, overrides: list[str] | None = None, label: str | None = None) -> Recipe:
+    """Load, override and validate a recipe file (``label`` names the run, else the file's stem)."""
     path = Path(path)
     raw = load_yaml(path)
     if raw is None:
         raw = {}
     if isinstance(raw, dict):
         raw = apply_overrides(raw, overrides or [])
-    return parse_recipe(raw, where=str(path), source=path)
+    recipe = parse_recipe(raw, where=f"{path}" + (f" ({label})" if label else ""), source=path)
+    recipe.label = label
+    return recipe
 

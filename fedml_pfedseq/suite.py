@@ -1,8 +1,10 @@
 """Suites: a YAML list of recipes run one after another, compared in one table and one plot.
 
-    recipes: [../omniglot_local.yaml, ../omniglot_fedavg.yaml]   # relative to the suite file
-    overrides: ["train_args.comm_round=3"]                         # optional, applied to every recipe
-    output_dir: runs/default                                       # each recipe writes to output_dir/<recipe>
+    recipes:                                   # paths relative to the suite file
+      - ../omniglot_local.yaml
+      - {recipe: ../omniglot_pfedseq.yaml, name: variant_b, set: [algorithm_args.seq_len=1]}  # a variant
+    overrides: ["train_args.comm_round=3"]     # optional, applied to every recipe
+    output_dir: runs/default                   # each run writes to output_dir/<name>
 """
 from __future__ import annotations
 
@@ -15,6 +17,21 @@ from fedml_pfedseq.results import format_table, plot_suite
 from fedml_pfedseq.simulation import run_recipe
 
 SUITE_KEYS = {"recipes", "overrides", "output_dir", "description"}
+ENTRY_KEYS = {"recipe", "name", "set"}
+
+
+def _load_entry(suite: Path, index: int, entry, overrides: list[str]):
+    """A suite entry: a recipe path, or {recipe: path, name: run name, set: [overrides of this run only]}."""
+    if isinstance(entry, str):
+        return load_recipe(suite.parent / entry, overrides)
+    where = f"{suite}: recipes[{index}]"
+    if not isinstance(entry, dict) or "recipe" not in entry or set(entry) - ENTRY_KEYS:
+        raise RecipeError(f"{where}: expected a path or a mapping with keys {sorted(ENTRY_KEYS)} "
+                          f"('recipe' required), got {entry!r}")
+    extra = entry.get("set") or []
+    if not isinstance(extra, list):
+        raise RecipeError(f"{where}: 'set' must be a list of section.key=value overrides, got {extra!r}")
+    return load_recipe(suite.parent / entry["recipe"], overrides + extra, label=entry.get("name"))
 
 
 def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> tuple[list, Path]:
@@ -27,7 +44,10 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> tu
     if unknown:
         raise RecipeError(f"{path}: unknown suite key(s) {sorted(unknown)}; allowed: {sorted(SUITE_KEYS)}")
     overrides = list(raw.get("overrides") or []) + list(extra_overrides or [])
-    recipes = [load_recipe(path.parent / entry, overrides) for entry in raw["recipes"]]
+    recipes = [_load_entry(path, i, entry, overrides) for i, entry in enumerate(raw["recipes"])]
+    names = [r.name for r in recipes]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{path}: two runs share a name in {names}; give variants a 'name'")
     return recipes, Path(raw.get("output_dir") or f"runs/{path.stem}")
 
 

@@ -1,5 +1,6 @@
 """Recipes and the CLI: every shipped recipe loads; bad recipes stop with a message naming the problem."""
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -93,3 +94,36 @@ def test_unknown_backbone_fails_at_once_naming_the_bundled_models(tmp_path, caps
     assert main(["run", str(recipe), "--output-dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "backbone 'vit-does-not-exist' is not a directory" in err and "owner/name" in err
+
+
+def test_variant_suite_entries_override_one_recipe_each():
+    from fedml_pfedseq.suite import load_suite
+
+    recipes, _ = load_suite(REPO / "recipes/suites/pfedseq_variants.yaml")
+    by_name = {r.name: r.algorithm_args for r in recipes}
+    assert by_name["omniglot_pfedseq"].global_aggregation and by_name["omniglot_pfedseq"].seq_len == 6
+    assert not by_name["variant_a_no_global_aggregation"].global_aggregation
+    assert by_name["variant_b_no_cross_step"].seq_len == 1
+    assert not by_name["variant_c_no_cross_client"].cross_client
+    assert by_name["variant_d_mlp_learner"].learner_architecture == "mlp"
+    assert by_name["variant_e_lstm_learner"].learner_architecture == "lstm"
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"recipe": "omniglot_fedavg.yaml", "sett": []}, "recipes\\[0\\]: expected a path or a mapping"),
+    ({"recipe": "omniglot_fedavg.yaml", "set": "x=1"}, "'set' must be a list"),
+    ({"recipe": "omniglot_fedavg.yaml", "set": ["algorithm_args.seq_len=1"]}, "unknown key 'seq_len'"),
+])
+def test_bad_suite_entries_are_named(tmp_path, capsys, entry, message):
+    suite = tmp_path / "suite.yaml"
+    entry = {**entry, "recipe": str(GOOD)}
+    suite.write_text(yaml.safe_dump({"recipes": [entry]}))
+    assert main(["check", str(suite)]) == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_two_runs_of_a_suite_may_not_share_a_name(tmp_path, capsys):
+    suite = tmp_path / "suite.yaml"
+    suite.write_text(yaml.safe_dump({"recipes": [str(GOOD), str(GOOD)]}))
+    assert main(["check", str(suite)]) == 2
+    assert "share a name" in capsys.readouterr().err

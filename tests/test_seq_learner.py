@@ -161,6 +161,9 @@ def test_save_pretrained_round_trip(tmp_path):
     for layer in range(3):
         torch.testing.assert_close(loaded(window(), layer), learner(window(), layer), rtol=0, atol=0)
     assert not torch.equal(learner(window(), 0), learner(window(), 1))  # one learner per layer
+    from transformers import AutoModel
+
+    assert isinstance(AutoModel.from_pretrained(tmp_path), SeqLearnerModel)
 
 
 def test_variant_c_keeps_clients_apart():

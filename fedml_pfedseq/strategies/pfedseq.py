@@ -76,6 +76,8 @@ class RoundUpdates:
 
 
 class PFedSeqServer(FedAvgLocalHeadServer):
+    """FedAvg on the adapter (heads stay local) plus the learner's per-client calibrations after warm-up."""
+
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
         self.args: PFedSeqArgs = recipe.algorithm_args
@@ -168,7 +170,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
             p.grad = total
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"surrogate_loss": surrogate}  # -<xi^{t-1}, Delta^t>: falls as calibrations follow the updates
+        return {"surrogate_loss": surrogate}  # -<xi^{t-1}, Delta^t>: negative when xi pointed where clients moved
 
     def _remember(self, deltas: list[torch.Tensor]) -> None:
         """Append round t's updates with its normaliser: the bias-corrected running RMS of updates per layer."""
