@@ -5,7 +5,7 @@ eq. 5) and one inference pass (eq. 2). Each configuration runs in a fresh subpro
 (max RSS above the RSS after the inputs exist; on CUDA, ``max_memory_allocated``) is its own. Time is linear in the
 number of layers (one learner each), so big-N rows may time fewer layers than they report; the table says which.
 
-    python benchmarks/seq_learner_cost.py                          # the README's table
+    python benchmarks/seq_learner_cost.py                          # the README's table (25 min on 2 CPU cores)
     python benchmarks/seq_learner_cost.py --only 24576 20 15 12 12  # D N L layers-timed layers-reported
 """
 from __future__ import annotations
