@@ -89,3 +89,11 @@ class LayerLayout:
                 state[key] = vector[offset : offset + shape.numel()].reshape(shape)
                 offset += shape.numel()
         return state
+
+    def stack(self, states: list[StateDict]) -> list[torch.Tensor]:
+        """One [D_l, N] matrix per layer whose column i is ``states[i]`` flattened (a round as the learner sees it)."""
+        return [torch.stack(columns, dim=1) for columns in zip(*(self.flatten(state) for state in states))]
+
+    def column(self, matrices: list[torch.Tensor], i: int) -> StateDict:
+        """Column i of per-layer [D_l, N] matrices as a state (the inverse of :meth:`stack` for one client)."""
+        return self.unflatten([matrix[:, i] for matrix in matrices])

@@ -81,6 +81,17 @@ def test_per_layer_flatten_has_one_vector_per_layer_of_4_r_hidden_and_inverts_ex
         layout.unflatten(vectors[:1])
 
 
+def test_stack_puts_each_client_in_one_column_per_layer_and_column_takes_it_back(model):
+    states = [perturbed(model.get_lora_state(), seed=s) for s in (4, 5, 6)]
+    layout = LayerLayout.of(states[0])
+    matrices = layout.stack(states)
+    assert [m.shape for m in matrices] == [(size, 3) for size in layout.sizes]
+    for i, state in enumerate(states):
+        assert all(torch.equal(matrix[:, i], vector) for matrix, vector in zip(matrices, layout.flatten(state)))
+        back = layout.column(matrices, i)
+        assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+
+
 def test_adapter_saves_and_reloads_with_peft_with_identical_features(model, tiny_vit, tmp_path):
     model.set_lora_state(perturbed(model.get_lora_state(), seed=3))
     model.backbone.save_pretrained(tmp_path / "adapter")

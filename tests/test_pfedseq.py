@@ -72,7 +72,7 @@ def test_warm_up_sends_only_the_global_adapter_then_personalized_ones():
             assert all(lora_equal(p["lora"], theta_g) for p in payloads.values()), f"round {t}"
         else:
             for i, p in payloads.items():  # eq. 3: theta_i = theta_g + xi_i
-                expected = add(theta_g, server.layout.unflatten([xi[:, i] for xi in server.calibrations]))
+                expected = add(theta_g, server.layout.column(server.calibrations, i))
                 assert lora_equal(p["lora"], expected)
             assert not lora_equal(payloads[0]["lora"], payloads[1]["lora"])
 
@@ -94,8 +94,8 @@ def test_each_payload_holds_only_its_own_client_adapter():
         assert payload["lora"].keys() == initial_lora().keys()
         mine = server.layout.flatten(payload["lora"])
         for j in range(N):  # client i's tensors carry xi_i, never another client's calibration
-            others = server.layout.flatten(add(server.global_state["lora"], server.layout.unflatten(
-                [xi[:, j] for xi in server.calibrations])))
+            others = server.layout.flatten(add(server.global_state["lora"],
+                                                   server.layout.column(server.calibrations, j)))
             assert all(torch.equal(a, b) for a, b in zip(mine, others)) == (i == j)
 
 
@@ -127,7 +127,7 @@ def test_learner_step_is_adam_on_the_surrogate_gradient():
     windows = [server._window(l) for l in range(2)]
     scales = server.history[-1].scales
     uploads = uploads_for(3)
-    deltas = [torch.stack(cols, dim=1) for cols in zip(*(server.layout.flatten(uploads[i]["lora"]) for i in range(N)))]
+    deltas = server.layout.stack([uploads[i]["lora"] for i in range(N)])
     surrogate = -sum((scales[l] * reference(windows[l] / scales[l], l) * deltas[l]).sum() / scales[l] ** 2
                      for l in range(2))
     surrogate.backward()
@@ -145,7 +145,7 @@ def test_a_small_learner_step_moves_calibrations_along_the_updates():
     scales = server.history[-1].scales
     uploads = uploads_for(3)
     server.aggregate(uploads)
-    deltas = [torch.stack(cols, dim=1) for cols in zip(*(server.layout.flatten(uploads[i]["lora"]) for i in range(N)))]
+    deltas = server.layout.stack([uploads[i]["lora"] for i in range(N)])
     gain = sum(float(((server.learner.calibrate(windows[l], scales[l], l) - server.recomputed[l]) * deltas[l]).sum())
                for l in range(2))
     assert gain > 0
@@ -176,7 +176,7 @@ def test_variant_a_sends_learner_outputs_as_adapters_and_own_adapters_in_warm_up
         assert lora_equal(payloads[i]["lora"], add(sent[i], uploads[i]["lora"]))
     payloads = server.aggregate(uploads_for(2))
     for i in range(N):  # theta_i = xi_i, no global adapter added
-        assert lora_equal(payloads[i]["lora"], server.layout.unflatten([xi[:, i] for xi in server.calibrations]))
+        assert lora_equal(payloads[i]["lora"], server.layout.column(server.calibrations, i))
 
 
 def test_variant_b_reads_only_the_latest_round():

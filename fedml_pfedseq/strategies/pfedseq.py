@@ -108,17 +108,16 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         states = self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self.round += 1
         order = range(self.num_clients)
-        deltas = [torch.stack(per_client, dim=1) for per_client in  # per layer [D_l, N]
-                  zip(*(self.layout.flatten(uploads[i]["lora"]) for i in order))]
+        deltas = self.layout.stack([uploads[i]["lora"] for i in order])  # per layer [D_l, N]
         self.global_state = {"lora": weighted_average([states[i]["lora"] for i in order],
                                                       [uploads[i]["num_samples"] for i in order])}  # eq. 1
         stats = self._train_learner(deltas) if self.history else {}  # step 3, eq. 5
         self._remember(deltas)  # step 4, eq. 6
         if self.round > self.args.warmup_rounds:  # step 5, eq. 3
             self.calibrations = self.calibrate()
-            base = self.global_state["lora"] if self.args.global_aggregation else {
-                k: torch.zeros_like(v) for k, v in self.global_state["lora"].items()}
-            adapters = {i: add(base, self.layout.unflatten([xi[:, i] for xi in self.calibrations])) for i in order}
+            adapters = {i: self.layout.column(self.calibrations, i) for i in order}  # variant A: theta_i = xi_i
+            if self.args.global_aggregation:
+                adapters = {i: add(self.global_state["lora"], adapters[i]) for i in order}
             stats.update(self._calibration_stats())
         elif self.args.global_aggregation:
             self.calibrations, adapters = None, {i: self.global_state["lora"] for i in order}
@@ -165,7 +164,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
             for total, grad in zip(totals, grads):
                 total += grad / scales[l] ** 2
             self.recomputed.append(xi.cpu())
-            surrogate -= float((xi.cpu() * delta).sum())
+            surrogate -= float((self.recomputed[-1] * delta).sum())
         for p, total in zip(params, totals):
             p.grad = total
         self.optimizer.step()
@@ -178,7 +177,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         current = torch.tensor([float(d.double().pow(2).mean()) for d in deltas], dtype=torch.float64)
         self.mean_square = beta * self.mean_square + (1 - beta) * current
         rms = (self.mean_square / (1 - beta**self.round)).sqrt().clamp_min(1e-12)
-        self.history.append(RoundUpdates(self.round, [d.detach().clone() for d in deltas], rms.tolist()))
+        self.history.append(RoundUpdates(self.round, deltas, rms.tolist()))
 
     def _calibration_stats(self) -> dict[str, float]:
         """||xi_i|| / ||theta_g|| over clients (how far personalization moves each adapter)."""

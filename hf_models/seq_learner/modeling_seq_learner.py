@@ -134,7 +134,7 @@ class SeqLearnerModel(PreTrainedModel):
         """PyTorch's own initialisation for every module (and Mamba's for the SSM), not transformers' N(0, 0.02)."""
         if module is self:
             self.output_scale.fill_(self.config.output_scale_init)
-        elif hasattr(module, "reset_parameters") and not isinstance(module, (MambaLearner, MLPLearner, LSTMLearner)):
+        elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
 
     def _check(self, updates: torch.Tensor, layer: int) -> None:
