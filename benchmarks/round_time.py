@@ -13,7 +13,8 @@ import time
 import torch
 
 from fedml_pfedseq.config import load_recipe
-from fedml_pfedseq.simulation import build_federation, run_federation
+from fedml_pfedseq.federation import build_federation
+from fedml_pfedseq.simulation import run_federation
 
 
 def main() -> None:

@@ -4,7 +4,8 @@ from fedml_pfedseq.config import Recipe, RecipeError, load_recipe
 from fedml_pfedseq.data.federated import build_federated_data
 from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
 from fedml_pfedseq.lora_state import LayerLayout
-from fedml_pfedseq.simulation import build_federation, run_federation, run_recipe
+from fedml_pfedseq.federation import build_federation
+from fedml_pfedseq.simulation import run_federation, run_recipe
 from fedml_pfedseq.strategies import METHODS, method_class
 from fedml_pfedseq.suite import run_suite
 

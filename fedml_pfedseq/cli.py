@@ -1,4 +1,5 @@
-"""The ``pfedseq`` command: run a recipe, run a suite, or check a recipe without running it."""
+"""The ``pfedseq`` command: run a recipe or a suite in the simulator, deploy it with FedML, run one FedML party,
+or check a recipe without running it."""
 from __future__ import annotations
 
 import argparse
@@ -14,16 +15,27 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("run", "run one recipe in the in-process simulator"),
                             ("suite", "run every recipe of a suite file and compare them"),
+                            ("deploy", "run a recipe as a FedML cross-silo deployment on this machine "
+                                       "(server + one process per client, gRPC on 127.0.0.1)"),
                             ("check", "load and validate a recipe (or suite), run nothing")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("path", type=Path)
+        if name != "check":
+            p.add_argument("--no-progress", action="store_true")
+    party = sub.add_parser("party", help="run one FedML cross-silo party (what each silo runs)")
+    party.add_argument("--cf", dest="path", type=Path, required=True, help="the recipe (FedML's --cf)")
+    party.add_argument("--rank", type=int, required=True, help="0: the server; k >= 1: client k-1")
+    party.add_argument("--role", choices=["server", "client"], required=True)
+    party.add_argument("--run-id", default="0")
+    for p in sub.choices.values():
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe key (repeatable), e.g. --set train_args.comm_round=3")
-        if name != "check":
+        if p is not sub.choices["check"]:
             p.add_argument("--output-dir", type=Path, default=None)
-            p.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
+    from fedml_pfedseq.cross_silo.party import run_party
     from fedml_pfedseq.simulation import run_recipe
     from fedml_pfedseq.suite import load_suite, run_suite
 
@@ -32,12 +44,17 @@ def main(argv: list[str] | None = None) -> int:
             run_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
         elif args.command == "suite":
             run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
+        elif args.command == "deploy":
+            deploy(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
+        elif args.command == "party":
+            recipe = load_recipe(args.path, args.overrides)
+            run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id)
         else:
             raw = load_yaml(args.path)
             is_suite = isinstance(raw, dict) and "recipes" in raw
             loaded = load_suite(args.path, args.overrides)[0] if is_suite else [load_recipe(args.path, args.overrides)]
             print(f"ok: {len(loaded)} recipe(s): {', '.join(r.name for r in loaded)}")
-    except (RecipeError, PartitionError, FileNotFoundError) as err:
+    except (RecipeError, PartitionError, FileNotFoundError, DeploymentError) as err:
         print(f"pfedseq: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -28,7 +28,8 @@ class CommonArgs:
     training_type: str = "simulation"  # "simulation" (our in-process simulator) or "cross_silo" (FedML)
     random_seed: int = 0
     output_dir: str = "runs/{recipe}"  # {recipe} is replaced by the recipe's file stem
-    scenario: str = ""  # free text for reports, e.g. "real-world (Omniglot drawers)"
+    federated_scenario: str = ""  # free text for reports, e.g. "real-world (Omniglot drawers)"; FedML keeps
+    # "scenario" for its own horizontal|hierarchical switch
 
 
 @dataclass
@@ -84,7 +85,12 @@ class DeviceArgs:
 
 @dataclass
 class CommArgs:
-    backend: str = "GRPC"
+    """Cross-silo deployments only (``pfedseq party`` / ``pfedseq deploy``); the simulator ignores them."""
+
+    backend: str = "GRPC"  # FedML's transport; GRPC is the one patched (no busy-wait) and tested
+    grpc_ipconfig_path: str | None = None  # FedML's CSV: eid,rank,grpc_server_ip,grpc_server_port (deploy writes one)
+    round_timeout: float = 900.0  # seconds a party waits for a round before stopping with an error
+    startup_timeout: float = 300.0  # seconds ``deploy`` waits for the server's port before giving up
 
 
 @dataclass
@@ -218,6 +224,11 @@ def _validate(recipe: Recipe, where: str) -> None:
             "train_args.client_num_per_round", f"({t.client_num_per_round}) must be null or equal "
             f"client_num_in_total ({t.client_num_in_total}): every client takes part in every round "
             "(partial participation is not supported yet)")
+    require(recipe.comm_args.backend == "GRPC", "comm_args.backend",
+            f"must be 'GRPC' (FedML's gRPC transport, the one this plugin patches and tests), "
+            f"got {recipe.comm_args.backend!r}")
+    require(recipe.comm_args.round_timeout > 0, "comm_args.round_timeout", "must be > 0 seconds")
+    require(recipe.comm_args.startup_timeout > 0, "comm_args.startup_timeout", "must be > 0 seconds")
     require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")

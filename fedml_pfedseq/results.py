@@ -125,7 +125,7 @@ def write_run_outputs(log: MetricsLog, recipe, output_dir: Path, wall_seconds: f
         "recipe": recipe.name,
         "method": recipe.train_args.federated_optimizer,
         "dataset": recipe.data_args.dataset,
-        "scenario": recipe.common_args.scenario,
+        "scenario": recipe.common_args.federated_scenario,
         "seed": recipe.common_args.random_seed,
         "rounds": final_round,
         "clients": len(final),

@@ -8,47 +8,15 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
-from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
 from fedml_pfedseq.config import Recipe
-from fedml_pfedseq.data.federated import FederatedData, build_federated_data, client_seed
+from fedml_pfedseq.federation import Federation, build_federation
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
-from fedml_pfedseq.strategies import method_class
-from fedml_pfedseq.training import select_device
-
-
-@dataclass
-class Federation:
-    """Everything a run needs, built from a recipe: data, shared model, server and clients."""
-
-    recipe: Recipe
-    data: FederatedData
-    model: AdapterModel
-    server: object
-    clients: list
-
-
-def build_federation(recipe: Recipe) -> Federation:
-    if recipe.device_args.num_threads:
-        torch.set_num_threads(recipe.device_args.num_threads)
-    seed = recipe.common_args.random_seed
-    m, t = recipe.model_args, recipe.train_args
-    processor = load_image_processor(m.model)
-    data = build_federated_data(recipe.data_args, processor, t.client_num_in_total, seed)
-    torch.manual_seed(seed)  # PEFT's LoRA init (A random, B = 0): theta^0, the same for every client
-    model = AdapterModel(m.model, data.num_labels, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
-    model.to(select_device(recipe.device_args.using_gpu))
-    method = method_class(t.federated_optimizer)
-    initial = {"lora": model.get_lora_state(), "head": model.init_head_state(client_seed(seed, 0, purpose=4))}
-    server = method.Server(len(data.clients), initial, recipe)
-    clients = [method.Client(i, client_data, model, recipe) for i, client_data in enumerate(data.clients)]
-    return Federation(recipe, data, model, server, clients)
+from fedml_pfedseq.transport import traffic
 
 
 def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
@@ -71,8 +39,7 @@ def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
             train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
             log.add_train(round=t, client=i, **client.last_train_stats)
         payloads = fed.server.aggregate(uploads)
-        if fed.server.last_round_stats:
-            log.add_server(**fed.server.last_round_stats)
+        log.add_server(**{"round": t, **traffic(payloads, uploads), **fed.server.last_round_stats})
         log.round_seconds.append(time.perf_counter() - started)
         log.train_seconds.append(train_s)
         log.eval_seconds.append(eval_s)

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedml_pfedseq.simulation import build_federation, run_federation, run_recipe
+from fedml_pfedseq.federation import build_federation
+from fedml_pfedseq.simulation import run_federation, run_recipe
 
 from conftest import small_recipe
 

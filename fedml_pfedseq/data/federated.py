@@ -55,19 +55,30 @@ def partition_indices(dataset: datasets.Dataset, args: DataArgs, label_column: s
                                args.partition_min_size, args.partition_max_retries)
 
 
-def build_federated_data(args: DataArgs, processor, num_clients: int | None, seed: int) -> FederatedData:
-    """Load ``args.dataset``, partition it, split each client and attach the backbone's image transform."""
+def _load_labelled(args: DataArgs) -> tuple[datasets.Dataset, str, list[str]]:
+    """The dataset, its label column and its label names (ClassLabel names, else the sorted distinct values)."""
     dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir, hub_id=args.hub_id)
     info = KNOWN_DATASETS.get(args.dataset)
     label_column = args.label_column or (info.label_column if info else "label")
-    image_column = info.image_column if info else "image"
     if label_column not in dataset.column_names:
         raise RecipeError(f"data_args.label_column {label_column!r} is not a column of {args.dataset!r}; "
                           f"columns: {dataset.column_names}")
     feature = dataset.features[label_column]
     label_names = list(feature.names) if hasattr(feature, "names") else [
         str(v) for v in sorted(set(dataset.data.column(label_column).to_pylist()))]
+    return dataset, label_column, label_names
 
+
+def dataset_label_names(args: DataArgs) -> list[str]:
+    """The task's label space: what a server needs to build a shared head, without any client's samples."""
+    return _load_labelled(args)[2]
+
+
+def build_federated_data(args: DataArgs, processor, num_clients: int | None, seed: int) -> FederatedData:
+    """Load ``args.dataset``, partition it, split each client and attach the backbone's image transform."""
+    dataset, label_column, label_names = _load_labelled(args)
+    info = KNOWN_DATASETS.get(args.dataset)
+    image_column = info.image_column if info else "image"
     transform = image_classification_transform(processor, image_column, label_column)
     labels = dataset.data.column(label_column).to_numpy()
     clients = []

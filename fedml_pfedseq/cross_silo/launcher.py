@@ -1,0 +1,193 @@
+"""A whole cross-silo deployment on one machine: ``pfedseq deploy recipe.yaml`` starts the server and N clients.
+
+Each party is its own process (``pfedseq party ...``) talking gRPC on 127.0.0.1, with its own thread budget and
+log file (``<output_dir>/logs/<party>.log``). Clients start only once the server's port accepts connections.
+The launcher stops every party and raises :class:`DeploymentError` (naming the party, its exit code and the end
+of its log) as soon as one party fails or no round completes within ``comm_args.round_timeout``. When all parties
+exit 0 it merges their metrics into the simulator's outputs (metrics.json/csv, learning curve, final table).
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from tqdm.auto import tqdm
+
+from fedml_pfedseq.config import Recipe, RecipeError, parse_recipe
+from fedml_pfedseq.cross_silo.party import party_name
+from fedml_pfedseq.results import MetricsLog, write_run_outputs
+
+POLL_SECONDS = 0.2
+
+
+class DeploymentError(RuntimeError):
+    """A party failed or stalled; every party has been stopped."""
+
+
+@dataclass
+class Party:
+    rank: int
+    process: subprocess.Popen
+    log_path: Path
+
+    @property
+    def name(self) -> str:
+        return party_name(self.rank)
+
+    def log_tail(self, lines: int = 15) -> str:
+        text = self.log_path.read_text(errors="replace").splitlines() if self.log_path.is_file() else []
+        return "\n".join("    " + line for line in text[-lines:])
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports free on 127.0.0.1 right now (the OS picks them)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def write_ipconfig(path: Path, ports: list[int]) -> None:
+    """FedML's gRPC address book: party ``rank`` listens on 127.0.0.1:ports[rank]."""
+    rows = ["eid,rank,grpc_server_ip,grpc_server_port"]
+    rows += [f"{rank},{rank},127.0.0.1,{port}" for rank, port in enumerate(ports)]
+    path.write_text("\n".join(rows) + "\n")
+
+
+def deployment_recipe(recipe: Recipe, output_dir: Path) -> tuple[Recipe, Path, int]:
+    """The recipe every party reads (cross-silo, a fresh address book, threads per process settled), its path
+    and the server's port."""
+    n = recipe.train_args.client_num_in_total
+    if n is None:
+        raise RecipeError("train_args.client_num_in_total is required for a cross-silo deployment")
+    raw = recipe.to_dict()
+    ipconfig = output_dir / "grpc_ipconfig.csv"
+    ports = free_ports(n + 1)
+    write_ipconfig(ipconfig, ports)
+    raw["common_args"].update(training_type="cross_silo", output_dir=str(output_dir))
+    raw["comm_args"]["grpc_ipconfig_path"] = str(ipconfig.resolve())
+    if raw["device_args"]["num_threads"] is None:  # N busy clients share the cores; the server mostly waits
+        raw["device_args"]["num_threads"] = max(1, (os.cpu_count() or 1) // n)
+    path = output_dir / "recipe.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    resolved = parse_recipe(raw, where=str(path), source=recipe.source)
+    resolved.label = recipe.label
+    return resolved, path, ports[0]
+
+
+def wait_for_port(port: int, server: Party, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise DeploymentError(f"the server exited with code {server.process.returncode} before listening on "
+                                  f"port {port}; end of {server.log_path}:\n{server.log_tail()}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=POLL_SECONDS).close()
+            return
+        except OSError:
+            time.sleep(POLL_SECONDS)
+    raise DeploymentError(f"the server did not listen on port {port} within {timeout:.0f} s "
+                          f"(comm_args.startup_timeout); end of {server.log_path}:\n{server.log_tail()}")
+
+
+def read_progress(output_dir: Path) -> int:
+    path = output_dir / "parties" / "server" / "progress.json"
+    return json.loads(path.read_text())["round"] if path.is_file() else 0
+
+
+def stop_all(parties: list[Party], grace: float = 5.0) -> None:
+    for party in parties:
+        if party.process.poll() is None:
+            party.process.terminate()
+    deadline = time.monotonic() + grace
+    for party in parties:
+        try:
+            party.process.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            party.process.kill()
+            party.process.wait()
+
+
+def supervise(parties: list[Party], output_dir: Path, recipe: Recipe, progress: bool) -> None:
+    """Wait for every party to exit 0; stop all at the first failure or stall."""
+    rounds, timeout = recipe.train_args.comm_round, recipe.comm_args.round_timeout
+    bar = tqdm(total=rounds, desc=f"{recipe.name} (cross-silo)", disable=not progress)
+    done, last_change = 0, time.monotonic()
+    try:
+        while True:
+            failed = [p for p in parties if p.process.poll() not in (None, 0)]
+            if failed:
+                p = failed[0]
+                raise DeploymentError(f"{p.name} (rank {p.rank}) exited with code {p.process.returncode} "
+                                      f"after {done} of {rounds} rounds; end of {p.log_path}:\n{p.log_tail()}")
+            if all(p.process.poll() == 0 for p in parties):
+                return
+            now_done = read_progress(output_dir)
+            if now_done != done:
+                bar.update(now_done - done)
+                done, last_change = now_done, time.monotonic()
+            elif time.monotonic() - last_change > timeout:
+                raise DeploymentError(f"round {done + 1} of {rounds} did not finish within {timeout:.0f} s "
+                                      f"(comm_args.round_timeout); logs in {output_dir / 'logs'}")
+            time.sleep(POLL_SECONDS)
+    finally:
+        bar.close()
+        stop_all(parties)
+
+
+def collect_metrics(output_dir: Path, num_clients: int) -> MetricsLog:
+    """One run's log from the parties' files: clients' rows and the server's; per-round times are the slowest
+    client's (clients train in parallel)."""
+    def load(rank: int) -> dict:
+        return json.loads((output_dir / "parties" / party_name(rank) / "metrics.json").read_text())
+
+    server, clients = load(0), [load(rank) for rank in range(1, num_clients + 1)]
+    order = lambda row: (row["round"], row["client"])  # noqa: E731
+    return MetricsLog(rows=sorted((r for c in clients for r in c["eval"]), key=order),
+                      train_rows=sorted((r for c in clients for r in c["train"]), key=order),
+                      server_rows=server["server"], round_seconds=server["round_seconds"],
+                      train_seconds=[max(ts) for ts in zip(*(c["train_seconds"] for c in clients))],
+                      eval_seconds=[max(ts) for ts in zip(*(c["eval_seconds"] for c in clients))])
+
+
+def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
+    """Run ``recipe`` as a cross-silo deployment on this machine; returns the summary (also in summary.json)."""
+    output_dir = Path(output_dir or recipe.output_dir).resolve()
+    (output_dir / "logs").mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    recipe, recipe_path, port = deployment_recipe(recipe, output_dir)
+    n = recipe.train_args.client_num_in_total
+    threads = str(recipe.device_args.num_threads)
+    env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+
+    def start(rank: int) -> Party:
+        log_path = output_dir / "logs" / f"{party_name(rank)}.log"
+        command = [sys.executable, "-m", "fedml_pfedseq.cli", "party", "--cf", str(recipe_path), "--rank", str(rank),
+                   "--role", "server" if rank == 0 else "client", "--output-dir", str(output_dir)]
+        with log_path.open("w") as log:
+            return Party(rank, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log_path)
+
+    parties = [start(0)]
+    try:
+        wait_for_port(port, parties[0], recipe.comm_args.startup_timeout)
+        parties += [start(rank) for rank in range(1, n + 1)]
+    except BaseException:
+        stop_all(parties)
+        raise
+    supervise(parties, output_dir, recipe, progress)
+    log = collect_metrics(output_dir, n)
+    summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
+    summary["engine"] = "fedml cross-silo (gRPC)"
+    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary

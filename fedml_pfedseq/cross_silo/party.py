@@ -1,0 +1,120 @@
+"""One FedML party, what a silo runs: ``pfedseq party --cf recipe.yaml --rank R --role server|client``.
+
+Rank 0 is the server; rank k >= 1 is client k-1 (FedML numbers clients from 1, partitions start at 0). A party
+builds only its own part of the federation (the server never loads a client's samples; a client keeps only its
+own partition), runs FedML's cross-silo flow over gRPC, and writes under ``<output_dir>/parties/<party>/``:
+``metrics.json``, its FedML home (FedML's logs and traces) and, for the server, ``progress.json`` after each round.
+The server also saves its method's artifacts (pFedSeq: ``seq_learner/``) in ``<output_dir>``.
+
+A watchdog stops the party with exit code 3 and an error naming the wait when no round completes within
+``comm_args.round_timeout`` seconds: a party whose peer died must not hang forever.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.data.federated import dataset_label_names
+from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, set_threads
+from fedml_pfedseq.training import select_device
+
+EXIT_TIMEOUT = 3
+
+
+def party_name(rank: int) -> str:
+    return "server" if rank == 0 else f"client_{rank - 1}"
+
+
+class Watchdog(threading.Thread):
+    """Ends the process (exit code 3) when ``kick`` has not been called for ``timeout`` seconds."""
+
+    def __init__(self, timeout: float, waiting_for: str):
+        super().__init__(daemon=True, name="pfedseq-watchdog")
+        self.timeout, self.waiting_for = timeout, waiting_for
+        self.last = time.monotonic()
+        self.stopped = threading.Event()
+
+    def kick(self, *_) -> None:
+        self.last = time.monotonic()
+
+    def run(self) -> None:
+        while not self.stopped.wait(min(1.0, self.timeout / 10)):
+            if time.monotonic() - self.last > self.timeout:
+                logging.error("no progress for %.0f s (comm_args.round_timeout) while waiting for %s; stopping",
+                              self.timeout, self.waiting_for)
+                logging.shutdown()
+                os._exit(EXIT_TIMEOUT)
+
+
+def check_party(recipe: Recipe, rank: int, role: str) -> int:
+    """The number of clients; RecipeError when the recipe cannot run as this party."""
+    n = recipe.train_args.client_num_in_total
+    if n is None:
+        raise RecipeError("train_args.client_num_in_total is required for a cross-silo deployment")
+    if role not in ("server", "client"):
+        raise RecipeError(f"--role must be 'server' or 'client', got {role!r}")
+    if (role == "server") != (rank == 0) or not 0 <= rank <= n:
+        raise RecipeError(f"--rank {rank} does not fit --role {role}: the server is rank 0, clients are ranks 1..{n}")
+    if not recipe.comm_args.grpc_ipconfig_path or not Path(recipe.comm_args.grpc_ipconfig_path).is_file():
+        raise RecipeError(f"comm_args.grpc_ipconfig_path must name FedML's gRPC address CSV "
+                          f"(eid,rank,grpc_server_ip,grpc_server_port), got {recipe.comm_args.grpc_ipconfig_path!r}")
+    return n
+
+
+def write_json(path: Path, content) -> None:
+    """Write atomically, so a reader (the launcher) never sees half a file."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(content, indent=1))
+    tmp.replace(path)
+
+
+def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0") -> None:
+    """Run one party to the end of the deployment (blocks)."""
+    from fedml_pfedseq.cross_silo.fedml_runtime import fedml_args, init_fedml, isolate_home
+
+    num_clients = check_party(recipe, rank, role)
+    party_dir = Path(output_dir) / "parties" / party_name(rank)
+    isolate_home(party_dir / "fedml_home")
+    args = init_fedml(fedml_args(recipe, rank, role, run_id), recipe.tracking_args.log_level)
+    from fedml import FedMLRunner  # after init_fedml: FedML must start patched
+
+    from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
+    from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
+
+    set_threads(recipe)
+    device = select_device(recipe.device_args.using_gpu)
+    watchdog = Watchdog(recipe.comm_args.round_timeout, "the clients' updates" if rank == 0 else "the server")
+    watchdog.start()
+    if role == "server":
+        label_names = dataset_label_names(recipe.data_args)
+        model = build_model(recipe, len(label_names))
+        server = build_server(recipe, model, num_clients)
+
+        def on_round(t: int) -> None:
+            watchdog.kick()
+            write_json(party_dir / "progress.json", {"round": t, "of": recipe.train_args.comm_round})
+
+        aggregator = StrategyAggregator(server, args, on_round=on_round)
+        FedMLRunner(args, device, [0, 0, None, None, {}, {}, {}, len(label_names)], model,
+                    server_aggregator=aggregator).run()
+        server.save_artifacts(Path(output_dir))
+        log = aggregator.log
+        write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds})
+    else:
+        i = rank - 1
+        data = build_data(recipe)
+        own = data.clients[i]
+        model = build_model(recipe, data.num_labels)
+        trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_payload=watchdog.kick)
+        n = len(own.train)
+        FedMLRunner(args, device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},
+                                   data.num_labels], model, client_trainer=trainer).run()
+        log = trainer.log
+        write_json(party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
+                                                "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds})
+    watchdog.stopped.set()

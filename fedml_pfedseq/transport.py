@@ -1,0 +1,42 @@
+"""What travels between parties: plain containers of tensors, checked before they leave and measured.
+
+Payloads and uploads are built by the strategies as plain ``dict``s of ints, floats, strings and CPU tensors, so
+FedML's transport (which pickles its messages) never carries an object of ours, and a receiver needs nothing but
+torch to read them.
+"""
+from __future__ import annotations
+
+import pickle
+
+import torch
+
+PLAIN_SCALARS = (bool, int, float, str, type(None))
+
+
+def check_plain(obj, where: str) -> None:
+    """Raise TypeError naming the first value that is not a plain dict/list/scalar/CPU tensor."""
+    if type(obj) is dict:
+        for key, value in obj.items():
+            if not isinstance(key, (str, int)):
+                raise TypeError(f"{where}: key {key!r} is a {type(key).__name__}, not str or int")
+            check_plain(value, f"{where}[{key!r}]")
+    elif type(obj) in (list, tuple):
+        for i, value in enumerate(obj):
+            check_plain(value, f"{where}[{i}]")
+    elif type(obj) is torch.Tensor:
+        if obj.device.type != "cpu":
+            raise TypeError(f"{where}: tensor on {obj.device}; payloads carry CPU tensors")
+    elif type(obj) not in PLAIN_SCALARS:
+        raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__name__} cannot travel; "
+                        "payloads are plain dicts of tensors and scalars")
+
+
+def pickled_bytes(obj) -> int:
+    """Size of ``obj`` serialised as FedML's gRPC transport does (``pickle.dumps``, default protocol)."""
+    return len(pickle.dumps(obj))
+
+
+def traffic(payloads: dict, uploads: dict) -> dict[str, float]:
+    """Mean serialised bytes per client of one round: server -> client payloads and client -> server uploads."""
+    return {"payload_bytes_mean": sum(map(pickled_bytes, payloads.values())) / len(payloads),
+            "upload_bytes_mean": sum(map(pickled_bytes, uploads.values())) / max(len(uploads), 1)}
