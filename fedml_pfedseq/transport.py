@@ -6,6 +6,7 @@ torch to read them.
 """
 from __future__ import annotations
 
+import hashlib
 import pickle
 
 import torch
@@ -40,3 +41,20 @@ def traffic(payloads: dict, uploads: dict) -> dict[str, float]:
     """Mean serialised bytes per client of one round: server -> client payloads and client -> server uploads."""
     return {"payload_bytes_mean": sum(map(pickled_bytes, payloads.values())) / len(payloads),
             "upload_bytes_mean": sum(map(pickled_bytes, uploads.values())) / max(len(uploads), 1)}
+
+
+def fingerprint(obj) -> str:
+    """A short hash of the tensors a payload carries (names, dtypes, shapes, values; scalars such as the
+    client id are left out): two parties with the same fingerprint hold the same adapter."""
+    digest = hashlib.sha256()
+
+    def visit(value, path: str) -> None:
+        if type(value) is dict:
+            for key in sorted(value, key=str):
+                visit(value[key], f"{path}/{key}")
+        elif type(value) is torch.Tensor:
+            digest.update(f"{path}:{value.dtype}{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+    visit(obj, "")
+    return digest.hexdigest()[:16]

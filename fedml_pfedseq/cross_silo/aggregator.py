@@ -12,7 +12,7 @@ from typing import Callable
 from fedml.core import ServerAggregator
 
 from fedml_pfedseq.results import MetricsLog
-from fedml_pfedseq.transport import check_plain, traffic
+from fedml_pfedseq.transport import check_plain, fingerprint, traffic
 
 
 class StrategyAggregator(ServerAggregator):
@@ -22,6 +22,7 @@ class StrategyAggregator(ServerAggregator):
         self.on_round = on_round  # called after each aggregation with the number of rounds completed
         self.log = MetricsLog()  # server rows and round wall times of this party
         self.payloads: dict | None = None
+        self.sent_fingerprints: list[list[str]] = []  # per payload sent (k = 1..comm_round + 1), per client
         self.round = 0
         self._round_started = 0.0
 
@@ -29,6 +30,7 @@ class StrategyAggregator(ServerAggregator):
         for i, payload in payloads.items():
             check_plain(payload, f"payload for client {i}")
         self.payloads = {i: payloads[i] for i in range(len(payloads))}  # type dict: FedML's per-client route
+        self.sent_fingerprints.append([fingerprint(self.payloads[i]) for i in self.payloads])
         self._round_started = time.perf_counter()
         return self.payloads
 

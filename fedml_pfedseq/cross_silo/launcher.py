@@ -182,6 +182,7 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
     try:
         wait_for_port(port, parties[0], recipe.comm_args.startup_timeout)
         parties += [start(rank) for rank in range(1, n + 1)]
+        (output_dir / "logs" / "pids.json").write_text(json.dumps({p.name: p.process.pid for p in parties}))
     except BaseException:
         stop_all(parties)
         raise

@@ -104,7 +104,8 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
                     server_aggregator=aggregator).run()
         server.save_artifacts(Path(output_dir))
         log = aggregator.log
-        write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds})
+        write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds,
+                                                "sent_fingerprints": aggregator.sent_fingerprints})
     else:
         i = rank - 1
         data = build_data(recipe)
@@ -116,5 +117,6 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
                                    data.num_labels], model, client_trainer=trainer).run()
         log = trainer.log
         write_json(party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
-                                                "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds})
+                                                "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds,
+                                                "received_fingerprints": trainer.received_fingerprints})
     watchdog.stopped.set()

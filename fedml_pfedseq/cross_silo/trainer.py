@@ -13,7 +13,7 @@ from typing import Callable
 from fedml.core import ClientTrainer
 
 from fedml_pfedseq.results import MetricsLog
-from fedml_pfedseq.transport import check_plain
+from fedml_pfedseq.transport import check_plain, fingerprint
 
 
 class StrategyTrainer(ClientTrainer):
@@ -26,12 +26,14 @@ class StrategyTrainer(ClientTrainer):
         self.every = recipe.validation_args.frequency_of_the_test
         self.log = MetricsLog()  # this client's evaluation and training rows
         self.received = 0
+        self.received_fingerprints: list[str] = []  # per payload received (k = 1..comm_round + 1)
         self.upload: dict | None = None
 
     def set_model_params(self, model_parameters: dict) -> None:
         check_plain(model_parameters, f"payload received by client {self.client.client_id}")
         self.client.receive(model_parameters)
         self.received += 1
+        self.received_fingerprints.append(fingerprint(model_parameters))
         self.on_payload(self.received)
         if self.received == self.rounds + 1:
             self.log.add(round=self.rounds, client=self.client.client_id, **self.client.evaluate())

@@ -1,0 +1,260 @@
+"""FedML cross-silo deployment: real server and client processes talking gRPC on 127.0.0.1."""
+import io
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.cross_silo.fedml_runtime import POLL_SECONDS, WaitingQueue, patch_fedml
+from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
+from fedml_pfedseq.cross_silo.party import check_party
+from fedml_pfedseq.simulation import run_recipe
+from fedml_pfedseq.strategies.fedavg import FedAvgServer
+from fedml_pfedseq.transport import check_plain
+
+from conftest import small_recipe
+
+CLIENTS = 3
+# three clients from a Dirichlet split of the embedded Omniglot; pFedSeq personalizes from round 2 (W=1)
+DEPLOYMENT = {
+    "data_args": {"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 40},
+    "train_args": {"client_num_in_total": CLIENTS, "comm_round": 3, "learning_rate": 0.5},
+    "device_args": {"num_threads": 1},
+    "algorithm_args": {"warmup_rounds": 1, "seq_len": 2},
+}
+
+
+def silo_recipe(tiny_vit, tmp_path, **comm_args):
+    return small_recipe("pFedSeq", tiny_vit, tmp_path, **DEPLOYMENT, comm_args=comm_args)
+
+
+def parties(output_dir: Path) -> dict:
+    return {p.name: json.loads((p / "metrics.json").read_text()) for p in (output_dir / "parties").iterdir()}
+
+
+# --- FedML's runtime, patched -------------------------------------------------------------------------------------
+
+def test_waiting_queue_poll_waits_for_an_item_instead_of_spinning():
+    q = WaitingQueue()
+    threading.Timer(POLL_SECONDS / 4, q.put, args=["message"]).start()
+    assert q.qsize() == 1  # a plain Queue answers 0 at once, so FedML's loop would spin
+    q.get()
+    started = time.monotonic()
+    assert q.qsize() == 0
+    assert time.monotonic() - started >= POLL_SECONDS * 0.9  # an empty poll waited rather than returned
+
+
+def test_patched_grpc_servicer_receives_into_a_waiting_queue():
+    patch_fedml()
+    from fedml.core.distributed.communication.grpc.grpc_server import GRPCCOMMServicer
+
+    assert isinstance(GRPCCOMMServicer("127.0.0.1", 0, 1, 0).message_q, WaitingQueue)
+
+
+OFFLINE_PROBE = """
+import json, sys
+from pathlib import Path
+attempts = []
+sys.addaudithook(lambda event, args: attempts.append(event) if event in ("socket.connect", "socket.getaddrinfo") else None)
+from fedml_pfedseq.config import parse_recipe
+from fedml_pfedseq.cross_silo import fedml_runtime
+fedml_home = Path(sys.argv[1])
+recipe = parse_recipe({"train_args": {"client_num_in_total": 2}, "comm_args": {"grpc_ipconfig_path": "x.csv"}})
+if sys.argv[2] == "patched":
+    fedml_runtime.isolate_home(fedml_home)
+    fedml_runtime.init_fedml(fedml_runtime.fedml_args(recipe, 0, "server", "0"), "WARNING")
+else:
+    import fedml
+    fedml.init(fedml_runtime.fedml_args(recipe, 0, "server", "0"), check_env=False, should_init_logs=False)
+from fedml import FedMLRunner
+FedMLRunner.log_runner_result()  # one of FedML's writes under ~/.fedml
+print(json.dumps(attempts))
+"""
+
+
+@pytest.mark.parametrize("mode", ["patched", "unpatched"])
+def test_fedml_init_makes_no_network_attempt_and_writes_under_the_run(tmp_path, mode):
+    """The unpatched run is the control: it shows the probe does see FedML's config fetch."""
+    home, fedml_home = tmp_path / "home", tmp_path / "run" / "fedml_home"
+    home.mkdir()
+    result = subprocess.run([sys.executable, "-c", OFFLINE_PROBE, str(fedml_home), mode], capture_output=True,
+                            text=True, env={**os.environ, "HOME": str(home)}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    attempts = json.loads(result.stdout.strip().splitlines()[-1])
+    if mode == "patched":
+        assert attempts == []
+        assert not (home / ".fedml").exists() and (fedml_home / ".fedml" / "fedml_trace").is_dir()
+    else:
+        assert attempts and (home / ".fedml").exists()
+
+
+# --- what travels ---------------------------------------------------------------------------------------------
+
+class OnlyTorchUnpickler(pickle.Unpickler):
+    """Refuses every class outside torch and the standard containers: an object of ours would fail here."""
+
+    def find_class(self, module, name):
+        if module.split(".")[0] in ("torch", "collections", "builtins", "copyreg", "_codecs"):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
+
+
+def test_payloads_are_plain_tensors_that_unpickle_without_our_classes(tiny_vit, tmp_path):
+    state = {"lora": {"layer.0.lora_A.weight": torch.randn(2, 3)}, "head": {"weight": torch.randn(4, 3)}}
+    server = FedAvgServer(2, state, small_recipe("FedAvg", tiny_vit, tmp_path))
+    for i, payload in server.initial_payloads().items():
+        check_plain(payload, f"payload {i}")
+        loaded = OnlyTorchUnpickler(io.BytesIO(pickle.dumps(payload))).load()
+        assert loaded["client_id"] == i and torch.equal(loaded["lora"]["layer.0.lora_A.weight"],
+                                                        state["lora"]["layer.0.lora_A.weight"])
+
+
+def test_check_plain_names_what_cannot_travel():
+    class Adapter:
+        pass
+
+    with pytest.raises(TypeError, match=r"payload\['lora'\]\['w'\].*Adapter"):
+        check_plain({"client_id": 0, "lora": {"w": Adapter()}}, "payload")
+    with pytest.raises(TypeError, match="key"):
+        check_plain({(0, 1): torch.zeros(1)}, "payload")
+
+
+def test_party_refuses_a_rank_that_does_not_fit_its_role(tiny_vit, tmp_path):
+    ipconfig = tmp_path / "ip.csv"
+    ipconfig.write_text("eid,rank,grpc_server_ip,grpc_server_port\n")
+    recipe = silo_recipe(tiny_vit, tmp_path, grpc_ipconfig_path=str(ipconfig))
+    assert check_party(recipe, 0, "server") == CLIENTS and check_party(recipe, 3, "client") == CLIENTS
+    for rank, role in [(0, "client"), (1, "server"), (4, "client")]:
+        with pytest.raises(RecipeError, match="rank"):
+            check_party(recipe, rank, role)
+    with pytest.raises(RecipeError, match="grpc_ipconfig_path"):
+        check_party(silo_recipe(tiny_vit, tmp_path), 0, "server")
+
+
+# --- a real deployment --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def deployed(tiny_vit, tmp_path_factory):
+    """``pfedseq deploy`` as a user runs it (a subprocess), and the simulator on the same recipe and seed."""
+    tmp = tmp_path_factory.mktemp("deploy")
+    recipe = silo_recipe(tiny_vit, tmp, round_timeout=120)
+    path = tmp / "pfedseq_3_silos.yaml"
+    path.write_text(yaml.safe_dump(recipe.to_dict()))
+    result = subprocess.run([sys.executable, "-m", "fedml_pfedseq.cli", "deploy", str(path), "--no-progress",
+                             "--output-dir", str(tmp / "cross_silo")], capture_output=True, text=True, timeout=600)
+    simulated = run_recipe(recipe, tmp / "simulator", progress=False)
+    return result, tmp / "cross_silo", tmp / "simulator", simulated
+
+
+def test_deployment_exits_zero_and_writes_the_simulator_outputs(deployed):
+    result, out, _, _ = deployed
+    assert result.returncode == 0, result.stderr[-3000:]
+    for name in ["metrics.json", "metrics.csv", "server_metrics.csv", "learning_curve.png", "summary.json"]:
+        assert (out / name).is_file(), name
+    assert (out / "seq_learner" / "config.json").is_file()  # the server saved pFedSeq's learner
+
+
+def test_every_client_got_its_own_adapter_each_round(deployed):
+    _, out, _, _ = deployed
+    found = parties(out)
+    sent = found["server"]["sent_fingerprints"]  # per payload k = 1..T+1, per client
+    received = [found[f"client_{i}"]["received_fingerprints"] for i in range(CLIENTS)]
+    assert len(sent) == 4 and all(len(r) == 4 for r in received)
+    for k in range(4):
+        assert [received[i][k] for i in range(CLIENTS)] == sent[k]  # each client got exactly what was meant for it
+    assert len(set(sent[0])) == 1  # round 1: FedAvg+local heads during warm-up, one global adapter...
+    assert all(len(set(sent[k])) == CLIENTS for k in (2, 3))  # ...then theta_g + xi_i, one per client
+
+
+def test_deployment_reproduces_the_simulator(deployed):
+    _, out, sim_out, simulated = deployed
+    cross = json.loads((out / "metrics.json").read_text())
+    sim = json.loads((sim_out / "metrics.json").read_text())
+    assert len(cross["eval"]) == len(sim["eval"]) == 4 * CLIENTS
+    for a, b in zip(cross["eval"], sim["eval"]):
+        assert (a["round"], a["client"]) == (b["round"], b["client"])
+        for key in ["test_accuracy", "validation_accuracy", "test_loss"]:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a, b, key)
+    assert [sorted(a) for a in cross["server"]] == [sorted(b) for b in sim["server"]]
+    learned = [(a["surrogate_loss"], b["surrogate_loss"]) for a, b in zip(cross["server"], sim["server"])
+               if "surrogate_loss" in b]
+    assert len(learned) == 2 and all(a == pytest.approx(b, rel=1e-4) for a, b in learned)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_test_accuracy_mean"] == pytest.approx(simulated["final_test_accuracy_mean"], abs=1e-9)
+
+
+# --- failures stop everyone -------------------------------------------------------------------------------------
+
+def deploy_in_background(recipe, out):
+    outcome = {}
+
+    def target():
+        try:
+            outcome["summary"] = deploy(recipe, out, progress=False)
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            outcome["error"] = err
+
+    thread = threading.Thread(target=target)
+    thread.start()
+    return thread, outcome
+
+
+def wait_for(predicate, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting for the deployment"
+        time.sleep(0.2)
+
+
+def pids_of(out):
+    path = out / "logs" / "pids.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
+        return f.read().split()[2] != "Z"
+
+
+def test_a_client_that_dies_mid_run_stops_every_party_with_an_error(tiny_vit, tmp_path):
+    recipe = silo_recipe(tiny_vit, tmp_path, round_timeout=120)
+    recipe.train_args.comm_round = 20
+    out = tmp_path / "killed"
+    thread, outcome = deploy_in_background(recipe, out)
+    wait_for(lambda: (out / "parties" / "server" / "progress.json").is_file())
+    pids = pids_of(out)
+    os.kill(pids["client_1"], signal.SIGKILL)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, DeploymentError) and "client_1 (rank 2) exited with code -9" in str(error)
+    assert not any(alive(pid) for pid in pids.values())
+
+
+def test_a_stalled_round_stops_every_party_after_the_round_timeout(tiny_vit, tmp_path):
+    recipe = silo_recipe(tiny_vit, tmp_path, round_timeout=15)
+    recipe.train_args.comm_round = 20
+    out = tmp_path / "stalled"
+    thread, outcome = deploy_in_background(recipe, out)
+    wait_for(lambda: (out / "parties" / "server" / "progress.json").is_file())
+    pids = pids_of(out)
+    os.kill(pids["client_0"], signal.SIGSTOP)  # alive but silent: only a timeout can notice
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    error = outcome.get("error")
+    assert isinstance(error, DeploymentError) and "round_timeout" in str(error)
+    assert not any(alive(pid) for pid in pids.values())
