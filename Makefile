@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup run test bench-round clean
+.PHONY: setup run deploy test clean
 
 setup: $(STAMP)
 
@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: setup
 	$(BIN)/pfedseq suite recipes/suites/default.yaml
+
+deploy: setup  # the pFedSeq recipe as a FedML cross-silo deployment: server + 20 client processes on 127.0.0.1
+	$(BIN)/pfedseq deploy recipes/omniglot_pfedseq.yaml
 
 test: setup
 	$(BIN)/python -m pytest

@@ -16,7 +16,8 @@ import yaml
 
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.cross_silo.fedml_runtime import POLL_SECONDS, WaitingQueue, patch_fedml
-from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
+from fedml_pfedseq.cli import main
+from fedml_pfedseq.cross_silo.launcher import DeploymentError, Party, deploy, deployment_recipe, wait_for_port
 from fedml_pfedseq.cross_silo.party import check_party
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.strategies.fedavg import FedAvgServer
@@ -139,6 +140,34 @@ def test_party_refuses_a_rank_that_does_not_fit_its_role(tiny_vit, tmp_path):
             check_party(recipe, rank, role)
     with pytest.raises(RecipeError, match="grpc_ipconfig_path"):
         check_party(silo_recipe(tiny_vit, tmp_path), 0, "server")
+
+
+def test_party_command_exits_2_naming_the_problem(tiny_vit, tmp_path, capsys):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(silo_recipe(tiny_vit, tmp_path).to_dict()))
+    assert main(["party", "--cf", str(path), "--rank", "0", "--role", "server"]) == 2
+    assert "grpc_ipconfig_path" in capsys.readouterr().err
+
+
+def test_launcher_settles_threads_per_party_and_writes_an_address_book(tiny_vit, tmp_path):
+    recipe = silo_recipe(tiny_vit, tmp_path)
+    recipe.device_args.num_threads = None
+    resolved, path, port = deployment_recipe(recipe, tmp_path)
+    assert resolved.device_args.num_threads == max(1, os.cpu_count() // CLIENTS)
+    assert resolved.common_args.training_type == "cross_silo" and path.is_file()
+    rows = Path(resolved.comm_args.grpc_ipconfig_path).read_text().splitlines()
+    assert rows[0] == "eid,rank,grpc_server_ip,grpc_server_port" and len(rows) == CLIENTS + 2
+    assert rows[1] == f"0,0,127.0.0.1,{port}" and len({r.split(",")[3] for r in rows[1:]}) == CLIENTS + 1
+    recipe.device_args.num_threads = 2
+    assert deployment_recipe(recipe, tmp_path)[0].device_args.num_threads == 2
+
+
+def test_waiting_for_the_server_fails_fast_when_it_dies_before_listening(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("Traceback: the backbone could not be loaded\n")
+    server = Party(0, subprocess.Popen([sys.executable, "-c", "import sys; sys.exit(4)"]), log)
+    with pytest.raises(DeploymentError, match="(?s)exited with code 4 before listening.*backbone could not"):
+        wait_for_port(1, server, timeout=60)
 
 
 # --- a real deployment --------------------------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def collect_metrics(output_dir: Path, num_clients: int) -> MetricsLog:
 
 def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
     """Run ``recipe`` as a cross-silo deployment on this machine; returns the summary (also in summary.json)."""
-    output_dir = Path(output_dir or recipe.output_dir).resolve()
+    output_dir = Path(output_dir or f"{recipe.output_dir}_cross_silo").resolve()  # beside the simulator's run
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     recipe, recipe_path, port = deployment_recipe(recipe, output_dir)

@@ -73,6 +73,11 @@ def write_json(path: Path, content) -> None:
     tmp.replace(path)
 
 
+def process_times(started: tuple[float, float]) -> dict[str, float]:
+    """Wall and CPU seconds of this party since ``started``: an idle party should use little CPU."""
+    return {"wall_seconds": time.perf_counter() - started[0], "cpu_seconds": time.process_time() - started[1]}
+
+
 def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0") -> None:
     """Run one party to the end of the deployment (blocks)."""
     from fedml_pfedseq.cross_silo.fedml_runtime import fedml_args, init_fedml, isolate_home
@@ -88,6 +93,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
 
     set_threads(recipe)
     device = select_device(recipe.device_args.using_gpu)
+    started = time.perf_counter(), time.process_time()
     watchdog = Watchdog(recipe.comm_args.round_timeout, "the clients' updates" if rank == 0 else "the server")
     watchdog.start()
     if role == "server":
@@ -105,7 +111,8 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         server.save_artifacts(Path(output_dir))
         log = aggregator.log
         write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds,
-                                                "sent_fingerprints": aggregator.sent_fingerprints})
+                                                "sent_fingerprints": aggregator.sent_fingerprints,
+                                                **process_times(started)})
     else:
         i = rank - 1
         data = build_data(recipe)
@@ -118,5 +125,6 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         log = trainer.log
         write_json(party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
                                                 "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds,
-                                                "received_fingerprints": trainer.received_fingerprints})
+                                                "received_fingerprints": trainer.received_fingerprints,
+                                                **process_times(started)})
     watchdog.stopped.set()
