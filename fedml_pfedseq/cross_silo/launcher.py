@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -164,6 +165,7 @@ def collect_metrics(output_dir: Path, num_clients: int) -> MetricsLog:
 def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
     """Run ``recipe`` as a cross-silo deployment on this machine; returns the summary (also in summary.json)."""
     output_dir = Path(output_dir or f"{recipe.output_dir}_cross_silo").resolve()  # beside the simulator's run
+    shutil.rmtree(output_dir / "parties", ignore_errors=True)  # a previous run's progress must not count
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     recipe, recipe_path, port = deployment_recipe(recipe, output_dir)

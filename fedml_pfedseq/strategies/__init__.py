@@ -1,28 +1,28 @@
-"""Federated methods: each is a server strategy, a client strategy and its ``algorithm_args`` dataclass."""
+"""Federated methods, one module each: a server strategy, a client strategy and its ``algorithm_args`` dataclass.
+
+A module registers its method by defining ``METHOD = Method(...)``; every module of this package is scanned, so a
+new method is one new file.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import importlib
+import pkgutil
 
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, NoArgs
-from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
-from fedml_pfedseq.strategies.local import LocalClient, LocalServer
-from fedml_pfedseq.strategies.pfedseq import PFedSeqArgs, PFedSeqClient, PFedSeqServer
+from fedml_pfedseq.strategies.method import Method
 
 
-@dataclass(frozen=True)
-class Method:
-    name: str
-    Server: type
-    Client: type
-    Args: type
+def _discover() -> dict[str, Method]:
+    found: dict[str, Method] = {}
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        method = getattr(importlib.import_module(f"{__name__}.{info.name}"), "METHOD", None)
+        if method is not None:
+            if method.name.lower() in found:
+                raise ImportError(f"two modules register the method {method.name!r}")
+            found[method.name.lower()] = method
+    return found
 
 
-METHODS: dict[str, Method] = {m.name.lower(): m for m in [
-    Method("Local", LocalServer, LocalClient, NoArgs),
-    Method("FedAvg", FedAvgServer, FedAvgClient, NoArgs),
-    Method("FedAvgLocalHead", FedAvgLocalHeadServer, FedAvgLocalHeadClient, NoArgs),
-    Method("pFedSeq", PFedSeqServer, PFedSeqClient, PFedSeqArgs),
-]}
+METHODS: dict[str, Method] = _discover()
 
 
 def method_class(name: str) -> Method:

@@ -13,6 +13,7 @@ from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict, add, check_finite, subtract, weighted_average
+from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import evaluate_model, make_loader, train_epochs
 
 Payload = dict  # {"client_id": int, "<part>": StateDict, ...}: what the server sends one client
@@ -128,3 +129,6 @@ class FedAvgClient:
         self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
         deltas = {part: subtract(self.state[part], self.received[part]) for part in self.shared_parts}
         return {"client_id": self.client_id, "num_samples": self.num_samples, **deltas}
+
+
+METHOD = Method("FedAvg", FedAvgServer, FedAvgClient, NoArgs)

@@ -1,5 +1,6 @@
 """FedAvg on the LoRA adapter only, each client keeping its own head (pFedSeq's behaviour during warm-up)."""
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer
+from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, NoArgs
+from fedml_pfedseq.strategies.method import Method
 
 
 class FedAvgLocalHeadServer(FedAvgServer):
@@ -8,3 +9,6 @@ class FedAvgLocalHeadServer(FedAvgServer):
 
 class FedAvgLocalHeadClient(FedAvgClient):
     shared_parts = ("lora",)
+
+
+METHOD = Method("FedAvgLocalHead", FedAvgLocalHeadServer, FedAvgLocalHeadClient, NoArgs)

@@ -1,5 +1,6 @@
 """Local training only: no communication; each client trains its own adapter and head on its own data."""
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer
+from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, NoArgs
+from fedml_pfedseq.strategies.method import Method
 
 
 class LocalServer(FedAvgServer):
@@ -8,3 +9,6 @@ class LocalServer(FedAvgServer):
 
 class LocalClient(FedAvgClient):
     shared_parts = ()
+
+
+METHOD = Method("Local", LocalServer, LocalClient, NoArgs)

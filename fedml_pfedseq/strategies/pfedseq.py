@@ -25,6 +25,7 @@ from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import LayerLayout, StateDict, add, weighted_average
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
+from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import select_device
 from hf_models.seq_learner import ARCHITECTURES, SeqLearnerConfig, SeqLearnerModel
 
@@ -193,3 +194,6 @@ class PFedSeqServer(FedAvgLocalHeadServer):
 
 class PFedSeqClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head; reports the LoRA delta (the head stays here)."""
+
+
+METHOD = Method("pFedSeq", PFedSeqServer, PFedSeqClient, PFedSeqArgs)

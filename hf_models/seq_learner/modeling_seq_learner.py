@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from fedml_pfedseq.proxy_gradient import update_proxy_gradient
 from hf_models.seq_learner.configuration_seq_learner import SeqLearnerConfig
 from hf_models.seq_learner.scan import selective_scan
 
@@ -178,9 +179,7 @@ class SeqLearnerModel(PreTrainedModel):
         calibrations = []
         for rows in row_chunks(updates.shape[0], d_chunk):
             xi = self._scaled(updates[rows], scale, layer)
-            for total, grad in zip(grads, torch.autograd.grad(xi, params, grad_outputs=-descent[rows],
-                                                              allow_unused=True)):
-                if grad is not None:
-                    total += grad
+            for total, grad in zip(grads, update_proxy_gradient(xi, params, descent[rows])):
+                total += grad
             calibrations.append(xi.detach())
         return grads, torch.cat(calibrations)
