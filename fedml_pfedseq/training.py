@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Callable
 from pathlib import Path
 
 import evaluate
@@ -38,8 +39,12 @@ def train_epochs(
     momentum: float = 0.0,
     weight_decay: float = 0.0,
     parameters: list[torch.nn.Parameter] | None = None,
+    extra_loss: Callable[[torch.Tensor, dict], torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """SGD on ``parameters`` (default: every trainable one, i.e. LoRA + head) for ``epochs`` passes."""
+    """SGD on ``parameters`` (default: every trainable one, i.e. LoRA + head) for ``epochs`` passes.
+
+    ``extra_loss(logits, batch)`` is added to the cross-entropy of each batch: a method's regulariser (a proximal
+    term, a distillation loss). ``train_loss`` reports the cross-entropy alone."""
     device = next(model.head.parameters()).device
     params = parameters if parameters is not None else model.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
@@ -49,8 +54,9 @@ def train_epochs(
         for batch in loader:
             logits = model(batch["pixel_values"].to(device))
             loss = F.cross_entropy(logits, batch["labels"].to(device))
+            objective = loss if extra_loss is None else loss + extra_loss(logits, batch)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             optimizer.step()
             seen += len(batch["labels"])
             loss_sum += loss.item() * len(batch["labels"])
