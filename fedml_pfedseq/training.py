@@ -65,6 +65,11 @@ def train_epochs(
     return {"train_loss": loss_sum / max(seen, 1)}
 
 
+def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """mu/2 * sum ||p - a||^2: keeps personalized parameters near fixed anchors (Ditto, PerAda, pFedMe)."""
+    return 0.5 * mu * sum(((p - a.detach()) ** 2).sum() for p, a in zip(params, anchors, strict=True))
+
+
 @torch.no_grad()
 def evaluate_model(model: AdapterModel, loader: DataLoader) -> dict[str, float]:
     """Accuracy (through ``evaluate``), mean cross-entropy and sample count on one split."""
