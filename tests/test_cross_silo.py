@@ -20,6 +20,7 @@ from fedml_pfedseq.cli import main
 from fedml_pfedseq.cross_silo.launcher import DeploymentError, Party, deploy, deployment_recipe, wait_for_port
 from fedml_pfedseq.cross_silo.party import check_party
 from fedml_pfedseq.simulation import run_recipe
+from fedml_pfedseq.strategies import METHODS
 from fedml_pfedseq.strategies.fedavg import FedAvgServer
 from fedml_pfedseq.transport import check_plain
 
@@ -220,6 +221,20 @@ def test_deployment_reproduces_the_simulator(deployed):
     assert len(learned) == 2 and all(a == pytest.approx(b, rel=1e-4) for a, b in learned)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final_test_accuracy_mean"] == pytest.approx(simulated["final_test_accuracy_mean"], abs=1e-9)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - {"pfedseq"}))  # pFedSeq: the deployment above
+def test_every_method_runs_as_fedml_parties_and_matches_the_simulator(method, tiny_vit, tmp_path):
+    name = METHODS[method].name
+    recipe = small_recipe(name, tiny_vit, tmp_path, data_args=DEPLOYMENT["data_args"],
+                          train_args={**DEPLOYMENT["train_args"], "comm_round": 2}, device_args={"num_threads": 1})
+    cross = deploy(recipe, tmp_path / "cross_silo", progress=False)
+    simulated = run_recipe(recipe, tmp_path / "simulator", progress=False)
+    assert cross["final_test_accuracy_mean"] == pytest.approx(simulated["final_test_accuracy_mean"], abs=1e-9)
+    rows = [json.loads((tmp_path / engine / "metrics.json").read_text())["eval"] for engine in ("cross_silo",
+                                                                                             "simulator")]
+    assert [(r["round"], r["client"]) for r in rows[0]] == [(r["round"], r["client"]) for r in rows[1]]
+    assert all(a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5) for a, b in zip(*rows))
 
 
 # --- failures stop everyone -------------------------------------------------------------------------------------
