@@ -90,7 +90,7 @@ class CommArgs:
     backend: str = "GRPC"  # FedML's transport; GRPC is the one patched (no busy-wait) and tested
     grpc_ipconfig_path: str | None = None  # FedML's CSV: eid,rank,grpc_server_ip,grpc_server_port (deploy writes one)
     round_timeout: float = 900.0  # seconds a party waits for a round before stopping with an error
-    startup_timeout: float = 300.0  # seconds ``deploy`` waits for the server's port before giving up
+    startup_timeout: float = 300.0  # seconds for the server to listen, then for every client to connect
 
 
 @dataclass

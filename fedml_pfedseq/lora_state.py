@@ -77,7 +77,8 @@ class LayerLayout:
         return [torch.cat([state[key].reshape(-1) for key, _ in layer]) for layer in self.layers]
 
     def unflatten(self, vectors: list[torch.Tensor]) -> StateDict:
-        """Inverse of :meth:`flatten`."""
+        """Inverse of :meth:`flatten`. Each tensor owns its storage: a view would carry (and pickle) the whole
+        vector or matrix it was cut from, e.g. every client's column."""
         if len(vectors) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} layer vectors, got {len(vectors)}")
         state: StateDict = {}
@@ -86,7 +87,7 @@ class LayerLayout:
                 raise ValueError(f"layer vector of shape {tuple(vector.shape)}, expected ({size},)")
             offset = 0
             for key, shape in layer:
-                state[key] = vector[offset : offset + shape.numel()].reshape(shape)
+                state[key] = vector[offset : offset + shape.numel()].reshape(shape).clone()
                 offset += shape.numel()
         return state
 

@@ -16,7 +16,14 @@ from tqdm.auto import tqdm
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.federation import Federation, build_federation
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
-from fedml_pfedseq.transport import traffic
+from fedml_pfedseq.transport import check_plain, traffic
+
+
+def checked(payloads: dict) -> dict:
+    """Payloads as they would travel over FedML: plain data, each tensor owning its storage (transport.py)."""
+    for i, payload in payloads.items():
+        check_plain(payload, f"payload for client {i}")
+    return payloads
 
 
 def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
@@ -24,7 +31,7 @@ def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
     log = MetricsLog()
-    payloads = fed.server.initial_payloads()
+    payloads = checked(fed.server.initial_payloads())
     bar = tqdm(range(1, rounds + 1), desc=f"{fed.recipe.name}", disable=not progress)
     for t in bar:
         started = time.perf_counter()
@@ -38,7 +45,7 @@ def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
             uploads[i] = client.train(t)
             train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
             log.add_train(round=t, client=i, **client.last_train_stats)
-        payloads = fed.server.aggregate(uploads)
+        payloads = checked(fed.server.aggregate(uploads))
         log.add_server(**{"round": t, **traffic(payloads, uploads), **fed.server.last_round_stats})
         log.round_seconds.append(time.perf_counter() - started)
         log.train_seconds.append(train_s)

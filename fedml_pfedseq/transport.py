@@ -27,6 +27,8 @@ def check_plain(obj, where: str) -> None:
     elif type(obj) is torch.Tensor:
         if obj.device.type != "cpu":
             raise TypeError(f"{where}: tensor on {obj.device}; payloads carry CPU tensors")
+        if obj.untyped_storage().nbytes() > obj.numel() * obj.element_size():
+            raise TypeError(f"{where}: a view into a larger tensor; pickling would send all of it (clone it)")
     elif type(obj) not in PLAIN_SCALARS:
         raise TypeError(f"{where}: a {type(obj).__module__}.{type(obj).__name__} cannot travel; "
                         "payloads are plain dicts of tensors and scalars")

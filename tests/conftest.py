@@ -38,6 +38,18 @@ def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # 
     return parse_recipe(raw, where=f"test:{method}")
 
 
+def synthetic_lora(rank: int, hidden: int, layers: int = 2) -> dict[str, torch.Tensor]:
+    """A LoRA state with PEFT's names and init (A random from seed 0, B = 0) for synthetic server tests."""
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for layer in range(layers):
+        for proj in ("q_proj", "v_proj"):
+            prefix = f"base_model.model.vit.layers.{layer}.attention.{proj}"
+            state[f"{prefix}.lora_A.weight"] = torch.randn(rank, hidden, generator=g)
+            state[f"{prefix}.lora_B.weight"] = torch.zeros(hidden, rank)
+    return state
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``shared_data`` read ../shared/data (PACS, CIFAR-10), which only some machines have.
 

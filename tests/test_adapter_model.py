@@ -90,6 +90,8 @@ def test_stack_puts_each_client_in_one_column_per_layer_and_column_takes_it_back
         assert all(torch.equal(matrix[:, i], vector) for matrix, vector in zip(matrices, layout.flatten(state)))
         back = layout.column(matrices, i)
         assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+        # each tensor owns its storage: a view would carry (and pickle) every client's column with it
+        assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in back.values())
 
 
 def test_adapter_saves_and_reloads_with_peft_with_identical_features(model, tiny_vit, tmp_path):

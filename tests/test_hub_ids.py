@@ -5,7 +5,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from fedml_pfedseq.adapter_model import resolve_backbone
 from fedml_pfedseq.config import DataArgs

@@ -10,18 +10,13 @@ from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.lora_state import add, weighted_average
 from fedml_pfedseq.strategies import method_class
 
+from conftest import synthetic_lora
+
 N, RANK, HIDDEN = 4, 2, 3  # 4 clients; per layer D = 4 * RANK * HIDDEN = 24
 
 
 def initial_lora() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for layer in range(2):
-        for proj in ("q_proj", "v_proj"):
-            prefix = f"base_model.model.vit.layers.{layer}.attention.{proj}"
-            state[f"{prefix}.lora_A.weight"] = torch.randn(RANK, HIDDEN, generator=g)
-            state[f"{prefix}.lora_B.weight"] = torch.zeros(HIDDEN, RANK)
-    return state
+    return synthetic_lora(RANK, HIDDEN)
 
 
 def make_server(**algorithm_args):

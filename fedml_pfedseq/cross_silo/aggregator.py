@@ -19,7 +19,7 @@ class StrategyAggregator(ServerAggregator):
     def __init__(self, server, args, on_round: Callable[[int], None] = lambda t: None):
         super().__init__(model=None, args=args)
         self.server = server  # the method's server strategy: the simulator's class, unchanged
-        self.on_round = on_round  # called after each aggregation with the number of rounds completed
+        self.on_round = on_round  # called with the rounds completed: 0 when the first payloads go out, then t
         self.log = MetricsLog()  # server rows and round wall times of this party
         self.payloads: dict | None = None
         self.sent_fingerprints: list[list[str]] = []  # per payload sent (k = 1..comm_round + 1), per client
@@ -35,7 +35,10 @@ class StrategyAggregator(ServerAggregator):
         return self.payloads
 
     def get_model_params(self) -> dict:
-        return self.payloads if self.payloads is not None else self._outgoing(self.server.initial_payloads())
+        if self.payloads is None:  # FedML asks for the first payloads once every client is online
+            self._outgoing(self.server.initial_payloads())
+            self.on_round(0)
+        return self.payloads
 
     def set_model_params(self, model_parameters) -> None:
         """FedML hands back what ``aggregate`` returned; the strategy already holds that state."""

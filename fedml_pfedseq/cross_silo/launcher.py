@@ -102,9 +102,10 @@ def wait_for_port(port: int, server: Party, timeout: float) -> None:
                           f"(comm_args.startup_timeout); end of {server.log_path}:\n{server.log_tail()}")
 
 
-def read_progress(output_dir: Path) -> int:
+def read_progress(output_dir: Path) -> int | None:
+    """Rounds the server has completed; None until it sends the first payloads (every client connected)."""
     path = output_dir / "parties" / "server" / "progress.json"
-    return json.loads(path.read_text())["round"] if path.is_file() else 0
+    return json.loads(path.read_text())["round"] if path.is_file() else None
 
 
 def stop_all(parties: list[Party], grace: float = 5.0) -> None:
@@ -122,24 +123,27 @@ def stop_all(parties: list[Party], grace: float = 5.0) -> None:
 
 def supervise(parties: list[Party], output_dir: Path, recipe: Recipe, progress: bool) -> None:
     """Wait for every party to exit 0; stop all at the first failure or stall."""
-    rounds, timeout = recipe.train_args.comm_round, recipe.comm_args.round_timeout
+    rounds, comm = recipe.train_args.comm_round, recipe.comm_args
     bar = tqdm(total=rounds, desc=f"{recipe.name} (cross-silo)", disable=not progress)
-    done, last_change = 0, time.monotonic()
+    done, last_change = None, time.monotonic()
     try:
         while True:
             failed = [p for p in parties if p.process.poll() not in (None, 0)]
             if failed:
                 p = failed[0]
                 raise DeploymentError(f"{p.name} (rank {p.rank}) exited with code {p.process.returncode} "
-                                      f"after {done} of {rounds} rounds; end of {p.log_path}:\n{p.log_tail()}")
+                                      f"after {done or 0} of {rounds} rounds; end of {p.log_path}:\n{p.log_tail()}")
             if all(p.process.poll() == 0 for p in parties):
                 return
             now_done = read_progress(output_dir)
             if now_done != done:
-                bar.update(now_done - done)
+                bar.update(now_done - (done or 0))
                 done, last_change = now_done, time.monotonic()
-            elif time.monotonic() - last_change > timeout:
-                raise DeploymentError(f"round {done + 1} of {rounds} did not finish within {timeout:.0f} s "
+            elif done is None and time.monotonic() - last_change > comm.startup_timeout:
+                raise DeploymentError(f"the clients did not all connect within {comm.startup_timeout:.0f} s "
+                                      f"(comm_args.startup_timeout); logs in {output_dir / 'logs'}")
+            elif done is not None and time.monotonic() - last_change > comm.round_timeout:
+                raise DeploymentError(f"round {done + 1} of {rounds} did not finish within {comm.round_timeout:.0f} s "
                                       f"(comm_args.round_timeout); logs in {output_dir / 'logs'}")
             time.sleep(POLL_SECONDS)
     finally:

@@ -6,8 +6,9 @@ own partition), runs FedML's cross-silo flow over gRPC, and writes under ``<outp
 ``metrics.json``, its FedML home (FedML's logs and traces) and, for the server, ``progress.json`` after each round.
 The server also saves its method's artifacts (pFedSeq: ``seq_learner/``) in ``<output_dir>``.
 
-A watchdog stops the party with exit code 3 and an error naming the wait when no round completes within
-``comm_args.round_timeout`` seconds: a party whose peer died must not hang forever.
+A watchdog stops the party with exit code 3 and an error naming the wait when the first round does not start within
+``comm_args.startup_timeout`` seconds or a later round does not complete within ``comm_args.round_timeout``: a
+party whose peer died must not hang forever.
 """
 from __future__ import annotations
 
@@ -31,22 +32,25 @@ def party_name(rank: int) -> str:
 
 
 class Watchdog(threading.Thread):
-    """Ends the process (exit code 3) when ``kick`` has not been called for ``timeout`` seconds."""
+    """Ends the process (exit code 3) when ``kick`` has not been called for ``timeout`` seconds; until the first
+    kick (the first round starting) it allows ``startup_timeout`` instead, for every party to start and connect."""
 
-    def __init__(self, timeout: float, waiting_for: str):
+    def __init__(self, startup_timeout: float, timeout: float, waiting_for: str):
         super().__init__(daemon=True, name="pfedseq-watchdog")
-        self.timeout, self.waiting_for = timeout, waiting_for
+        self.limits = {"startup_timeout": startup_timeout, "round_timeout": timeout}
+        self.phase, self.waiting_for = "startup_timeout", waiting_for
         self.last = time.monotonic()
         self.stopped = threading.Event()
 
     def kick(self, *_) -> None:
-        self.last = time.monotonic()
+        self.phase, self.last = "round_timeout", time.monotonic()
 
     def run(self) -> None:
-        while not self.stopped.wait(min(1.0, self.timeout / 10)):
-            if time.monotonic() - self.last > self.timeout:
-                logging.error("no progress for %.0f s (comm_args.round_timeout) while waiting for %s; stopping",
-                              self.timeout, self.waiting_for)
+        while not self.stopped.wait(min(1.0, min(self.limits.values()) / 10)):
+            limit = self.limits[self.phase]
+            if time.monotonic() - self.last > limit:
+                logging.error("no progress for %.0f s (comm_args.%s) while waiting for %s; stopping",
+                              limit, self.phase, self.waiting_for)
                 logging.shutdown()
                 os._exit(EXIT_TIMEOUT)
 
@@ -94,7 +98,8 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
     set_threads(recipe)
     device = select_device(recipe.device_args.using_gpu)
     started = time.perf_counter(), time.process_time()
-    watchdog = Watchdog(recipe.comm_args.round_timeout, "the clients' updates" if rank == 0 else "the server")
+    comm = recipe.comm_args
+    watchdog = Watchdog(comm.startup_timeout, comm.round_timeout, "the clients" if rank == 0 else "the server")
     watchdog.start()
     if role == "server":
         label_names = dataset_label_names(recipe.data_args)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from torch.utils.data import DataLoader
+
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
@@ -60,6 +62,12 @@ class FedAvgServer:
                     raise KeyError(f"client {i}: {part} update has keys that differ from what it was sent")
                 states[i][part] = add(self.sent[i][part], upload[part])
         return states
+
+    def require_every_client(self, uploads: dict[int, Upload]) -> None:
+        """For methods that model all clients together each round (the papers' full participation)."""
+        missing = sorted(set(range(self.num_clients)) - set(uploads))
+        if missing:
+            raise ValueError(f"{type(self).__name__} needs every client's update each round; missing clients {missing}")
 
     def aggregate(self, uploads: dict[int, Upload]) -> dict[int, Payload]:
         states = self.trained_states(uploads)
@@ -119,16 +127,23 @@ class FedAvgClient:
                 out[f"{split}_{key}"] = value
         return out
 
+    def round_loader(self, round_idx: int) -> DataLoader:
+        """This round's shuffled training batches, seeded by client and round (the same in every engine)."""
+        seed = client_seed(self.recipe.common_args.random_seed, self.client_id, purpose=1000 + round_idx)
+        return make_loader(self.data.train, self.recipe.train_args.batch_size, shuffle=True, seed=seed)
+
+    def upload(self) -> Upload:
+        """What local training changed in each shared part (``self.state`` - what was received), with n_i."""
+        deltas = {part: subtract(self.state[part], self.received[part]) for part in self.shared_parts}
+        return {"client_id": self.client_id, "num_samples": self.num_samples, **deltas}
+
     def train(self, round_idx: int) -> Upload:
         self.load()
         args = self.recipe.train_args
-        seed = client_seed(self.recipe.common_args.random_seed, self.client_id, purpose=1000 + round_idx)
-        loader = make_loader(self.data.train, args.batch_size, shuffle=True, seed=seed)
-        self.last_train_stats = train_epochs(self.model, loader, args.epochs, args.learning_rate,
-                                             args.momentum, args.weight_decay)
+        self.last_train_stats = train_epochs(self.model, self.round_loader(round_idx), args.epochs,
+                                             args.learning_rate, args.momentum, args.weight_decay)
         self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
-        deltas = {part: subtract(self.state[part], self.received[part]) for part in self.shared_parts}
-        return {"client_id": self.client_id, "num_samples": self.num_samples, **deltas}
+        return self.upload()
 
 
 METHOD = Method("FedAvg", FedAvgServer, FedAvgClient, NoArgs)

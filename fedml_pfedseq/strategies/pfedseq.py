@@ -102,9 +102,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.last_round_stats: dict[str, float] = {}
 
     def aggregate(self, uploads: dict[int, Upload]):
-        missing = sorted(set(range(self.num_clients)) - set(uploads))
-        if missing:
-            raise ValueError(f"pFedSeq needs every client's update each round; missing clients {missing}")
+        self.require_every_client(uploads)
         started = time.perf_counter()
         states = self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self.round += 1

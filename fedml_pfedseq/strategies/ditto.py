@@ -1,0 +1,134 @@
+"""Ditto (Li et al., ICML 2021, "Ditto: Fair and robust federated learning through personalization").
+
+Each client keeps two models: its copy of the global model w (trained as in FedAvg and averaged by the server) and
+a personal model v_k that minimises F_k(v_k) + lambda/2 ||v_k - w^t||^2, by SGD steps
+v_k <- v_k - eta (grad F_k(v_k) + lambda (v_k - w^t)) (paper Algorithm 1), where w^t is the global model received
+this round.
+
+Adapted to federated adapter tuning (pFedSeq paper, "Implementation Details"): a "model" is the LoRA adapter plus
+the classification head on the frozen ViT, so both w and v_k are (LoRA, head) pairs and the proximal term covers
+both.
+- Server -> client i: the global (LoRA, head), the same for everyone (FedAvg's payload).
+- Client -> server: the deltas of the global copy after local SGD, and the sample count (FedAvg's upload).
+  The server averages them as in FedAvg, weighted by samples (``FedAvgServer``, which also refuses bad uploads).
+- Client state: ``personal`` (v_k: LoRA + head), which never travels. It starts as the first global model the client
+  receives (the official code starts every personal model from the initial global model). ``evaluate`` reports v_k,
+  as the paper does.
+Choices the paper leaves open, as the official code (litian96/ditto) makes them: the personal model takes one step
+per step of the global copy, on the same batches (``ditto_personal_epochs: null`` = train_args.epochs passes over
+the loader with the seed FedAvg uses); lambda defaults to 1, the official scripts' value. The two updates do not
+depend on each other within a round (v_k's anchor is the w^t received, not the moving copy), so two passes over
+the same batches equal the official code's interleaved steps. No randomness beyond FedAvg's seeded shuffling.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.data.federated import ClientData
+from fedml_pfedseq.lora_state import StateDict
+from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
+from fedml_pfedseq.strategies.method import Method
+from fedml_pfedseq.training import proximal_term, train_epochs
+
+ExtraLoss = Callable[[torch.Tensor, dict], torch.Tensor]
+
+
+def check_personal_args(args, prefix: str) -> None:
+    """The keys Ditto and PerAda share: ``<prefix>_lambda`` >= 0, ``<prefix>_personal_epochs`` >= 1 or null."""
+    lam, epochs = getattr(args, f"{prefix}_lambda"), getattr(args, f"{prefix}_personal_epochs")
+    if lam < 0:
+        raise RecipeError(f"algorithm_args.{prefix}_lambda must be >= 0, got {lam}")
+    if epochs is not None and epochs < 1:
+        raise RecipeError(f"algorithm_args.{prefix}_personal_epochs must be >= 1 or null, got {epochs}")
+
+
+@dataclass
+class DittoArgs:
+    """``algorithm_args`` of Ditto."""
+
+    ditto_lambda: float = 1.0  # lambda of the proximal term (official scripts: 1; the paper tunes it per data set)
+    ditto_personal_epochs: int | None = None  # passes of the personal model per round; null: train_args.epochs
+
+    def __post_init__(self):
+        check_personal_args(self, "ditto")
+
+    @property
+    def proximal_mu(self) -> float:
+        """``proximal_term``'s mu: Ditto's penalty is lambda/2 ||v - w||^2, its gradient lambda (v - w)."""
+        return self.ditto_lambda
+
+    @property
+    def personal_epochs(self) -> int | None:
+        return self.ditto_personal_epochs
+
+
+def trainable_tensors(model: AdapterModel) -> dict[str, torch.Tensor]:
+    """Detached copies of the model's trainable parameters (LoRA + head) by parameter name."""
+    return {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+class DittoServer(FedAvgServer):
+    """FedAvg on (LoRA, head): Ditto's global model is FedAvg's; personalization happens on the clients only."""
+
+
+class DittoClient(FedAvgClient):
+    """Trains the global copy (uploaded, as in FedAvg) and the personal model (kept here, evaluated)."""
+
+    def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
+        super().__init__(client_id, data, model, recipe)
+        self.args = recipe.algorithm_args
+        self.personal: dict[str, StateDict] | None = None  # v_k: {"lora", "head"}; set by the first payload
+
+    def receive(self, payload: Payload) -> None:
+        super().receive(payload)
+        if self.personal is None:
+            self.personal = dict(self.received)
+
+    def load(self) -> None:
+        """Put the personal model into the shared model: what this client evaluates and reports."""
+        self._put(self.personal)
+
+    def _put(self, state: dict[str, StateDict]) -> None:
+        self.model.set_lora_state(state["lora"])
+        self.model.set_head_state(state["head"])
+
+    def _sgd(self, round_idx: int, epochs: int, extra_loss: ExtraLoss | None = None) -> dict[str, float]:
+        """Local SGD on the model as loaded, over this round's batches (FedAvg's seed: both models see the same)."""
+        args = self.recipe.train_args
+        return train_epochs(self.model, self.round_loader(round_idx), epochs, args.learning_rate, args.momentum,
+                            args.weight_decay, extra_loss=extra_loss)
+
+    def _trained(self) -> dict[str, StateDict]:
+        return {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
+
+    def personal_loss(self, anchor: dict[str, torch.Tensor]) -> ExtraLoss:
+        """The personal model's regulariser mu/2 ||v - w^t||^2 (Ditto: mu = lambda), w^t = ``anchor`` by name."""
+        params = dict(self.model.named_parameters())
+        names = list(anchor)
+        current, anchors = [params[n] for n in names], [anchor[n] for n in names]
+        mu = self.args.proximal_mu
+        return lambda logits, batch: proximal_term(current, anchors, mu)
+
+    def train(self, round_idx: int) -> Upload:
+        """The global copy by plain SGD (its delta is uploaded), then the personal model anchored at the w^t received.
+
+        ``last_train_stats``: ``train_loss`` is the global copy's cross-entropy, ``personal_train_loss`` the personal
+        model's."""
+        epochs = self.recipe.train_args.epochs
+        self._put(self.received)
+        anchor = trainable_tensors(self.model)  # w^t, fixed for the whole round
+        stats = self._sgd(round_idx, epochs)
+        self.state = self._trained()
+        self._put(self.personal)
+        personal_stats = self._sgd(round_idx, self.args.personal_epochs or epochs, self.personal_loss(anchor))
+        self.personal = self._trained()
+        self.last_train_stats = {**stats, **{f"personal_{k}": v for k, v in personal_stats.items()}}
+        return self.upload()
+
+
+METHOD = Method("Ditto", DittoServer, DittoClient, DittoArgs)
