@@ -174,6 +174,25 @@ def test_waiting_for_the_server_fails_fast_when_it_dies_before_listening(tmp_pat
         wait_for_port(1, server, timeout=60)
 
 
+WATCHDOG_PROBE = """
+import sys, time
+from fedml_pfedseq.cross_silo.party import Watchdog
+watchdog = Watchdog(startup_timeout=1.0, timeout=0.5, waiting_for="the server")
+watchdog.start()
+if sys.argv[1] == "started":
+    watchdog.kick()  # the first round began; then nothing more arrives
+time.sleep(30)
+"""
+
+
+@pytest.mark.parametrize("phase, limit", [("startup", "startup_timeout"), ("started", "round_timeout")])
+def test_a_party_whose_peer_went_silent_exits_3_naming_the_timeout(phase, limit):
+    result = subprocess.run([sys.executable, "-c", WATCHDOG_PROBE, phase], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 3
+    assert f"(comm_args.{limit}) while waiting for the server" in result.stderr
+
+
 # --- a real deployment --------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
