@@ -1,11 +1,20 @@
 """Shared fixtures: a tiny random ViT saved like a Hub checkpoint, and small recipes built in code."""
 from __future__ import annotations
 
+import json
+import math
+from pathlib import Path
+from unittest import mock
+
 import pytest
 import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
-from fedml_pfedseq.config import parse_recipe
+from fedml_pfedseq import simulation
+from fedml_pfedseq.config import load_recipe, parse_recipe
+from fedml_pfedseq.federation import build_federation
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 TINY_HIDDEN = 32
 TINY_LAYERS = 2
@@ -36,6 +45,26 @@ def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # 
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_recipe(raw, where=f"test:{method}")
+
+
+def run_shipped_recipe(name: str, tiny_vit: str, tmp_path, out: str = "out"):
+    """Run recipes/omniglot_<name>.yaml for 2 rounds on the tiny ViT, 40 drawings per drawer, 1 thread; return the
+    federation it built (client and server state stay inspectable), its summary and its metrics.json."""
+    recipe = load_recipe(RECIPES / f"omniglot_{name}.yaml", [
+        f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",
+        f"common_args.output_dir={tmp_path}", "device_args.num_threads=1", "device_args.using_gpu=false"])
+    built = []
+    with mock.patch.object(simulation, "build_federation", lambda r: built.append(build_federation(r)) or built[-1]):
+        summary = simulation.run_recipe(recipe, tmp_path / out, progress=False)
+    return built[0], summary, json.loads((tmp_path / out / "metrics.json").read_text())
+
+
+def assert_every_client_evaluated(metrics: dict, clients: int = 20, rounds: int = 2) -> None:
+    """Each round 0..rounds evaluated every client, with finite validation/test accuracy and loss."""
+    rows = metrics["eval"]
+    assert [sorted(r["client"] for r in rows if r["round"] == t) for t in range(rounds + 1)] == \
+        [list(range(clients))] * (rounds + 1)
+    assert all(math.isfinite(r[f"{s}_{k}"]) for r in rows for s in ("validation", "test") for k in ("accuracy", "loss"))
 
 
 def synthetic_lora(rank: int, hidden: int, layers: int = 2) -> dict[str, torch.Tensor]:

@@ -261,7 +261,9 @@ def test_every_method_runs_as_fedml_parties_and_matches_the_simulator(method, ti
 
 # --- failures stop everyone -------------------------------------------------------------------------------------
 
-def deploy_in_background(recipe, out):
+def signal_a_client_mid_run(recipe, out, client: str, sig: int) -> tuple[Exception | None, dict]:
+    """Deploy in a thread, send ``sig`` to ``client`` once round 1 is done, and wait for the deployment to end;
+    returns the error it ended with (None if it succeeded) and every party's pid."""
     outcome = {}
 
     def target():
@@ -272,19 +274,15 @@ def deploy_in_background(recipe, out):
 
     thread = threading.Thread(target=target)
     thread.start()
-    return thread, outcome
-
-
-def wait_for(predicate, timeout=180):
-    deadline = time.monotonic() + timeout
-    while not predicate():
+    deadline = time.monotonic() + 180
+    while (read_progress(out) or 0) < 1:  # mid-run: round 1 is done
         assert time.monotonic() < deadline, "timed out waiting for the deployment"
         time.sleep(0.2)
-
-
-def pids_of(out):
-    path = out / "logs" / "pids.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    pids = json.loads((out / "logs" / "pids.json").read_text())
+    os.kill(pids[client], sig)
+    thread.join(timeout=120)
+    assert not thread.is_alive()
+    return outcome.get("error"), pids
 
 
 def alive(pid):
@@ -299,14 +297,7 @@ def alive(pid):
 def test_a_client_that_dies_mid_run_stops_every_party_with_an_error(tiny_vit, tmp_path):
     recipe = silo_recipe(tiny_vit, tmp_path, round_timeout=120)
     recipe.train_args.comm_round = 20
-    out = tmp_path / "killed"
-    thread, outcome = deploy_in_background(recipe, out)
-    wait_for(lambda: (read_progress(out) or 0) >= 1)  # mid-run: round 1 is done
-    pids = pids_of(out)
-    os.kill(pids["client_1"], signal.SIGKILL)
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    error = outcome.get("error")
+    error, pids = signal_a_client_mid_run(recipe, tmp_path / "killed", "client_1", signal.SIGKILL)
     assert isinstance(error, DeploymentError) and "client_1 (rank 2) exited with code -9" in str(error)
     assert not any(alive(pid) for pid in pids.values())
 
@@ -314,13 +305,7 @@ def test_a_client_that_dies_mid_run_stops_every_party_with_an_error(tiny_vit, tm
 def test_a_stalled_round_stops_every_party_after_the_round_timeout(tiny_vit, tmp_path):
     recipe = silo_recipe(tiny_vit, tmp_path, round_timeout=20)
     recipe.train_args.comm_round = 20
-    out = tmp_path / "stalled"
-    thread, outcome = deploy_in_background(recipe, out)
-    wait_for(lambda: (read_progress(out) or 0) >= 1)  # mid-run: round 1 is done
-    pids = pids_of(out)
-    os.kill(pids["client_0"], signal.SIGSTOP)  # alive but silent: only a timeout can notice
-    thread.join(timeout=120)
-    assert not thread.is_alive()
-    error = outcome.get("error")
+    # client_0 stays alive but silent: only a timeout can notice
+    error, pids = signal_a_client_mid_run(recipe, tmp_path / "stalled", "client_0", signal.SIGSTOP)
     assert isinstance(error, DeploymentError) and "round_timeout" in str(error)
     assert not any(alive(pid) for pid in pids.values())

@@ -1,24 +1,20 @@
 """Ditto and PerAda: the personal update rule against hand computations, and end-to-end runs from their recipes."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedml_pfedseq import simulation
-from fedml_pfedseq.config import RecipeError, load_recipe, parse_recipe
+from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.strategies.perada import distillation_loss
 from fedml_pfedseq.training import make_loader
 
-from conftest import small_recipe
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 LR = 0.05
 
 
@@ -148,30 +144,16 @@ def flat(state):
 
 
 @pytest.mark.parametrize("name", ["ditto", "perada"])
-def test_recipe_runs_end_to_end_with_distinct_personal_models_and_reproducibly(name, tiny_vit, tmp_path, monkeypatch):
-    feds = []
-    build = simulation.build_federation
-    monkeypatch.setattr(simulation, "build_federation", lambda recipe: feds.append(build(recipe)) or feds[-1])
-
-    def run(out):
-        recipe = load_recipe(REPO / f"recipes/omniglot_{name}.yaml", [
-            f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",
-            f"common_args.output_dir={tmp_path}", "device_args.num_threads=1"])
-        simulation.run_recipe(recipe, tmp_path / out, progress=False)
-        return json.loads((tmp_path / out / "metrics.json").read_text())
-
-    metrics = run("a")
-    rows = metrics["eval"]
-    assert [sorted(r["client"] for r in rows if r["round"] == t) for t in range(3)] == [list(range(20))] * 3
-    assert all(math.isfinite(r[f"{s}_{k}"]) for r in rows for s in ("validation", "test") for k in ("accuracy", "loss"))
+def test_recipe_runs_end_to_end_with_distinct_personal_models_and_reproducibly(name, tiny_vit, tmp_path):
+    fed, _, metrics = run_shipped_recipe(name, tiny_vit, tmp_path, "a")
+    assert_every_client_evaluated(metrics)
     assert len(metrics["train"]) == 40 and all(math.isfinite(r["personal_train_loss"]) for r in metrics["train"])
-    fed = feds[0]
     personal = torch.stack([flat(c.personal) for c in fed.clients])
     global_model = flat(fed.server.global_state)
     assert torch.isfinite(personal).all()
     assert all(not torch.equal(personal[i], personal[j]) for i in range(20) for j in range(i + 1, 20))
     assert all(not torch.allclose(p, global_model) for p in personal)
-    assert run("b")["eval"] == rows  # same seed, same numbers
+    assert run_shipped_recipe(name, tiny_vit, tmp_path, "b")[2]["eval"] == metrics["eval"]  # same seed, same numbers
 
 
 @pytest.mark.parametrize("method, args, key", [

@@ -2,23 +2,18 @@
 end-to-end run from its recipe."""
 from __future__ import annotations
 
-import json
-import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from fedml_pfedseq import simulation
-from fedml_pfedseq.config import RecipeError, load_recipe, parse_recipe
+from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.training import make_loader
 from fedml_pfedseq.transport import check_plain
 
-from conftest import small_recipe
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
-RECIPE = Path(__file__).resolve().parents[1] / "recipes" / "omniglot_fedala.yaml"
 
 
 def perturbed(state, seed, scale=0.3):
@@ -133,20 +128,10 @@ def test_w_is_learned_in_0_1_kept_on_the_client_and_the_start_phase_runs_until_t
     assert fed.clients[0].last_ala_epochs == 5
 
 
-def test_recipe_runs_end_to_end(tiny_vit, tmp_path, monkeypatch):
-    recipe = load_recipe(RECIPE, [
-        f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",
-        f"common_args.output_dir={tmp_path}", "device_args.num_threads=1", "device_args.using_gpu=false"])
-    built = []
-    monkeypatch.setattr(simulation, "build_federation", lambda r: built.append(build_federation(r)) or built[-1])
-    summary = simulation.run_recipe(recipe, tmp_path / "out", progress=False)
-    (fed,) = built
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+def test_recipe_runs_end_to_end(tiny_vit, tmp_path):
+    fed, summary, metrics = run_shipped_recipe("fedala", tiny_vit, tmp_path)
     assert summary["clients"] == 20 and summary["rounds"] == 2
-    for t in range(3):
-        rows = [r for r in metrics["eval"] if r["round"] == t]
-        assert sorted(r["client"] for r in rows) == list(range(20))
-        assert all(math.isfinite(r[k]) for r in rows for k in ("test_accuracy", "test_loss", "validation_loss"))
+    assert_every_client_evaluated(metrics)
     assert [r["ala_epochs"] for r in metrics["train"] if r["round"] == 1] == [0] * 20
     assert all(r["ala_epochs"] >= 11 for r in metrics["train"] if r["round"] == 2)  # start phase: > num_pre_loss
     heads = [c.state["head"]["weight"] for c in fed.clients]  # theta_hat after the last ALA: evaluated at round 2

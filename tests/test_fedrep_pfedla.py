@@ -4,19 +4,16 @@ and both run end to end from their recipes."""
 from __future__ import annotations
 
 import copy
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-import fedml_pfedseq.simulation as simulation
 import fedml_pfedseq.strategies.fedrep as fedrep
 import fedml_pfedseq.strategies.pfedla as pfedla
-from fedml_pfedseq.config import RecipeError, load_recipe, parse_recipe
+from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add, subtract
@@ -24,9 +21,8 @@ from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import make_loader, train_epochs
 from fedml_pfedseq.transport import check_plain, pickled_bytes
 
-from conftest import small_recipe, synthetic_lora
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe, synthetic_lora
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 N, RANK, HIDDEN, LAYERS = 4, 2, 3, 3  # 4 clients; per layer D = 4 * RANK * HIDDEN = 24
 
 
@@ -270,20 +266,10 @@ def test_bad_algorithm_args_are_named(method, key, value):
 
 
 @pytest.mark.parametrize("name", ["fedrep", "pfedla"])
-def test_recipe_runs_end_to_end(name, tiny_vit, tmp_path, monkeypatch):
-    recipe = load_recipe(RECIPES / f"omniglot_{name}.yaml", [
-        f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",
-        f"common_args.output_dir={tmp_path}", "device_args.num_threads=1", "device_args.using_gpu=false"])
-    built = []
-    monkeypatch.setattr(simulation, "build_federation", lambda r: built.append(build_federation(r)) or built[-1])
-    summary = simulation.run_recipe(recipe, tmp_path / "out", progress=False)
-    (fed,) = built
-    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+def test_recipe_runs_end_to_end(name, tiny_vit, tmp_path):
+    fed, summary, metrics = run_shipped_recipe(name, tiny_vit, tmp_path)
     assert summary["clients"] == 20 and summary["rounds"] == 2
-    for t in range(3):
-        rows = [r for r in metrics["eval"] if r["round"] == t]
-        assert sorted(r["client"] for r in rows) == list(range(20))
-        assert all(math.isfinite(r[k]) for r in rows for k in ("test_accuracy", "test_loss", "validation_loss"))
+    assert_every_client_evaluated(metrics)
     heads = [c.state["head"] for c in fed.clients]
     loras = [c.state["lora"] for c in fed.clients]
     assert not any(equal(heads[0], h) for h in heads[1:])  # heads are local in both methods

@@ -2,25 +2,21 @@
 an end-to-end run from its recipe."""
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedml_pfedseq import simulation
-from fedml_pfedseq.config import RecipeError, load_recipe, parse_recipe
+from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.training import make_loader
 
-from conftest import small_recipe
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
-REPO = Path(__file__).resolve().parents[1]
 ALPHA, BETA = 0.3, 0.2
 
 
@@ -115,19 +111,10 @@ def test_evaluation_takes_one_alpha_step_on_the_seeded_batch_and_keeps_the_meta_
 
 
 def test_recipe_runs_end_to_end_reproducibly(tiny_vit, tmp_path):
-    def run(out):
-        recipe = load_recipe(REPO / "recipes/omniglot_perfedavg.yaml", [
-            f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",
-            f"common_args.output_dir={tmp_path}", "device_args.num_threads=1"])
-        simulation.run_recipe(recipe, tmp_path / out, progress=False)
-        return json.loads((tmp_path / out / "metrics.json").read_text())
-
-    metrics = run("a")
-    rows = metrics["eval"]
-    assert [sorted(r["client"] for r in rows if r["round"] == t) for t in range(3)] == [list(range(20))] * 3
-    assert all(math.isfinite(r[f"{s}_{k}"]) for r in rows for s in ("validation", "test") for k in ("accuracy", "loss"))
+    _, _, metrics = run_shipped_recipe("perfedavg", tiny_vit, tmp_path, "a")
+    assert_every_client_evaluated(metrics)
     assert len(metrics["train"]) == 40 and all(math.isfinite(r["adapted_train_loss"]) for r in metrics["train"])
-    assert run("b")["eval"] == rows  # same seed, same numbers
+    assert run_shipped_recipe("perfedavg", tiny_vit, tmp_path, "b")[2]["eval"] == metrics["eval"]  # same seed
 
 
 @pytest.mark.parametrize("args, key", [
