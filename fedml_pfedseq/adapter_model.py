@@ -4,6 +4,10 @@ The backbone's own classifier is replaced by ``nn.Identity`` so that the ViT ret
 classification head is a separate ``nn.Linear`` outside the PEFT model (not in ``modules_to_save``), so the
 LoRA state a client sends never holds it. One ``AdapterModel`` can serve many clients: each client keeps its own
 LoRA state and head state and loads them before it trains or evaluates.
+
+Model-heterogeneous federations (pFedLoRA) give clients backbones of different depth: ``num_layers`` keeps the first
+layers of the pretrained encoder, and ``lora_layers`` puts LoRA on the first layers only, so that backbones of every
+depth carry an adapter of one shape (the same tensor names, and the same init for the same seed).
 """
 from __future__ import annotations
 
@@ -55,12 +59,24 @@ class AdapterModel(nn.Module):
         lora_alpha: int = 16,
         lora_dropout: float = 0.0,
         target_modules: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
+        num_layers: int | None = None,
+        lora_layers: int | None = None,
     ):
         super().__init__()
         vit = ViTForImageClassification.from_pretrained(resolve_backbone(backbone))
+        depth = vit.config.num_hidden_layers
+        for name, value, most in (("num_layers", num_layers, depth), ("lora_layers", lora_layers, num_layers or depth)):
+            if value is not None and not 1 <= value <= most:
+                raise ValueError(f"{name}={value} must be in 1..{most}: backbone {backbone!r} has {depth} encoder "
+                                 f"layers, and LoRA can only go on layers the model keeps")
+        if num_layers is not None:
+            del vit.vit.layers[num_layers:]  # the first num_layers pretrained layers, as the encoder runs them
+            vit.config.num_hidden_layers = num_layers
         vit.classifier = nn.Identity()  # the ViT now returns [CLS] features; the head below classifies
         lora = LoraConfig(r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                          target_modules=list(target_modules))
+                          target_modules=list(target_modules),
+                          layers_to_transform=list(range(lora_layers)) if lora_layers else None,
+                          layers_pattern="layers" if lora_layers else None)
         self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
         self.head = nn.Linear(vit.config.hidden_size, num_labels)
 
@@ -81,6 +97,25 @@ class AdapterModel(nn.Module):
             if value.shape != expected[key].shape:
                 raise ValueError(f"LoRA tensor {key}: shape {tuple(value.shape)} != {tuple(expected[key].shape)}")
         set_peft_model_state_dict(self.backbone, state)
+
+    def lora_parameters(self) -> list[nn.Parameter]:
+        return [p for name, p in self.backbone.named_parameters() if ".lora_" in name]
+
+    def backbone_parameters(self) -> dict[str, nn.Parameter]:
+        """The backbone's own (non-LoRA) weights, frozen unless a method trains them (pFedLoRA's local model)."""
+        return {name: p for name, p in self.backbone.named_parameters() if ".lora_" not in name}
+
+    def get_backbone_state(self) -> StateDict:
+        return {k: p.detach().cpu().clone() for k, p in self.backbone_parameters().items()}
+
+    def set_backbone_state(self, state: StateDict) -> None:
+        params = self.backbone_parameters()
+        if state.keys() != params.keys():
+            raise KeyError(f"backbone state does not match this model's {len(params)} backbone tensors "
+                           f"(got {len(state)}): a client's local model must keep its depth")
+        with torch.no_grad():
+            for key, p in params.items():
+                p.copy_(state[key])
 
     def get_head_state(self) -> StateDict:
         return {k: v.detach().cpu().clone() for k, v in self.head.state_dict().items()}

@@ -55,6 +55,9 @@ class ModelArgs:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    client_depths: list[int] | None = None  # model heterogeneity (pFedLoRA): client i keeps the first
+    # client_depths[i % len] encoder layers, and LoRA goes on the first min(client_depths) layers (one adapter
+    # shape for all); null: every client has the whole backbone, with LoRA on every layer
 
 
 @dataclass
@@ -207,6 +210,10 @@ def _validate(recipe: Recipe, where: str) -> None:
             "must be positive")
     require(recipe.model_args.lora_r > 0, "model_args.lora_r", "must be positive")
     require(bool(recipe.model_args.lora_target_modules), "model_args.lora_target_modules", "must not be empty")
+    require(recipe.model_args.client_depths is None or (bool(recipe.model_args.client_depths)
+                                                        and min(recipe.model_args.client_depths) >= 1),
+            "model_args.client_depths", f"must be null or a non-empty list of layer counts >= 1, "
+            f"got {recipe.model_args.client_depths}")
     require(t.comm_round >= 1, "train_args.comm_round", f"must be >= 1, got {t.comm_round}")
     require(t.epochs >= 1, "train_args.epochs", f"must be >= 1, got {t.epochs}")
     require(t.batch_size >= 1, "train_args.batch_size", f"must be >= 1, got {t.batch_size}")

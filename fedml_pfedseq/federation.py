@@ -29,11 +29,19 @@ def build_data(recipe: Recipe) -> FederatedData:
                                 recipe.common_args.random_seed)
 
 
-def build_model(recipe: Recipe, num_labels: int) -> AdapterModel:
-    """The frozen backbone with LoRA and a head; PEFT's LoRA init (A random, B = 0) is theta^0 for everyone."""
+def client_depth(recipe: Recipe, client_id: int) -> int | None:
+    """How many encoder layers client ``client_id``'s backbone keeps (None: all), from model_args.client_depths."""
+    depths = recipe.model_args.client_depths
+    return depths[client_id % len(depths)] if depths else None
+
+
+def build_model(recipe: Recipe, num_labels: int, depth: int | None = None) -> AdapterModel:
+    """The frozen backbone (its first ``depth`` layers) with LoRA and a head; PEFT's LoRA init (A random, B = 0)
+    is theta^0 for everyone, at every depth."""
     m = recipe.model_args
     torch.manual_seed(recipe.common_args.random_seed)
-    model = AdapterModel(m.model, num_labels, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules)
+    model = AdapterModel(m.model, num_labels, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules,
+                         num_layers=depth, lora_layers=min(m.client_depths) if m.client_depths else None)
     return model.to(select_device(recipe.device_args.using_gpu))
 
 
@@ -50,19 +58,29 @@ def build_client(recipe: Recipe, client_id: int, data: ClientData, model: Adapte
 
 @dataclass
 class Federation:
-    """Everything an in-process run needs: data, one model shared by all clients, server and clients."""
+    """Everything an in-process run needs: data, the models the clients share (one per backbone depth), server and
+    clients. ``model`` is the whole backbone's: the server's, and every client's unless model_args.client_depths."""
 
     recipe: Recipe
     data: FederatedData
-    model: AdapterModel
+    models: dict[int | None, AdapterModel]
     server: object
     clients: list
+
+    @property
+    def model(self) -> AdapterModel:
+        return self.models[None]
 
 
 def build_federation(recipe: Recipe) -> Federation:
     set_threads(recipe)
     data = build_data(recipe)
-    model = build_model(recipe, data.num_labels)
-    server = build_server(recipe, model, len(data.clients))
-    clients = [build_client(recipe, i, client_data, model) for i, client_data in enumerate(data.clients)]
-    return Federation(recipe, data, model, server, clients)
+    models = {None: build_model(recipe, data.num_labels)}
+    for i in range(len(data.clients)):
+        depth = client_depth(recipe, i)
+        if depth not in models:
+            models[depth] = build_model(recipe, data.num_labels, depth)
+    server = build_server(recipe, models[None], len(data.clients))
+    clients = [build_client(recipe, i, client_data, models[client_depth(recipe, i)])
+               for i, client_data in enumerate(data.clients)]
+    return Federation(recipe, data, models, server, clients)

@@ -1,9 +1,10 @@
 """Local training and evaluation: the one implementation every engine (simulator, FedML) and method calls."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from functools import lru_cache
-from typing import Callable
 from pathlib import Path
+from typing import Callable, Iterator
 
 import evaluate
 import torch
@@ -63,6 +64,22 @@ def train_epochs(
     if seen and not torch.isfinite(torch.tensor(loss_sum)):
         raise FloatingPointError(f"local training diverged (loss {loss_sum / seen}); lower train_args.learning_rate")
     return {"train_loss": loss_sum / max(seen, 1)}
+
+
+@contextmanager
+def requires_grad(params: list[torch.nn.Parameter], flag: bool) -> Iterator[None]:
+    """Set ``requires_grad`` of ``params`` inside the block, then restore each one's own flag.
+
+    Freezing a phase's other parameters this way (FedRep, pFedLoRA) keeps autograd from computing their
+    gradients at all, as the reference codes do."""
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(flag)
+    try:
+        yield
+    finally:
+        for p, old in zip(params, flags, strict=True):
+            p.requires_grad_(old)
 
 
 def proximal_term(params: list[torch.nn.Parameter], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:

@@ -47,12 +47,14 @@ def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # 
     return parse_recipe(raw, where=f"test:{method}")
 
 
-def run_shipped_recipe(name: str, tiny_vit: str, tmp_path, out: str = "out"):
-    """Run recipes/omniglot_<name>.yaml for 2 rounds on the tiny ViT, 40 drawings per drawer, 1 thread; return the
-    federation it built (client and server state stay inspectable), its summary and its metrics.json."""
+def run_shipped_recipe(name: str, tiny_vit: str, tmp_path, out: str = "out", overrides: tuple[str, ...] = ()):
+    """Run recipes/omniglot_<name>.yaml for 2 rounds on the tiny ViT, 40 drawings per drawer, 1 thread (plus
+    ``overrides``); return the federation it built (client and server state stay inspectable), its summary and its
+    metrics.json."""
     recipe = load_recipe(RECIPES / f"omniglot_{name}.yaml", [
         f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",
-        f"common_args.output_dir={tmp_path}", "device_args.num_threads=1", "device_args.using_gpu=false"])
+        f"common_args.output_dir={tmp_path}", "device_args.num_threads=1", "device_args.using_gpu=false",
+        *overrides])
     built = []
     with mock.patch.object(simulation, "build_federation", lambda r: built.append(build_federation(r)) or built[-1]):
         summary = simulation.run_recipe(recipe, tmp_path / out, progress=False)

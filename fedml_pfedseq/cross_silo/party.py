@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import dataset_label_names
-from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, set_threads
+from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, set_threads
 from fedml_pfedseq.training import select_device
 
 EXIT_TIMEOUT = 3
@@ -122,7 +122,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         i = rank - 1
         data = build_data(recipe)
         own = data.clients[i]
-        model = build_model(recipe, data.num_labels)
+        model = build_model(recipe, data.num_labels, client_depth(recipe, i))
         trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_payload=watchdog.kick)
         n = len(own.train)
         FedMLRunner(args, device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},

@@ -17,16 +17,13 @@ Both phases use train_args' SGD settings and one data loader per round (its shuf
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
-
-import torch
 
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
 from fedml_pfedseq.strategies.method import Method
-from fedml_pfedseq.training import train_epochs
+from fedml_pfedseq.training import requires_grad, train_epochs
 
 
 @dataclass
@@ -40,19 +37,6 @@ class FedRepArgs:
             raise RecipeError(f"algorithm_args.fedrep_head_epochs must be >= 1, got {self.fedrep_head_epochs}")
 
 
-@contextmanager
-def frozen(params: list[torch.nn.Parameter]):
-    """Keep ``params`` out of autograd inside the block (no gradient is computed for them), then restore them."""
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)
-
-
 class FedRepClient(FedAvgLocalHeadClient):
     """Head epochs on the frozen received adapter, then adapter epochs under the new head; uploads the LoRA delta."""
 
@@ -62,11 +46,11 @@ class FedRepClient(FedAvgLocalHeadClient):
         loader = self.round_loader(round_idx)
         sgd = (args.learning_rate, args.momentum, args.weight_decay)
         head = list(self.model.head.parameters())
-        adapter = [p for p in self.model.backbone.parameters() if p.requires_grad]  # the LoRA matrices
-        with frozen(adapter):
+        adapter = self.model.lora_parameters()
+        with requires_grad(adapter, False):
             head_stats = train_epochs(self.model, loader, self.recipe.algorithm_args.fedrep_head_epochs, *sgd,
                                       parameters=head)
-        with frozen(head):
+        with requires_grad(head, False):
             adapter_stats = train_epochs(self.model, loader, args.epochs, *sgd, parameters=adapter)
         self.last_train_stats = {"head_train_loss": head_stats["train_loss"], "train_loss": adapter_stats["train_loss"]}
         self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
