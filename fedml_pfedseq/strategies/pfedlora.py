@@ -19,8 +19,8 @@ Adapted to this library (the paper's local models are CNNs of different widths t
 - Evaluation: the received global adapter on the client's local model, the harness's convention (as FedRep).
 - Cost: a round moves one adapter each way, where full-model sharing would move the whole local model;
   ``benchmarks/pfedlora_cost.py`` measures the bytes of both and the seconds of each phase.
-Defaults are ours (one epoch per phase, as the recipes' one local epoch; a small rate for the full-weight phase);
-the Omniglot recipe says how its values were chosen.
+Defaults are ours: one epoch per phase, as the recipes' one local epoch, and a rate for the full-weight phase
+chosen on validation in the Omniglot recipe (which says how).
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class PFedLoRAArgs:
     """``algorithm_args`` of pFedLoRA; the adapter phase uses train_args.epochs and learning_rate."""
 
     pfedlora_model_epochs: int = 1  # epochs of the local-model phase (adapter frozen)
-    pfedlora_model_lr: float = 0.01  # SGD rate of the local-model phase: every backbone weight moves
+    pfedlora_model_lr: float = 0.05  # SGD rate of the local-model phase: every backbone weight moves
 
     def __post_init__(self):
         if self.pfedlora_model_epochs < 1:
