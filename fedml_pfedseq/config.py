@@ -260,6 +260,12 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
         raise RecipeError(f"{where}: train_args.federated_optimizer {err.args[0]}") from None
     recipe.algorithm_args = build_section(method.Args, raw.get("algorithm_args"), f"{where}: algorithm_args")
     _validate(recipe, where)
+    check_with_other_sections = getattr(recipe.algorithm_args, "check_recipe", None)  # a method's cross-section rules
+    if check_with_other_sections is not None:
+        try:
+            check_with_other_sections(recipe)
+        except RecipeError as err:
+            raise RecipeError(f"{where}: {err}") from None
     return recipe
 
 

@@ -87,24 +87,23 @@ class PFedMeArgs:
             raise RecipeError(f"algorithm_args.pfedme_personal_lr * pfedme_lambda must be < 2 (the inner steps "
                               f"diverge otherwise), got {self.pfedme_personal_lr} * {self.pfedme_lambda}")
 
-
-def check_recipe(recipe: Recipe) -> None:
-    """What depends on train_args as well: eta * lambda < 1, and plain gradient steps (no momentum, no decay)."""
-    eta, lam = recipe.train_args.learning_rate, recipe.algorithm_args.pfedme_lambda
-    if eta * lam >= 1:
-        raise RecipeError(f"train_args.learning_rate * algorithm_args.pfedme_lambda must be < 1 (pFedMe's local "
-                          f"update w <- w - eta lambda (w - theta) overshoots theta otherwise), got {eta} * {lam}")
-    for key in ("momentum", "weight_decay"):
-        if getattr(recipe.train_args, key) != 0:
-            raise RecipeError(f"train_args.{key} must be 0 for pFedMe (its steps are plain gradient steps), "
-                              f"got {getattr(recipe.train_args, key)}")
+    def check_recipe(self, recipe: Recipe) -> None:
+        """What depends on train_args as well (parse_recipe calls this): eta * lambda < 1, and plain gradient steps
+        (no momentum, no decay)."""
+        eta, lam = recipe.train_args.learning_rate, self.pfedme_lambda
+        if eta * lam >= 1:
+            raise RecipeError(f"train_args.learning_rate * algorithm_args.pfedme_lambda must be < 1 (pFedMe's local "
+                              f"update w <- w - eta lambda (w - theta) overshoots theta otherwise), got {eta} * {lam}")
+        for key in ("momentum", "weight_decay"):
+            if getattr(recipe.train_args, key) != 0:
+                raise RecipeError(f"train_args.{key} must be 0 for pFedMe (its steps are plain gradient steps), "
+                                  f"got {getattr(recipe.train_args, key)}")
 
 
 class PFedMeServer(FedAvgServer):
     """FedAvg's sample-weighted average of the clients' local models, mixed with the previous global by beta."""
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
-        check_recipe(recipe)
         super().__init__(num_clients, initial_state, recipe)
         self.beta = recipe.algorithm_args.pfedme_beta
 
@@ -124,7 +123,6 @@ class PFedMeClient(FedAvgClient):
     """Solves the Moreau-envelope inner problem per batch (theta_i, kept and evaluated) and moves w_i (uploaded)."""
 
     def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
-        check_recipe(recipe)
         super().__init__(client_id, data, model, recipe)
         self.args = recipe.algorithm_args
         self.personal: dict[str, StateDict] | None = None  # theta_i: {"lora", "head"}; set by the first payload
