@@ -28,11 +28,10 @@ from typing import Callable
 import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError
-from fedml_pfedseq.data.federated import ClientData
-from fedml_pfedseq.lora_state import StateDict
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
+from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.strategies.fedavg import FedAvgServer, Upload
 from fedml_pfedseq.strategies.method import Method
+from fedml_pfedseq.strategies.personal_model import PersonalModelClient
 from fedml_pfedseq.training import proximal_term, train_epochs
 
 ExtraLoss = Callable[[torch.Tensor, dict], torch.Tensor]
@@ -76,35 +75,14 @@ class DittoServer(FedAvgServer):
     """FedAvg on (LoRA, head): Ditto's global model is FedAvg's; personalization happens on the clients only."""
 
 
-class DittoClient(FedAvgClient):
-    """Trains the global copy (uploaded, as in FedAvg) and the personal model (kept here, evaluated)."""
-
-    def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
-        super().__init__(client_id, data, model, recipe)
-        self.args = recipe.algorithm_args
-        self.personal: dict[str, StateDict] | None = None  # v_k: {"lora", "head"}; set by the first payload
-
-    def receive(self, payload: Payload) -> None:
-        super().receive(payload)
-        if self.personal is None:
-            self.personal = dict(self.received)
-
-    def load(self) -> None:
-        """Put the personal model into the shared model: what this client evaluates and reports."""
-        self._put(self.personal)
-
-    def _put(self, state: dict[str, StateDict]) -> None:
-        self.model.set_lora_state(state["lora"])
-        self.model.set_head_state(state["head"])
+class DittoClient(PersonalModelClient):
+    """Trains the global copy (uploaded, as in FedAvg) and the personal model v_k (kept here, evaluated)."""
 
     def _sgd(self, round_idx: int, epochs: int, extra_loss: ExtraLoss | None = None) -> dict[str, float]:
         """Local SGD on the model as loaded, over this round's batches (FedAvg's seed: both models see the same)."""
         args = self.recipe.train_args
         return train_epochs(self.model, self.round_loader(round_idx), epochs, args.learning_rate, args.momentum,
                             args.weight_decay, extra_loss=extra_loss)
-
-    def _trained(self) -> dict[str, StateDict]:
-        return {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
 
     def personal_loss(self, anchor: dict[str, torch.Tensor]) -> ExtraLoss:
         """The personal model's regulariser mu/2 ||v - w^t||^2 (Ditto: mu = lambda), w^t = ``anchor`` by name."""

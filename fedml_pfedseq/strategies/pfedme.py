@@ -54,12 +54,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe, RecipeError
-from fedml_pfedseq.data.federated import ClientData
 from fedml_pfedseq.lora_state import StateDict, add, subtract, weighted_average
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
+from fedml_pfedseq.strategies.fedavg import FedAvgServer, Payload, Upload
 from fedml_pfedseq.strategies.method import Method
+from fedml_pfedseq.strategies.personal_model import PersonalModelClient
 from fedml_pfedseq.training import proximal_term
 
 
@@ -119,26 +118,9 @@ class PFedMeServer(FedAvgServer):
         return self._send({i: self.global_state for i in range(self.num_clients)})
 
 
-class PFedMeClient(FedAvgClient):
-    """Solves the Moreau-envelope inner problem per batch (theta_i, kept and evaluated) and moves w_i (uploaded)."""
-
-    def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
-        super().__init__(client_id, data, model, recipe)
-        self.args = recipe.algorithm_args
-        self.personal: dict[str, StateDict] | None = None  # theta_i: {"lora", "head"}; set by the first payload
-
-    def receive(self, payload: Payload) -> None:
-        super().receive(payload)
-        if self.personal is None:
-            self.personal = dict(self.received)
-
-    def load(self) -> None:
-        """Put the personalized model theta_i into the shared model: what this client evaluates and reports."""
-        self._put(self.personal)
-
-    def _put(self, state: dict[str, StateDict]) -> None:
-        self.model.set_lora_state(state["lora"])
-        self.model.set_head_state(state["head"])
+class PFedMeClient(PersonalModelClient):
+    """Solves the Moreau-envelope inner problem per batch (theta_i: ``personal``, kept and evaluated) and moves
+    w_i (uploaded)."""
 
     def inner_steps(self, params: list[torch.nn.Parameter], local: list[torch.Tensor], batch: dict
                     ) -> tuple[float, float]:
@@ -180,11 +162,11 @@ class PFedMeClient(FedAvgClient):
         if not math.isfinite(first_sum + last_sum):
             raise FloatingPointError(f"local training diverged (loss {first_sum / max(seen, 1)}); lower "
                                      "algorithm_args.pfedme_personal_lr or train_args.learning_rate")
-        self.personal = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
+        self.personal = self._trained()
         with torch.no_grad():
             for p, w in zip(params, local, strict=True):
                 p.copy_(w)
-        self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
+        self.state = self._trained()
         self.last_train_stats = {"train_loss": first_sum / max(seen, 1), "inner_train_loss": last_sum / max(seen, 1)}
         return self.upload()
 
