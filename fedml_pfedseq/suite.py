@@ -20,7 +20,7 @@ SUITE_KEYS = {"recipes", "overrides", "output_dir", "description"}
 ENTRY_KEYS = {"recipe", "name", "set"}
 
 
-def _load_entry(suite: Path, index: int, entry, overrides: list[str]):
+def load_entry(suite: Path, index: int, entry, overrides: list[str]):
     """A suite entry: a recipe path, or {recipe: path, name: run name, set: [overrides of this run only]}."""
     if isinstance(entry, str):
         return load_recipe(suite.parent / entry, overrides)
@@ -44,7 +44,7 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> tu
     if unknown:
         raise RecipeError(f"{path}: unknown suite key(s) {sorted(unknown)}; allowed: {sorted(SUITE_KEYS)}")
     overrides = list(raw.get("overrides") or []) + list(extra_overrides or [])
-    recipes = [_load_entry(path, i, entry, overrides) for i, entry in enumerate(raw["recipes"])]
+    recipes = [load_entry(path, i, entry, overrides) for i, entry in enumerate(raw["recipes"])]
     names = [r.name for r in recipes]
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: two runs share a name in {names}; give variants a 'name'")

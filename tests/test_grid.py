@@ -1,0 +1,93 @@
+"""Grids: every (scenario, method, seed) cell runs once, the table is mean +- std over seeds of the cells' own
+summaries, an interrupted grid reruns only its unfinished cells, and a changed recipe for a finished cell is refused."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import pytest
+import yaml
+
+import fedml_pfedseq.grid as grid
+from fedml_pfedseq.config import RecipeError
+
+from conftest import RECIPES
+
+
+def write_grid(tmp_path, tiny_vit, **changes) -> Path:
+    raw = {
+        "methods": [str(RECIPES / "omniglot_fedavg.yaml"),
+                    {"recipe": str(RECIPES / "omniglot_fedavg_local_head.yaml"), "name": "local_heads"}],
+        "scenarios": {"small": ["data_args.samples_per_client=40"], "smaller": ["data_args.samples_per_client=30"]},
+        "seeds": [0, 1],
+        "overrides": [f"model_args.model={tiny_vit}", "train_args.comm_round=1", "device_args.num_threads=1",
+                      "device_args.using_gpu=false"],
+        "output_dir": str(tmp_path / "grid"),
+        **changes,
+    }
+    path = tmp_path / "grid.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_vit, tmp_path, monkeypatch):
+    path = write_grid(tmp_path, tiny_vit)
+    ran = []
+    real_run = grid.run_recipe
+
+    def counting(recipe, output_dir, progress=True):
+        ran.append(output_dir.relative_to(tmp_path / "grid").as_posix())
+        return real_run(recipe, output_dir, progress=progress)
+
+    monkeypatch.setattr(grid, "run_recipe", counting)
+    result = grid.run_grid(path, progress=False)
+    cells = [f"{s}/{m}/seed_{k}" for s in ("small", "smaller") for m in ("FedAvg", "local_heads") for k in (0, 1)]
+    assert sorted(ran) == sorted(cells)
+
+    # the table from the cells' own summaries, by hand
+    for scenario in ("small", "smaller"):
+        for method in ("FedAvg", "local_heads"):
+            test = [json.loads((tmp_path / "grid" / scenario / method / f"seed_{k}" / "summary.json").read_text())
+                    ["final_test_accuracy_mean"] for k in (0, 1)]
+            entry = result["table"][method][scenario]
+            assert entry["test_mean"] == pytest.approx(statistics.fmean(test))
+            assert entry["test_std"] == pytest.approx(statistics.stdev(test))
+            assert entry["seeds"] == 2
+    seeds = [yaml.safe_load((tmp_path / "grid/small/FedAvg" / f"seed_{k}" / "recipe.yaml").read_text())
+             ["common_args"]["random_seed"] for k in (0, 1)]
+    assert seeds == [0, 1]
+    for name in ("grid_cells.csv", "grid_summary.json", "grid_table.md"):
+        assert (tmp_path / "grid" / name).is_file()
+    assert "local_heads" in (tmp_path / "grid/grid_table.md").read_text()
+
+    # interrupted: one cell lost its summary -> only that cell runs again; the others are reused as they are
+    (tmp_path / "grid/smaller/local_heads/seed_1/summary.json").unlink()
+    ran.clear()
+    again = grid.run_grid(path, progress=False)
+    assert ran == ["smaller/local_heads/seed_1"]
+    assert again["table"] == result["table"]  # the rerun cell reproduces its numbers (seeded)
+
+    # a finished cell is never mixed with a different recipe
+    changed = write_grid(tmp_path, tiny_vit, overrides=[f"model_args.model={tiny_vit}", "train_args.comm_round=1",
+                                                        "device_args.num_threads=1", "device_args.using_gpu=false",
+                                                        "train_args.learning_rate=0.2"])
+    ran.clear()
+    with pytest.raises(RecipeError, match="different recipe"):
+        grid.run_grid(changed, progress=False)
+    assert ran == []
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"seeds": [0, 0]}, "seeds must be a non-empty list of distinct integers"),
+    ({"seeds": []}, "seeds must be"),
+    ({"scenarios": {}}, "scenarios must be a non-empty mapping"),
+    ({"scenarios": {"small": "data_args.samples_per_client=40"}}, "small must be a list"),
+    ({"methods": []}, "methods must be a non-empty list"),
+    ({"tables": 1}, "unknown grid key"),
+    ({"methods": [str(RECIPES / "omniglot_fedavg.yaml")] * 2}, "share the row name"),
+    ({"overrides": ["train_args.comm_rounds=1"]}, "comm_rounds"),
+])
+def test_bad_grids_are_refused_before_anything_runs(tiny_vit, tmp_path, changes, message):
+    with pytest.raises(RecipeError, match=message):
+        grid.load_grid(write_grid(tmp_path, tiny_vit, **changes))
