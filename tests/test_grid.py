@@ -91,3 +91,16 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
 def test_bad_grids_are_refused_before_anything_runs(tiny_vit, tmp_path, changes, message):
     with pytest.raises(RecipeError, match=message):
         grid.load_grid(write_grid(tmp_path, tiny_vit, **changes))
+
+
+def test_the_smoke_reproduction_produces_a_complete_table(tiny_vit, tmp_path):
+    path = RECIPES / "grids" / "smoke.yaml"
+    result = grid.run_grid(path, [f"model_args.model={tiny_vit}", "device_args.num_threads=1",
+                                  "device_args.using_gpu=false"], output_dir=tmp_path / "smoke", progress=False)
+    methods = yaml.safe_load(path.read_text())["methods"]
+    expected = {yaml.safe_load((path.parent / m).read_text())["train_args"]["federated_optimizer"] for m in methods}
+    assert set(result["table"]) == expected and len(expected) == 13  # Table 1's 13 methods
+    assert all(entry["omniglot"]["seeds"] == 1 and 0 <= entry["omniglot"]["test_mean"] <= 1
+               for entry in result["table"].values())
+    table = (tmp_path / "smoke" / "grid_table.md").read_text()
+    assert all(f"| {name} " in table for name in expected)
