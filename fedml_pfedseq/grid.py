@@ -1,4 +1,5 @@
-"""Grids: methods x scenarios x seeds, run cell by cell, resumable, summarised as mean +- std over seeds.
+"""Grids: methods x scenarios x seeds, each method tuned on validation first, run cell by cell, resumable, and
+summarised as mean +- std over seeds.
 
     description: paper Table 1 on CPU budget
     methods:                                     # recipe files (paths relative to the grid file), as in suites
@@ -9,19 +10,28 @@
       pacs: [data_args.dataset=pacs, data_args.partition_column=domain, train_args.client_num_in_total=4]
     seeds: [0, 1, 2]
     overrides: [train_args.comm_round=12]        # optional, every cell
+    tuning:                                      # optional: the same budget for every method
+      rounds: 4                                  # each candidate runs this many rounds, at seed `seed`
+      seed: 0
+      grid: {train_args.learning_rate: [0.05, 0.5]}                 # every method
+      methods: {FedRep: {algorithm_args.fedrep_head_epochs: [1, 10]}}  # a method's key hyperparameter
     output_dir: runs/table1
 
-Each cell (scenario, method, seed) is one simulator run in ``output_dir/<scenario>/<method>/seed_<seed>/``. A cell
-counts as done when its ``summary.json`` exists; an interrupted grid resumes by running only the cells that are
-not done. A done cell whose saved recipe differs from the grid's is an error, never silently mixed into a table.
-A method's row name is its entry's ``name``, else its method (``train_args.federated_optimizer``).
+Tuning runs every candidate (the product of the grid's values and the method's own) per (scenario, method) in
+``<scenario>/<method>/tune/<candidate>/`` and keeps the one with the best final mean *validation* accuracy (the
+first on ties); the test split never takes part. The seed cells then run in ``<scenario>/<method>/seed_<k>/``
+with the chosen values. A cell is done when its ``summary.json`` exists, so an interrupted grid resumes with the
+cells that are not; a done cell whose saved recipe differs from the grid's is an error, never mixed into a table.
+A method's row name is its entry's ``name``, else its method (``train_args.federated_optimizer``); an entry's own
+``set`` overrides are applied last, so they win over scenarios and tuning.
 """
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
@@ -32,41 +42,138 @@ from fedml_pfedseq.results import format_table
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.suite import load_entry
 
-GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "output_dir"}
+GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
+TUNING_KEYS = {"rounds", "seed", "grid", "methods"}
 
 
 @dataclass
 class Cell:
+    """One simulator run of the grid: a seed cell, or a tuning candidate (``candidate`` names its values)."""
+
     scenario: str
     method: str  # the row name
     seed: int
     recipe: Recipe
     output_dir: Path
+    candidate: dict[str, object] = field(default_factory=dict)
 
     @property
     def done(self) -> bool:
         return (self.output_dir / "summary.json").is_file()
 
+    def summary(self) -> dict:
+        return json.loads((self.output_dir / "summary.json").read_text())
+
     def check_unchanged(self) -> None:
         """A done cell must have been run with the recipe the grid now builds for it."""
         saved = yaml.safe_load((self.output_dir / "recipe.yaml").read_text())
         if saved != yaml.safe_load(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)):
-            raise RecipeError(f"cell {self.scenario}/{self.method}/seed {self.seed} in {self.output_dir} was run "
-                              "with a different recipe than the grid now gives it; delete that folder to rerun it, "
-                              "or give the grid another output_dir")
+            raise RecipeError(f"cell {self.output_dir} was run with a different recipe than the grid now gives it; "
+                              "delete that folder to rerun it, or give the grid another output_dir")
 
 
-def _string_list(raw, key: str, where: str) -> list[str]:
-    value = raw.get(key) or []
+@dataclass
+class Grid:
+    path: Path
+    methods: list  # suite-style entries
+    scenarios: dict[str, list[str]]
+    seeds: list[int]
+    overrides: list[str]  # every cell
+    root: Path
+    tuning: dict | None
+
+    def recipe(self, scenario: str, index: int, extra: list[str]) -> tuple[str, Recipe]:
+        """(row name, recipe) of method ``index`` in ``scenario`` with ``extra`` overrides."""
+        entry = self.methods[index]
+        recipe = load_entry(self.path, index, entry, [*self.overrides, *self.scenarios[scenario], *extra])
+        name = entry.get("name") if isinstance(entry, dict) and entry.get("name") else \
+            recipe.train_args.federated_optimizer
+        return name, recipe
+
+    def candidates(self, method: str) -> list[dict[str, object]]:
+        """Every tuning candidate of ``method``: {"section.key": value} (one empty candidate without tuning)."""
+        if not self.tuning:
+            return [{}]
+        space = {**(self.tuning.get("grid") or {}), **((self.tuning.get("methods") or {}).get(method) or {})}
+        keys = list(space)
+        return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
+
+    def tuning_cells(self) -> list[Cell]:
+        if not self.tuning:
+            return []
+        rounds, seed = self.tuning["rounds"], self.tuning.get("seed", 0)
+        cells = []
+        for scenario in self.scenarios:
+            for index in range(len(self.methods)):
+                name, _ = self.recipe(scenario, index, [])
+                for candidate in self.candidates(name):
+                    label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in candidate.items())
+                    extra = [*overrides_of(candidate), f"train_args.comm_round={rounds}",
+                             f"common_args.random_seed={seed}"]
+                    _, recipe = self.recipe(scenario, index, extra)
+                    recipe.label = f"{scenario}_{name}_tune_{label}"
+                    cells.append(Cell(scenario, name, seed, recipe, self.root / scenario / name / "tune" / label,
+                                      candidate))
+        return cells
+
+    def seed_cells(self, chosen: dict[tuple[str, str], dict[str, object]]) -> list[Cell]:
+        cells = []
+        for scenario in self.scenarios:
+            for index in range(len(self.methods)):
+                name, _ = self.recipe(scenario, index, [])
+                candidate = chosen.get((scenario, name), {})
+                for seed in self.seeds:
+                    _, recipe = self.recipe(scenario, index, [*overrides_of(candidate),
+                                                              f"common_args.random_seed={seed}"])
+                    recipe.label = f"{scenario}_{name}_seed{seed}"
+                    cells.append(Cell(scenario, name, seed, recipe, self.root / scenario / name / f"seed_{seed}",
+                                      candidate))
+        return cells
+
+
+def overrides_of(candidate: dict[str, object]) -> list[str]:
+    return [f"{key}={json.dumps(value)}" for key, value in candidate.items()]
+
+
+def choose(tuning: list[Cell]) -> tuple[dict[tuple[str, str], dict[str, object]], list[dict]]:
+    """Per (scenario, method), the candidate with the best final mean validation accuracy (first on ties), and a
+    row per candidate for the record."""
+    best, rows = {}, []
+    for cell in tuning:
+        validation = cell.summary()["final_validation_accuracy_mean"]
+        rows.append({"scenario": cell.scenario, "method": cell.method, "candidate": cell.candidate,
+                     "validation_accuracy": validation})
+        key = (cell.scenario, cell.method)
+        if key not in best or validation > best[key][1]:
+            best[key] = (cell.candidate, validation)
+    return {key: candidate for key, (candidate, _) in best.items()}, rows
+
+
+def _string_list(value, where: str) -> list[str]:
+    if value is None:
+        return []
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise RecipeError(f"{where}: {key} must be a list of section.key=value strings, got {value!r}")
+        raise RecipeError(f"{where} must be a list of section.key=value strings, got {value!r}")
     return value
 
 
-def load_grid(path: str | Path, extra_overrides: list[str] | None = None,
-              output_dir: Path | None = None) -> tuple[list[Cell], Path]:
-    """Every cell of the grid and its output folder; each recipe is loaded and validated up front, so a typo fails
-    before any run."""
+def _check_tuning(tuning, where: str) -> None:
+    if not isinstance(tuning, dict) or set(tuning) - TUNING_KEYS or "rounds" not in tuning:
+        raise RecipeError(f"{where}: tuning must be a mapping with 'rounds' and optional {sorted(TUNING_KEYS)}")
+    if not isinstance(tuning["rounds"], int) or tuning["rounds"] < 1:
+        raise RecipeError(f"{where}: tuning.rounds must be an integer >= 1, got {tuning['rounds']!r}")
+    spaces = [("tuning.grid", tuning.get("grid") or {})]
+    methods = tuning.get("methods") or {}
+    if not isinstance(methods, dict):
+        raise RecipeError(f"{where}: tuning.methods must map a method's row name to its {{section.key: [values]}}")
+    spaces += [(f"tuning.methods.{m}", space or {}) for m, space in methods.items()]
+    for label, space in spaces:
+        if not isinstance(space, dict) or not all("." in k and isinstance(v, list) and v for k, v in space.items()):
+            raise RecipeError(f"{where}: {label} must map section.key to a non-empty list of values, got {space!r}")
+
+
+def load_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None) -> Grid:
+    """The grid, with every recipe it will run loaded and validated up front (a typo fails before any run)."""
     path = Path(path)
     raw = load_yaml(path)
     where = str(path)
@@ -83,59 +190,65 @@ def load_grid(path: str | Path, extra_overrides: list[str] | None = None,
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds) or len(set(seeds)) != len(seeds):
         raise RecipeError(f"{where}: seeds must be a non-empty list of distinct integers, got {seeds!r}")
-    common = _string_list(raw, "overrides", where) + list(extra_overrides or [])
-    root = Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}")
-    cells = []
-    for scenario, scenario_overrides in scenarios.items():
-        scenario_overrides = _string_list(scenarios, scenario, f"{where}: scenarios")
-        names = []
-        for index, entry in enumerate(methods):
-            for seed in seeds:
-                recipe = load_entry(path, index, entry, [*common, *scenario_overrides,
-                                                         f"common_args.random_seed={seed}"])
-                name = entry.get("name") if isinstance(entry, dict) and entry.get("name") else \
-                    recipe.train_args.federated_optimizer
-                recipe.label = f"{scenario}_{name}_seed{seed}"
-                cells.append(Cell(scenario, name, seed, recipe, root / scenario / name / f"seed_{seed}"))
-            names.append(name)
-        if len(set(names)) != len(names):
-            raise RecipeError(f"{where}: two methods share the row name in {names}; give variants a 'name'")
-    return cells, root
+    if raw.get("tuning") is not None:
+        _check_tuning(raw["tuning"], where)
+    grid = Grid(path, methods, {name: _string_list(o, f"{where}: scenarios.{name}") for name, o in scenarios.items()},
+                seeds, _string_list(raw.get("overrides"), f"{where}: overrides") + list(extra_overrides or []),
+                Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"), raw.get("tuning"))
+    names = [grid.recipe(next(iter(grid.scenarios)), i, [])[0] for i in range(len(methods))]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{where}: two methods share the row name in {names}; give variants a 'name'")
+    unknown_methods = set((grid.tuning or {}).get("methods") or {}) - set(names)
+    if unknown_methods:
+        raise RecipeError(f"{where}: tuning.methods names {sorted(unknown_methods)}, not rows of this grid {names}")
+    grid.tuning_cells()  # every candidate's recipe validates...
+    grid.seed_cells({})  # ...and every seed cell's
+    return grid
+
+
+def _run(cells: list[Cell], desc: str, progress: bool) -> None:
+    for cell in cells:
+        if cell.done:
+            cell.check_unchanged()
+    for cell in tqdm([c for c in cells if not c.done], desc=desc, disable=not progress):
+        run_recipe(cell.recipe, cell.output_dir, progress=False)
 
 
 def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
              progress: bool = True) -> dict:
-    """Run every cell that is not done yet, then write the summary; returns it (see ``summarize``)."""
-    cells, root = load_grid(path, extra_overrides, output_dir)
-    for cell in cells:
-        if cell.done:
-            cell.check_unchanged()
-    todo = [cell for cell in cells if not cell.done]
-    for cell in tqdm(todo, desc=f"grid {Path(path).stem}", disable=not progress):
-        run_recipe(cell.recipe, cell.output_dir, progress=False)
-    return summarize(cells, root)
+    """Tune (if the grid says so), run every seed cell that is not done yet, then write the summary (see
+    ``summarize``) and return it."""
+    grid = load_grid(path, extra_overrides, output_dir)
+    tuning = grid.tuning_cells()
+    _run(tuning, f"tune {grid.path.stem}", progress)
+    chosen, candidates = choose(tuning)
+    cells = grid.seed_cells(chosen)
+    _run(cells, f"grid {grid.path.stem}", progress)
+    return summarize(cells, grid.root, candidates)
 
 
-def summarize(cells: list[Cell], root: Path) -> dict:
-    """Per (scenario, method): final mean test and validation accuracy over clients, then mean and std over seeds.
+def summarize(cells: list[Cell], root: Path, candidates: list[dict] | None = None) -> dict:
+    """Per (scenario, method): final mean test and validation accuracy over clients, then mean and std over seeds,
+    with the tuned values it ran with.
 
-    Writes ``grid_cells.csv`` (one row per cell), ``grid_summary.json`` and ``grid_table.md`` (rows: methods,
-    columns: scenarios, "mean +- std (seeds)")."""
+    Writes ``grid_cells.csv`` (one row per seed cell), ``grid_summary.json`` (the table, the cells and every tuning
+    candidate's validation accuracy) and ``grid_table.md`` (rows: methods, columns: scenarios)."""
     rows, groups = [], {}
     for cell in cells:
-        summary = json.loads((cell.output_dir / "summary.json").read_text())
+        summary = cell.summary()
         row = {"scenario": cell.scenario, "method": cell.method, "seed": cell.seed,
                "test_accuracy": summary["final_test_accuracy_mean"],
                "validation_accuracy": summary["final_validation_accuracy_mean"],
-               "round_seconds": summary["mean_round_seconds"]}
+               "round_seconds": summary["mean_round_seconds"], "tuned": json.dumps(cell.candidate)}
         rows.append(row)
-        groups.setdefault((cell.scenario, cell.method), []).append(row)
+        groups.setdefault((cell.scenario, cell.method), []).append((row, cell.candidate))
     table = {}
     for (scenario, method), group in groups.items():
-        test = [r["test_accuracy"] for r in group]
+        test = [r["test_accuracy"] for r, _ in group]
         table.setdefault(method, {})[scenario] = {
             "test_mean": statistics.fmean(test), "test_std": statistics.stdev(test) if len(test) > 1 else 0.0,
-            "validation_mean": statistics.fmean(r["validation_accuracy"] for r in group), "seeds": len(group)}
+            "validation_mean": statistics.fmean(r["validation_accuracy"] for r, _ in group), "seeds": len(group),
+            "tuned": group[0][1]}
     scenarios = list(dict.fromkeys(cell.scenario for cell in cells))
     lines = [[method] + [f"{by[s]['test_mean']:.4f} +- {by[s]['test_std']:.4f} ({by[s]['seeds']})" for s in scenarios]
              for method, by in table.items()]
@@ -145,7 +258,9 @@ def summarize(cells: list[Cell], root: Path) -> dict:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    (root / "grid_summary.json").write_text(json.dumps({"table": table, "cells": rows}, indent=2))
+    (root / "grid_summary.json").write_text(json.dumps({"table": table, "cells": rows,
+                                                        "tuning_candidates": candidates or []}, indent=2))
     (root / "grid_table.md").write_text("Mean local test accuracy after the last round: mean +- std over seeds "
-                                        "(number of seeds)\n\n" + markdown + "\n")
-    return {"table": table, "cells": rows, "markdown": markdown}
+                                        "(number of seeds); hyperparameters chosen on validation are in "
+                                        "grid_summary.json\n\n" + markdown + "\n")
+    return {"table": table, "cells": rows, "tuning_candidates": candidates or [], "markdown": markdown}

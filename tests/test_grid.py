@@ -1,5 +1,6 @@
 """Grids: every (scenario, method, seed) cell runs once, the table is mean +- std over seeds of the cells' own
-summaries, an interrupted grid reruns only its unfinished cells, and a changed recipe for a finished cell is refused."""
+summaries, an interrupted grid reruns only its unfinished cells, a changed recipe for a finished cell is refused,
+and tuning keeps each method's candidate with the best validation accuracy."""
 from __future__ import annotations
 
 import json
@@ -78,6 +79,44 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     assert ran == []
 
 
+def test_tuning_keeps_the_candidate_with_the_best_validation_accuracy_and_seeds_run_with_it(tiny_vit, tmp_path,
+                                                                                           monkeypatch):
+    tuning = {"rounds": 1, "seed": 5, "grid": {"train_args.learning_rate": [0.05, 0.5]},
+              "methods": {"local_heads": {"train_args.epochs": [1, 2]}}}
+    path = write_grid(tmp_path, tiny_vit, tuning=tuning, scenarios={"small": ["data_args.samples_per_client=40"]},
+                      seeds=[0])
+    ran = []
+    real_run = grid.run_recipe
+    monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True: ran.append(out) or
+                        real_run(recipe, out, progress=progress))
+    result = grid.run_grid(path, progress=False)
+    tune = tmp_path / "grid/small"
+    assert sorted(p.relative_to(tune).as_posix() for p in ran[:6]) == sorted(
+        ["FedAvg/tune/learning_rate=0.05", "FedAvg/tune/learning_rate=0.5"]
+        + [f"local_heads/tune/learning_rate={lr},epochs={e}" for lr in (0.05, 0.5) for e in (1, 2)])
+    assert len(ran) == 8 and len(result["tuning_candidates"]) == 6
+    for method in ("FedAvg", "local_heads"):
+        folders = sorted((tune / method / "tune").iterdir())
+        recipes = [yaml.safe_load((f / "recipe.yaml").read_text()) for f in folders]
+        assert {r["train_args"]["comm_round"] for r in recipes} == {1}
+        assert {r["common_args"]["random_seed"] for r in recipes} == {5}
+        validation = {f: json.loads((f / "summary.json").read_text())["final_validation_accuracy_mean"]
+                      for f in folders}
+        best = max(validation.values())
+        winners = [yaml.safe_load((f / "recipe.yaml").read_text())["train_args"] for f, v in validation.items()
+                   if v == best]
+        seed_recipe = yaml.safe_load((tune / method / "seed_0" / "recipe.yaml").read_text())
+        assert {"learning_rate": seed_recipe["train_args"]["learning_rate"],
+                "epochs": seed_recipe["train_args"]["epochs"]} in [
+            {"learning_rate": w["learning_rate"], "epochs": w["epochs"]} for w in winners]
+        assert seed_recipe["train_args"]["comm_round"] == 1 and seed_recipe["common_args"]["random_seed"] == 0
+        assert result["table"][method]["small"]["tuned"]["train_args.learning_rate"] == \
+            seed_recipe["train_args"]["learning_rate"]
+    ran.clear()
+    grid.run_grid(path, progress=False)
+    assert ran == []  # tuning and seeds all resume as done
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"seeds": [0, 0]}, "seeds must be a non-empty list of distinct integers"),
     ({"seeds": []}, "seeds must be"),
@@ -87,6 +126,11 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     ({"tables": 1}, "unknown grid key"),
     ({"methods": [str(RECIPES / "omniglot_fedavg.yaml")] * 2}, "share the row name"),
     ({"overrides": ["train_args.comm_rounds=1"]}, "comm_rounds"),
+    ({"tuning": {"grid": {"train_args.learning_rate": [0.1]}}}, "tuning must be a mapping with 'rounds'"),
+    ({"tuning": {"rounds": 0}}, "tuning.rounds must be an integer >= 1"),
+    ({"tuning": {"rounds": 1, "grid": {"train_args.learning_rate": []}}}, "tuning.grid must map"),
+    ({"tuning": {"rounds": 1, "methods": {"Ditto": {"algorithm_args.ditto_lambda": [1]}}}}, "not rows of this grid"),
+    ({"tuning": {"rounds": 1, "grid": {"train_args.learning_rte": [0.1]}}}, "learning_rte"),
 ])
 def test_bad_grids_are_refused_before_anything_runs(tiny_vit, tmp_path, changes, message):
     with pytest.raises(RecipeError, match=message):
@@ -104,3 +148,16 @@ def test_the_smoke_reproduction_produces_a_complete_table(tiny_vit, tmp_path):
                for entry in result["table"].values())
     table = (tmp_path / "smoke" / "grid_table.md").read_text()
     assert all(f"| {name} " in table for name in expected)
+
+
+def test_choose_ranks_candidates_by_validation_never_by_test(tmp_path):
+    cells = []
+    for i, (validation, test) in enumerate([(0.30, 0.90), (0.50, 0.10), (0.50, 0.95), (0.20, 0.99)]):
+        out = tmp_path / f"c{i}"
+        out.mkdir()
+        (out / "summary.json").write_text(json.dumps({"final_validation_accuracy_mean": validation,
+                                                      "final_test_accuracy_mean": test}))
+        cells.append(grid.Cell("s", "m", 0, None, out, {"train_args.learning_rate": i}))
+    chosen, rows = grid.choose(cells)
+    assert chosen == {("s", "m"): {"train_args.learning_rate": 1}}  # best validation, the first of the tie
+    assert [r["validation_accuracy"] for r in rows] == [0.30, 0.50, 0.50, 0.20]
