@@ -15,9 +15,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in [("run", "run one recipe in the in-process simulator"),
                             ("suite", "run every recipe of a suite file and compare them"),
+                            ("grid", "run a grid of methods x scenarios x seeds (tuned on validation first if it "
+                                     "says so); resumes an interrupted grid; writes mean +- std tables"),
                             ("deploy", "run a recipe as a FedML cross-silo deployment on this machine "
                                        "(server + one process per client, gRPC on 127.0.0.1)"),
-                            ("check", "load and validate a recipe (or suite), run nothing")]:
+                            ("check", "load and validate a recipe (or suite, or grid), run nothing")]:
         p = sub.add_parser(name, help=help_text)
         p.add_argument("path", type=Path)
         if name != "check":
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
     from fedml_pfedseq.cross_silo.party import run_party
     from fedml_pfedseq.simulation import run_recipe
+    from fedml_pfedseq.grid import load_grid, run_grid
     from fedml_pfedseq.suite import load_suite, run_suite
 
     try:
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
             run_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
         elif args.command == "suite":
             run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
+        elif args.command == "grid":
+            print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress)["markdown"])
         elif args.command == "deploy":
             deploy(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
         elif args.command == "party":
@@ -51,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
             run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id)
         else:
             raw = load_yaml(args.path)
+            if isinstance(raw, dict) and "methods" in raw:
+                grid = load_grid(args.path, args.overrides)
+                print(f"ok: grid of {len(grid.seed_cells({}))} seed cell(s) and {len(grid.tuning_cells())} tuning "
+                      f"run(s) over scenarios {list(grid.scenarios)}")
+                return 0
             is_suite = isinstance(raw, dict) and "recipes" in raw
             loaded = load_suite(args.path, args.overrides)[0] if is_suite else [load_recipe(args.path, args.overrides)]
             print(f"ok: {len(loaded)} recipe(s): {', '.join(r.name for r in loaded)}")

@@ -161,3 +161,14 @@ def test_choose_ranks_candidates_by_validation_never_by_test(tmp_path):
     chosen, rows = grid.choose(cells)
     assert chosen == {("s", "m"): {"train_args.learning_rate": 1}}  # best validation, the first of the tie
     assert [r["validation_accuracy"] for r in rows] == [0.30, 0.50, 0.50, 0.20]
+
+
+def test_pfedseq_grid_and_check_run_a_grid_from_the_command_line(tiny_vit, tmp_path, capsys):
+    from fedml_pfedseq.cli import main
+
+    path = write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, seeds=[3])
+    assert main(["check", str(path)]) == 0
+    assert capsys.readouterr().out.startswith("ok: grid of 2 seed cell(s) and 0 tuning run(s)")
+    assert main(["grid", str(path), "--no-progress", "--output-dir", str(tmp_path / "cli")]) == 0
+    assert "| local_heads" in capsys.readouterr().out
+    assert (tmp_path / "cli/small/local_heads/seed_3/summary.json").is_file()
