@@ -1,8 +1,9 @@
 """The ``pfedseq`` command: run a recipe or a suite in the simulator, deploy it with FedML, run one FedML party,
-or check a recipe without running it."""
+check a recipe without running it, push a run to the Hub, evaluate a pushed adapter, or serve a local Hub."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -34,16 +35,47 @@ def main(argv: list[str] | None = None) -> int:
                        help="override a recipe key (repeatable), e.g. --set train_args.comm_round=3")
         if p is not sub.choices["check"]:
             p.add_argument("--output-dir", type=Path, default=None)
+    push = sub.add_parser("push", help="push a finished run (adapters, learners, recipe, metrics, card) to a Hub "
+                                       "repo in one commit ($HF_ENDPOINT, $HF_TOKEN)")
+    push.add_argument("path", type=Path, help="the run's output folder")
+    push.add_argument("--repo-id", required=True, help="owner/name of the model repo")
+    push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
+    push.add_argument("--endpoint", default=None, help="the Hub endpoint (default: $HF_ENDPOINT, else the Hub)")
+    hub_eval = sub.add_parser("hub-eval", help="evaluate client K's pushed adapter on its split of the data")
+    hub_eval.add_argument("repo", help="a Hub repo id (or a local run folder)")
+    hub_eval.add_argument("--client", type=int, required=True)
+    hub_eval.add_argument("--recipe", type=Path, default=None, help="default: the recipe.yaml pushed with the run")
+    hub_eval.add_argument("--split", choices=["test", "validation", "train"], default="test")
+    hub_eval.add_argument("--revision", default=None, help="a branch or commit id (default: main)")
+    hub_eval.add_argument("--endpoint", default=None)
+    hub_eval.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    serve = sub.add_parser("hub-serve", help="serve a Hub-compatible endpoint on this machine (offline rehearsal)")
+    serve.add_argument("--root", type=Path, required=True, help="folder that holds the repos")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8808)
+    serve.add_argument("--token", default=None, help="require this token (default: accept any)")
     args = parser.parse_args(argv)
 
     from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
     from fedml_pfedseq.cross_silo.party import run_party
+    from fedml_pfedseq.hub import HubLoadError, PushError, evaluate_client, push_run
+    from fedml_pfedseq.hub.load import recipe_from_repo
+    from fedml_pfedseq.hub.local_endpoint import serve as serve_hub
     from fedml_pfedseq.simulation import run_recipe
     from fedml_pfedseq.grid import load_grid, run_grid
     from fedml_pfedseq.suite import load_suite, run_suite
 
     try:
-        if args.command == "run":
+        if args.command == "push":
+            push_run(args.path, args.repo_id, private=not args.public, endpoint=args.endpoint)
+        elif args.command == "hub-eval":
+            recipe = load_recipe(args.recipe, args.overrides) if args.recipe else \
+                recipe_from_repo(args.repo, args.overrides, args.revision, args.endpoint)
+            result = evaluate_client(args.repo, args.client, recipe, args.split, args.revision, args.endpoint)
+            print(json.dumps(result))
+        elif args.command == "hub-serve":
+            serve_hub(args.root, args.host, args.port, args.token)
+        elif args.command == "run":
             run_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
         elif args.command == "suite":
             run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
@@ -64,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             is_suite = isinstance(raw, dict) and "recipes" in raw
             loaded = load_suite(args.path, args.overrides)[0] if is_suite else [load_recipe(args.path, args.overrides)]
             print(f"ok: {len(loaded)} recipe(s): {', '.join(r.name for r in loaded)}")
-    except (RecipeError, PartitionError, FileNotFoundError, DeploymentError) as err:
+    except (RecipeError, PartitionError, FileNotFoundError, DeploymentError, PushError, HubLoadError) as err:
         print(f"pfedseq: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -1,10 +1,10 @@
 """Recipes: one federated run described in FedML's YAML config format, checked before anything starts.
 
 A recipe has FedML's sections (``common_args``, ``data_args``, ``model_args``, ``train_args``,
-``validation_args``, ``device_args``, ``comm_args``, ``tracking_args``) plus ``algorithm_args`` for the keys of
-the method named by ``train_args.federated_optimizer``. FedML flattens all sections into one ``args`` namespace,
-so every key name is unique across sections. Unknown or mistyped keys, missing files and impossible values raise
-:class:`RecipeError` naming the key.
+``validation_args``, ``device_args``, ``comm_args``, ``tracking_args``), ``hub_args`` (saving and pushing the
+run's adapters) and ``algorithm_args`` for the keys of the method named by ``train_args.federated_optimizer``.
+FedML flattens all sections into one ``args`` namespace, so every key name is unique across sections. Unknown or
+mistyped keys, missing files and impossible values raise :class:`RecipeError` naming the key.
 """
 from __future__ import annotations
 
@@ -102,6 +102,16 @@ class TrackingArgs:
     log_level: str = "INFO"
 
 
+@dataclass
+class HubArgs:
+    """Sharing a run: its personalized adapters on disk, and (opt-in) the run pushed to a Hugging Face Hub repo."""
+
+    save_adapters: bool = True  # write <output_dir>/adapters/ (PEFT format) at the end of a simulator run
+    push_to_hub: bool = False  # push the run folder to hub_repo_id once the run ends (HF_ENDPOINT, HF_TOKEN)
+    hub_repo_id: str | None = None  # "owner/name" of the model repo to push to
+    hub_private: bool = True  # create the repo private (ignored if it already exists)
+
+
 SECTIONS: dict[str, type] = {
     "common_args": CommonArgs,
     "data_args": DataArgs,
@@ -111,6 +121,7 @@ SECTIONS: dict[str, type] = {
     "device_args": DeviceArgs,
     "comm_args": CommArgs,
     "tracking_args": TrackingArgs,
+    "hub_args": HubArgs,
 }
 
 
@@ -124,6 +135,7 @@ class Recipe:
     device_args: DeviceArgs = field(default_factory=DeviceArgs)
     comm_args: CommArgs = field(default_factory=CommArgs)
     tracking_args: TrackingArgs = field(default_factory=TrackingArgs)
+    hub_args: HubArgs = field(default_factory=HubArgs)
     algorithm_args: Any = None  # the method's own dataclass, filled by load_recipe
     source: Path | None = None
     label: str | None = None  # a name for this run other than the file's stem (a suite's variant of a recipe)
@@ -239,6 +251,15 @@ def _validate(recipe: Recipe, where: str) -> None:
     require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")
+    h = recipe.hub_args
+    if h.push_to_hub:
+        require(bool(h.hub_repo_id) and h.hub_repo_id.count("/") == 1 and all(h.hub_repo_id.split("/")),
+                "hub_args.hub_repo_id", f"must be 'owner/name' when push_to_hub is true, got {h.hub_repo_id!r}")
+        require(h.save_adapters, "hub_args.save_adapters", "must be true when push_to_hub is true (the push "
+                "uploads the adapters the run writes)")
+        require(c.training_type == "simulation", "hub_args.push_to_hub",
+                "is supported for simulator runs only: in a cross-silo deployment each client's adapter and head "
+                "stay with its party, and per-party pushing is not implemented yet")
 
 
 def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) -> Recipe:

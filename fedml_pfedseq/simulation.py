@@ -9,12 +9,15 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Callable
 
 import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.federation import Federation, build_federation
+from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
+from fedml_pfedseq.hub.push import push_run
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.transport import check_plain, traffic
 
@@ -26,8 +29,12 @@ def checked(payloads: dict) -> dict:
     return payloads
 
 
-def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
-    """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end."""
+def run_federation(fed: Federation, progress: bool = True,
+                   after_final_evaluation: Callable[[int, object], None] | None = None) -> MetricsLog:
+    """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end.
+
+    ``after_final_evaluation(i, client)`` is called right after client i's final evaluation, while its evaluated
+    model is still in ``client.model`` (to save exactly what was reported)."""
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
     log = MetricsLog()
@@ -55,6 +62,8 @@ def run_federation(fed: Federation, progress: bool = True) -> MetricsLog:
     for i, client in enumerate(fed.clients):
         client.receive(payloads[i])
         log.add(round=rounds, client=i, **client.evaluate())
+        if after_final_evaluation is not None:
+            after_final_evaluation(i, client)
     return log
 
 
@@ -65,8 +74,19 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     started = time.perf_counter()
     fed = build_federation(recipe)
-    log = run_federation(fed, progress=progress)
+    writer = None
+    if recipe.hub_args.save_adapters:
+        writer = AdapterWriter(output_dir / "adapters", recipe, getattr(fed.server, "global_state", {}).get("lora"))
+    else:
+        remove_stale(output_dir / "adapters")
+    log = run_federation(fed, progress=progress,
+                         after_final_evaluation=(lambda i, client: writer.save_client(i, client.model))
+                         if writer else None)
     fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if writer is not None:
+        writer.finish(fed.server, fed.model, log.at(log.rounds[-1]), fed.data.label_names)
+    if recipe.hub_args.push_to_hub:
+        push_run(output_dir, recipe.hub_args.hub_repo_id, private=recipe.hub_args.hub_private)
     return summary

@@ -1,0 +1,131 @@
+"""The model card of a run: ``cards/templates/personalized_adapters.md`` filled from the run folder.
+
+Everything comes from the files a run writes (recipe.yaml, summary.json, adapters/manifest.json), so a card can be
+made for any finished run, on any machine. The YAML header is built with ``huggingface_hub.ModelCardData`` (the
+Hub's metadata format, with the mean test accuracy as a model-index result) and checked by parsing the card back
+with ``ModelCard``; the Hub (or the local endpoint) validates it again when the card is pushed.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from fedml_pfedseq.hub.adapters import MANIFEST, is_hub_id
+from fedml_pfedseq.results import format_table
+
+TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "cards" / "templates"
+TEMPLATE = TEMPLATES_DIR / "personalized_adapters.md"
+
+
+class CardError(ValueError):
+    """A run folder a card cannot be made from, or a card whose metadata does not validate."""
+
+
+def read_run(run_dir: Path) -> tuple[dict, dict, dict]:
+    """The run's recipe (raw sections), summary and adapter manifest, naming whichever file is missing."""
+    run_dir = Path(run_dir)
+    found = []
+    for name in ("recipe.yaml", "summary.json", f"adapters/{MANIFEST}"):
+        path = run_dir / name
+        if not path.is_file():
+            hint = " (run with hub_args.save_adapters: true)" if name.startswith("adapters") else ""
+            raise CardError(f"{run_dir} is not a finished run folder: {name} is missing{hint}")
+        found.append(yaml.safe_load(path.read_text()) if name.endswith(".yaml") else json.loads(path.read_text()))
+    return tuple(found)
+
+
+def partition_text(data: dict) -> str:
+    if data["partition_method"] == "column":
+        return f"one client per value of the column `{data['partition_column']}` (natural, real-world split)"
+    return f"Dirichlet label skew, alpha = {data['partition_alpha']}"
+
+
+def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> ModelCard:
+    """The filled card for ``run_dir`` as it will be pushed to ``repo_id``."""
+    run_dir = Path(run_dir)
+    recipe, summary, manifest = read_run(run_dir)
+    model, data, train = recipe["model_args"], recipe["data_args"], recipe["train_args"]
+    clients = manifest["clients"]
+    test = [c["test_accuracy"] for c in clients]
+    base_hub_id = manifest.get("base_model_hub_id")
+    base_display = base_hub_id or Path(manifest["base_model"]).name  # a bundled name, or a local folder's name
+    card_data = ModelCardData(
+        model_name=repo_id.split("/")[-1],
+        library_name="peft",
+        pipeline_tag="image-classification",
+        base_model=base_hub_id,
+        datasets=[data["hub_id"]] if data.get("hub_id") else None,
+        tags=["federated-learning", "personalized-federated-learning", "lora", "peft", "fedml", "vit",
+              manifest["method"].lower()],
+        eval_results=[EvalResult(task_type="image-classification", dataset_type=data["dataset"],
+                                 dataset_name=f"{data['dataset']} (local test split of each client)",
+                                 dataset_split="test", metric_type="accuracy", metric_name="mean client accuracy",
+                                 metric_value=round(statistics.fmean(test), 4))],
+    )
+    table = format_table(["client", "test accuracy", "validation accuracy", "test images", "own backbone"],
+                         [[c["client"], c["test_accuracy"], c["validation_accuracy"], c["test_samples"],
+                           "yes" if c.get("backbone") else "no"] for c in clients])
+    hyperparameters = {"train_args": {k: train[k] for k in ("comm_round", "epochs", "batch_size", "learning_rate",
+                                                             "client_optimizer", "momentum", "weight_decay")},
+                       "model_args": model, "algorithm_args": recipe.get("algorithm_args") or {}}
+    sizes = [c["test_samples"] for c in clients]
+    head_hidden = _hidden_size(run_dir, clients)
+    card = ModelCard.from_template(
+        card_data, template_path=str(TEMPLATE), repo_id=repo_id,
+        model_name=repo_id.split("/")[-1], method=manifest["method"], recipe_name=manifest["recipe"],
+        rounds=manifest["round"], num_clients=len(clients), base_model=base_display,
+        backbone_pushed=backbone_pushed,
+        base_load_args='repo, subfolder="backbone"' if backbone_pushed else f'"{base_hub_id}"',
+        has_global=manifest.get("global") is not None,
+        global_head=bool(manifest.get("global") and manifest["global"].get("head")),
+        has_learner=(run_dir / "seq_learner" / "config.json").is_file(),
+        any_client_backbone=any(c.get("backbone") for c in clients),
+        lora_r=model["lora_r"], lora_alpha=model["lora_alpha"], lora_dropout=model["lora_dropout"],
+        lora_target_modules=", ".join(f"`{m}`" for m in model["lora_target_modules"]),
+        hidden_size=head_hidden, num_labels=manifest["num_labels"], seed=recipe["common_args"]["random_seed"],
+        dataset=data["dataset"], dataset_split=data["dataset_split"], dataset_hub_id=data.get("hub_id"),
+        partition=partition_text(data), split_fractions=" / ".join(str(f) for f in data["split_fractions"]),
+        samples_per_client=data.get("samples_per_client"),
+        scenario=recipe["common_args"].get("federated_scenario") or "not stated in the recipe",
+        results_table=table, mean_test_accuracy=f"{statistics.fmean(test):.4f}",
+        std_test_accuracy=f"{statistics.pstdev(test):.4f}",
+        mean_validation_accuracy=f"{statistics.fmean(c['validation_accuracy'] for c in clients):.4f}",
+        hyperparameters=yaml.safe_dump(hyperparameters, sort_keys=False).strip(),
+        test_samples_range=f"{min(sizes)}-{max(sizes)}" if min(sizes) != max(sizes) else str(sizes[0]),
+    )
+    check_card(card)
+    return card
+
+
+def _hidden_size(run_dir: Path, clients: list[dict]) -> int | str:
+    """The head's input width, read from client 0's head.safetensors header (no tensor is loaded)."""
+    from safetensors import safe_open
+
+    with safe_open(str(run_dir / clients[0]["path"] / "head.safetensors"), framework="pt") as f:
+        return int(f.metadata().get("in_features", "0")) or "?"
+
+
+def check_card(card: ModelCard) -> None:
+    """Parse the card back as the Hub client does; its metadata must survive the round trip."""
+    try:
+        parsed = ModelCard(str(card))
+    except ValueError as err:
+        raise CardError(f"the generated model card's metadata does not parse: {err}") from None
+    if parsed.data.to_dict() != card.data.to_dict():
+        raise CardError("the generated model card's metadata changed when parsed back")
+
+
+def write_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Path:
+    """Write the card as ``<run_dir>/README.md`` (the repo's front page once pushed)."""
+    path = Path(run_dir) / "README.md"
+    path.write_text(str(build_card(run_dir, repo_id, backbone_pushed)))
+    return path
+
+
+def backbone_needs_push(base_model: str) -> bool:
+    """A backbone that is not on the Hub (a local folder or one bundled here) travels with the run, in ``backbone/``."""
+    return not is_hub_id(base_model)
