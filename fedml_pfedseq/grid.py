@@ -38,7 +38,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, load_yaml
-from fedml_pfedseq.results import format_table
+from fedml_pfedseq.results import format_table, plot_suite
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.suite import load_entry
 
@@ -232,7 +232,8 @@ def summarize(cells: list[Cell], root: Path, candidates: list[dict] | None = Non
     with the tuned values it ran with.
 
     Writes ``grid_cells.csv`` (one row per seed cell), ``grid_summary.json`` (the table, the cells and every tuning
-    candidate's validation accuracy) and ``grid_table.md`` (rows: methods, columns: scenarios)."""
+    candidate's validation accuracy), ``grid_table.md`` (rows: methods, columns: scenarios) and, per scenario,
+    ``grid_curves_<scenario>.png``: each method's test accuracy per round, averaged over clients and seeds."""
     rows, groups = [], {}
     for cell in cells:
         summary = cell.summary()
@@ -258,6 +259,13 @@ def summarize(cells: list[Cell], root: Path, candidates: list[dict] | None = Non
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+    for scenario in scenarios:
+        pooled = {}  # method -> every seed's evaluation rows (equal client counts: the mean of the seed means)
+        for cell in cells:
+            if cell.scenario == scenario:
+                rows_of_cell = json.loads((cell.output_dir / "metrics.json").read_text())["eval"]
+                pooled.setdefault(cell.method, []).extend(rows_of_cell)
+        plot_suite(pooled, f"{scenario}: mean over clients and seeds", root / f"grid_curves_{scenario}.png")
     (root / "grid_summary.json").write_text(json.dumps({"table": table, "cells": rows,
                                                         "tuning_candidates": candidates or []}, indent=2))
     (root / "grid_table.md").write_text("Mean local test accuracy after the last round: mean +- std over seeds "

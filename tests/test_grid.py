@@ -58,7 +58,8 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     seeds = [yaml.safe_load((tmp_path / "grid/small/FedAvg" / f"seed_{k}" / "recipe.yaml").read_text())
              ["common_args"]["random_seed"] for k in (0, 1)]
     assert seeds == [0, 1]
-    for name in ("grid_cells.csv", "grid_summary.json", "grid_table.md"):
+    for name in ("grid_cells.csv", "grid_summary.json", "grid_table.md", "grid_curves_small.png",
+                 "grid_curves_smaller.png"):
         assert (tmp_path / "grid" / name).is_file()
     assert "local_heads" in (tmp_path / "grid/grid_table.md").read_text()
 
