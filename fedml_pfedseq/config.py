@@ -110,6 +110,8 @@ class HubArgs:
     push_to_hub: bool = False  # push the run folder to hub_repo_id once the run ends (HF_ENDPOINT, HF_TOKEN)
     hub_repo_id: str | None = None  # "owner/name" of the model repo to push to
     hub_private: bool = True  # create the repo private (ignored if it already exists)
+    hub_learner_init: str | None = None  # pFedSeq: a repo id or run folder whose seq_learner/ the learner starts
+    # from (warm start: its weights carry over; the update history and Adam's moments start afresh)
 
 
 SECTIONS: dict[str, type] = {
@@ -252,6 +254,10 @@ def _validate(recipe: Recipe, where: str) -> None:
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")
     h = recipe.hub_args
+    require(h.hub_learner_init is None or t.federated_optimizer.lower() == "pfedseq", "hub_args.hub_learner_init",
+            f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")
+    require(h.hub_learner_init is None or c.training_type == "simulation", "hub_args.hub_learner_init",
+            "is supported for simulator runs only (not wired into cross-silo parties yet)")
     if h.push_to_hub:
         require(bool(h.hub_repo_id) and h.hub_repo_id.count("/") == 1 and all(h.hub_repo_id.split("/")),
                 "hub_args.hub_repo_id", f"must be 'owner/name' when push_to_hub is true, got {h.hub_repo_id!r}")

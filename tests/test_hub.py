@@ -24,10 +24,12 @@ from transformers import ViTForImageClassification
 
 from conftest import run_shipped_recipe
 from fedml_pfedseq.cli import main
-from fedml_pfedseq.config import RecipeError, parse_recipe
+from fedml_pfedseq.config import RecipeError, load_recipe, parse_recipe
+from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.hub import PersonalizedClassifier, PushError, load_client_classifier, push_run
 from fedml_pfedseq.hub.card import build_card
 from fedml_pfedseq.hub.local_endpoint import LocalHubServer
+from fedml_pfedseq.hub.warm_start import warm_start_learner
 from fedml_pfedseq.training import evaluate_model, make_loader
 
 REPO = "local-user/omniglot-pfedseq"
@@ -165,6 +167,7 @@ def test_save_adapters_false_writes_no_adapters(tiny_vit, tmp_path):
     ({"push_to_hub": True, "hub_repo_id": "a/b", "save_adapters": False}, {}, "hub_args.save_adapters must be true"),
     ({"push_to_hub": True, "hub_repo_id": "a/b"}, {"training_type": "cross_silo"}, "simulator runs only"),
     ({"push_every": 2}, {}, "unknown key 'push_every'"),
+    ({"hub_learner_init": "a/b"}, {}, "hub_args.hub_learner_init warm-starts pFedSeq's SeqLearner"),
 ])
 def test_bad_hub_args_are_refused_naming_the_key(hub_args, common, message):
     with pytest.raises(RecipeError, match=message):
@@ -358,3 +361,21 @@ def test_old_revisions_stay_downloadable_by_commit_id(pushed, hub_env, tmp_path)
     assert result.deleted == ["adapters/client_99/head.safetensors"]
     assert "adapters/client_99/head.safetensors" not in api.list_repo_files(REPO)
 
+
+# --- warm start ----------------------------------------------------------------------------------------------
+
+def test_a_run_warm_starts_its_seq_learner_from_the_pushed_repo(pushed, hub_env, tiny_vit, tmp_path):
+    fed, _, _ = run_shipped_recipe("pfedseq", tiny_vit, tmp_path, overrides=(
+        "train_args.comm_round=1", f"hub_args.hub_learner_init={REPO}"))  # one round: the learner takes no step
+    trained = pushed.fed.server.learner.state_dict()
+    assert all(torch.equal(v, trained[k]) for k, v in fed.server.learner.state_dict().items())
+    fresh = build_federation(fed.recipe).server.learner.state_dict()  # its own seeded init differs
+    assert not all(torch.equal(v, trained[k]) for k, v in fresh.items())
+
+
+def test_a_learner_of_another_shape_is_refused_naming_what_differs(pushed, hub_env, tiny_vit, tmp_path):
+    recipe = load_recipe(SRC / "recipes" / "omniglot_pfedseq.yaml", [
+        f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "algorithm_args.seq_len=3",
+        "device_args.using_gpu=false"])
+    with pytest.raises(RecipeError, match="max_seq_len: saved 6, this run 3"):
+        warm_start_learner(build_federation(recipe).server, REPO)
