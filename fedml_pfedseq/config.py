@@ -110,6 +110,7 @@ class HubArgs:
     push_to_hub: bool = False  # push the run folder to hub_repo_id once the run ends (HF_ENDPOINT, HF_TOKEN)
     hub_repo_id: str | None = None  # "owner/name" of the model repo to push to
     hub_private: bool = True  # create the repo private (ignored if it already exists)
+    hub_push_every: int | None = None  # also push a checkpoint every K rounds during the run (null: only at the end)
     hub_learner_init: str | None = None  # pFedSeq: a repo id or run folder whose seq_learner/ the learner starts
     # from (warm start: its weights carry over; the update history and Adam's moments start afresh)
 
@@ -258,11 +259,17 @@ def _validate(recipe: Recipe, where: str) -> None:
             f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")
     require(h.hub_learner_init is None or c.training_type == "simulation", "hub_args.hub_learner_init",
             "is supported for simulator runs only (not wired into cross-silo parties yet)")
+    require(h.hub_push_every is None or h.push_to_hub, "hub_args.hub_push_every", "needs push_to_hub: true")
     if h.push_to_hub:
         require(bool(h.hub_repo_id) and h.hub_repo_id.count("/") == 1 and all(h.hub_repo_id.split("/")),
                 "hub_args.hub_repo_id", f"must be 'owner/name' when push_to_hub is true, got {h.hub_repo_id!r}")
         require(h.save_adapters, "hub_args.save_adapters", "must be true when push_to_hub is true (the push "
                 "uploads the adapters the run writes)")
+        require(h.hub_push_every is None or (h.hub_push_every >= 1 and h.hub_push_every % v.frequency_of_the_test
+                                              == 0), "hub_args.hub_push_every",
+                f"must be null or a multiple >= 1 of validation_args.frequency_of_the_test "
+                f"({v.frequency_of_the_test}): a checkpoint holds the models evaluated at its round, "
+                f"got {h.hub_push_every}")
         require(c.training_type == "simulation", "hub_args.push_to_hub",
                 "is supported for simulator runs only: in a cross-silo deployment each client's adapter and head "
                 "stay with its party, and per-party pushing is not implemented yet")

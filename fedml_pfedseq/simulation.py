@@ -18,6 +18,7 @@ from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.federation import Federation, build_federation
 from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
 from fedml_pfedseq.hub.push import push_run
+from fedml_pfedseq.hub.round_push import RoundPusher
 from fedml_pfedseq.hub.warm_start import warm_start_learner
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.transport import check_plain, traffic
@@ -31,11 +32,13 @@ def checked(payloads: dict) -> dict:
 
 
 def run_federation(fed: Federation, progress: bool = True,
-                   after_final_evaluation: Callable[[int, object], None] | None = None) -> MetricsLog:
+                   after_evaluation: Callable[[int, int, object], None] | None = None,
+                   before_aggregation: Callable[[int, MetricsLog], None] | None = None) -> MetricsLog:
     """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end.
 
-    ``after_final_evaluation(i, client)`` is called right after client i's final evaluation, while its evaluated
-    model is still in ``client.model`` (to save exactly what was reported)."""
+    ``after_evaluation(round, i, client)`` is called right after client i is evaluated at ``round``, while its
+    evaluated model is still in ``client.model`` (to save exactly what was reported); ``before_aggregation(t - 1,
+    log)`` once every client of round t has trained, while the server still holds the state after round t - 1."""
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
     log = MetricsLog()
@@ -49,10 +52,14 @@ def run_federation(fed: Federation, progress: bool = True,
             t0 = time.perf_counter()
             if (t - 1) % every == 0:
                 log.add(round=t - 1, client=i, **client.evaluate())
+                if after_evaluation is not None:
+                    after_evaluation(t - 1, i, client)
             t1 = time.perf_counter()
             uploads[i] = client.train(t)
             train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
             log.add_train(round=t, client=i, **client.last_train_stats)
+        if before_aggregation is not None:
+            before_aggregation(t - 1, log)
         payloads = checked(fed.server.aggregate(uploads))
         log.add_server(**{"round": t, **traffic(payloads, uploads), **fed.server.last_round_stats})
         log.round_seconds.append(time.perf_counter() - started)
@@ -63,8 +70,8 @@ def run_federation(fed: Federation, progress: bool = True,
     for i, client in enumerate(fed.clients):
         client.receive(payloads[i])
         log.add(round=rounds, client=i, **client.evaluate())
-        if after_final_evaluation is not None:
-            after_final_evaluation(i, client)
+        if after_evaluation is not None:
+            after_evaluation(rounds, i, client)
     return log
 
 
@@ -77,14 +84,20 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     fed = build_federation(recipe)
     if recipe.hub_args.hub_learner_init:
         warm_start_learner(fed.server, recipe.hub_args.hub_learner_init)
-    writer = None
-    if recipe.hub_args.save_adapters:
-        writer = AdapterWriter(output_dir / "adapters", recipe, getattr(fed.server, "global_state", {}).get("lora"))
-    else:
+    initial_global = getattr(fed.server, "global_state", {}).get("lora")  # theta^0: replaced iff it aggregates
+    writer = AdapterWriter(output_dir / "adapters", recipe, initial_global) if recipe.hub_args.save_adapters else None
+    if writer is None:
         remove_stale(output_dir / "adapters")
-    log = run_federation(fed, progress=progress,
-                         after_final_evaluation=(lambda i, client: writer.save_client(i, client.model))
-                         if writer else None)
+    pusher = RoundPusher(fed, output_dir, initial_global) if recipe.hub_args.hub_push_every else None
+
+    def after_evaluation(round_idx: int, i: int, client) -> None:
+        if writer is not None and round_idx == recipe.train_args.comm_round:
+            writer.save_client(i, client.model)
+        if pusher is not None:
+            pusher.after_evaluation(round_idx, i, client)
+
+    log = run_federation(fed, progress=progress, after_evaluation=after_evaluation,
+                         before_aggregation=pusher.before_aggregation if pusher else None)
     fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -168,10 +168,18 @@ def test_save_adapters_false_writes_no_adapters(tiny_vit, tmp_path):
     ({"push_to_hub": True, "hub_repo_id": "a/b"}, {"training_type": "cross_silo"}, "simulator runs only"),
     ({"push_every": 2}, {}, "unknown key 'push_every'"),
     ({"hub_learner_init": "a/b"}, {}, "hub_args.hub_learner_init warm-starts pFedSeq's SeqLearner"),
+    ({"hub_push_every": 2}, {}, "hub_args.hub_push_every needs push_to_hub: true"),
+    ({"hub_push_every": 0, "push_to_hub": True, "hub_repo_id": "a/b"}, {}, "hub_args.hub_push_every must be null"),
 ])
 def test_bad_hub_args_are_refused_naming_the_key(hub_args, common, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe({"hub_args": hub_args, "common_args": common})
+
+
+def test_push_every_k_rounds_must_fall_on_evaluated_rounds():
+    with pytest.raises(RecipeError, match=r"multiple >= 1 of validation_args.frequency_of_the_test \(2\)"):
+        parse_recipe({"hub_args": {"hub_push_every": 3, "push_to_hub": True, "hub_repo_id": "a/b"},
+                      "validation_args": {"frequency_of_the_test": 2}})
 
 
 # --- B + C: the endpoint and the push ------------------------------------------------------------------------
@@ -379,3 +387,24 @@ def test_a_learner_of_another_shape_is_refused_naming_what_differs(pushed, hub_e
         "device_args.using_gpu=false"])
     with pytest.raises(RecipeError, match="max_seq_len: saved 6, this run 3"):
         warm_start_learner(build_federation(recipe).server, REPO)
+
+
+# --- pushing every K rounds ----------------------------------------------------------------------------------
+
+def test_push_every_round_commits_a_loadable_checkpoint_then_the_final_run(pushed, hub_env, tiny_vit, tmp_path):
+    repo = "local-user/omniglot-fedavg"
+    fed, _, metrics = run_shipped_recipe("fedavg", tiny_vit, tmp_path, overrides=(
+        "hub_args.push_to_hub=true", f"hub_args.hub_repo_id={repo}", "hub_args.hub_push_every=1"))
+    api = HfApi()
+    commits = api.list_repo_commits(repo)  # newest first
+    assert [c.title.split(", ")[1] for c in commits[:2]] == ["round 2", "checkpoint after round 1"]
+    checkpoint = commits[1].commit_id
+    manifest = json.loads(Path(api.hf_hub_download(repo, "adapters/manifest.json", revision=checkpoint)).read_text())
+    assert manifest["round"] == 1
+    model = load_client_classifier(repo, CLIENT, revision=checkpoint)
+    got = evaluate_model(model, make_loader(fed.data.clients[CLIENT].test, 256, shuffle=False))
+    at_round_1 = next(r for r in metrics["eval"] if r["round"] == 1 and r["client"] == CLIENT)
+    assert (got["accuracy"], got["loss"]) == (at_round_1["test_accuracy"], at_round_1["test_loss"])
+    final = api.list_repo_files(repo)
+    assert not [f for f in final if f.startswith("hub_checkpoint/")]
+    assert json.loads(Path(api.hf_hub_download(repo, "adapters/manifest.json")).read_text())["round"] == 2

@@ -23,7 +23,8 @@ from fedml_pfedseq.hub.adapters import BACKBONE_DIR
 from fedml_pfedseq.hub.card import CardError, backbone_needs_push, build_card, read_run
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
-LOCAL_ONLY_DIRS = ("logs", "parties")  # a deployment's process logs and per-party progress: not part of a model
+CHECKPOINT_DIR = "hub_checkpoint"  # where hub_args.hub_push_every assembles a round's checkpoint (round_push.py)
+LOCAL_ONLY_DIRS = ("logs", "parties", CHECKPOINT_DIR)  # deployment logs and progress, checkpoints: not the model
 BACKBONE_FILES = ("config.json", "preprocessor_config.json")
 
 
