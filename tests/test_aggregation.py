@@ -68,3 +68,25 @@ def test_upload_with_wrong_keys_or_sender_is_refused():
         server.aggregate({0: upload(0, 5, [1.0, 1.0]), 1: bad})
     with pytest.raises(ValueError, match="claims to come from client 0"):
         server.aggregate({0: upload(0, 5, [1.0, 1.0]), 1: upload(0, 5, [1.0, 1.0])})
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("shape", torch.ones(1, 2), r"client 1: lora update 'l.layers.0.q.lora_A' is torch.float32 \(1, 2\), "
+                                r"expected torch.float32 \(2,\)"),  # broadcastable: it would pass silently
+    ("dtype", torch.ones(2, dtype=torch.float64), r"is torch.float64 \(2,\), expected torch.float32"),
+    ("num_samples", 0, "num_samples must be a positive int"),
+    ("num_samples", 2.5, "num_samples must be a positive int"),
+    ("num_samples", True, "num_samples must be a positive int"),
+])
+def test_an_update_of_the_wrong_shape_dtype_or_weight_is_refused_and_changes_nothing(field, value, message):
+    server = make_server("FedAvgLocalHead", num_clients=2)
+    server.initial_payloads()
+    before = {k: v.clone() for k, v in server.global_state["lora"].items()}
+    bad = upload(1, 5, [1.0, 1.0])
+    if field == "num_samples":
+        bad["num_samples"] = value
+    else:
+        bad["lora"]["l.layers.0.q.lora_A"] = value
+    with pytest.raises(ValueError, match=message):
+        server.aggregate({0: upload(0, 5, [1.0, 1.0]), 1: bad})
+    assert all(torch.equal(server.global_state["lora"][k], before[k]) for k in before)

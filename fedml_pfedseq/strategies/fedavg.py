@@ -53,6 +53,9 @@ class FedAvgServer:
         for i, upload in uploads.items():
             if upload.get("client_id") != i:
                 raise ValueError(f"upload in slot {i} claims to come from client {upload.get('client_id')}")
+            n = upload.get("num_samples")
+            if type(n) is not int or n < 1:
+                raise ValueError(f"client {i}: num_samples must be a positive int (it weights the average), got {n!r}")
             states[i] = {}
             for part in self.shared_parts:
                 if part not in upload:
@@ -60,6 +63,11 @@ class FedAvgServer:
                 check_finite(upload[part], f"client {i} {part} update")
                 if upload[part].keys() != self.sent[i][part].keys():
                     raise KeyError(f"client {i}: {part} update has keys that differ from what it was sent")
+                for key, delta in upload[part].items():
+                    sent = self.sent[i][part][key]
+                    if delta.shape != sent.shape or delta.dtype != sent.dtype:  # broadcasting would hide a shape
+                        raise ValueError(f"client {i}: {part} update {key!r} is {delta.dtype} {tuple(delta.shape)}, "
+                                         f"expected {sent.dtype} {tuple(sent.shape)}")
                 states[i][part] = add(self.sent[i][part], upload[part])
         return states
 
