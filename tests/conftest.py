@@ -47,6 +47,17 @@ def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # 
     return parse_recipe(raw, where=f"test:{method}")
 
 
+def first_client_with_global_model(recipe):
+    """The federation of ``recipe`` and client 0 (28 training samples on the 40-drawing slice) after receiving the
+    initial global model: (fed, client, the (LoRA, head) received)."""
+    fed = build_federation(recipe)
+    client = fed.clients[0]
+    payload = fed.server.initial_payloads()[0]
+    client.receive(payload)
+    assert client.num_samples == 28
+    return fed, client, {"lora": payload["lora"], "head": payload["head"]}
+
+
 def run_shipped_recipe(name: str, tiny_vit: str, tmp_path, out: str = "out", overrides: tuple[str, ...] = ()):
     """Run recipes/omniglot_<name>.yaml for 2 rounds on the tiny ViT, 40 drawings per drawer, 1 thread (plus
     ``overrides``); return the federation it built (client and server state stay inspectable), its summary and its

@@ -11,11 +11,11 @@ from torch.func import functional_call
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.data.federated import client_seed
-from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.training import make_loader
 
-from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
+from conftest import (assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
+                      small_recipe)
 
 ALPHA, BETA = 0.3, 0.2
 
@@ -25,12 +25,7 @@ def two_batch_client(tiny_vit, tmp_path):
     exactly one pair-step (D, D')."""
     recipe = small_recipe("PerFedAvg", tiny_vit, tmp_path, train_args={"batch_size": 14, "learning_rate": BETA},
                           algorithm_args={"perfedavg_alpha": ALPHA}, device_args={"num_threads": 1})
-    fed = build_federation(recipe)
-    client = fed.clients[0]
-    payload = fed.server.initial_payloads()[0]
-    client.receive(payload)
-    assert client.num_samples == 28
-    return fed, client, {"lora": payload["lora"], "head": payload["head"]}
+    return first_client_with_global_model(recipe)
 
 
 def theta_of(model):

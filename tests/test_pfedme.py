@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
-from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import make_loader
 
-from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe, synthetic_lora
+from conftest import (assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
+                      small_recipe, synthetic_lora)
 
 ETA, LAMBDA, PERSONAL_LR, K = 0.2, 1.5, 0.3, 3
 
@@ -25,12 +25,7 @@ def client_with(tiny_vit, tmp_path, batch_size, lam=LAMBDA):
     recipe = small_recipe("pFedMe", tiny_vit, tmp_path, train_args={"batch_size": batch_size, "learning_rate": ETA},
                           algorithm_args={"pfedme_lambda": lam, "pfedme_k": K, "pfedme_personal_lr": PERSONAL_LR},
                           device_args={"num_threads": 1})
-    fed = build_federation(recipe)
-    client = fed.clients[0]
-    payload = fed.server.initial_payloads()[0]
-    client.receive(payload)
-    assert client.num_samples == 28
-    return fed, client, {"lora": payload["lora"], "head": payload["head"]}
+    return first_client_with_global_model(recipe)
 
 
 def params_of(model, state):
