@@ -11,7 +11,7 @@ import torch
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from fedml_pfedseq import simulation
-from fedml_pfedseq.config import load_recipe, parse_recipe
+from fedml_pfedseq.config import Recipe, load_recipe, parse_recipe
 from fedml_pfedseq.federation import build_federation
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
@@ -32,7 +32,7 @@ def tiny_vit(tmp_path_factory) -> str:
     return str(path)
 
 
-def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # noqa: F821
+def small_recipe(method: str, model: str, tmp_path, **sections) -> Recipe:
     """An Omniglot recipe on a small slice (embedded data), overridable per section."""
     raw = {
         "common_args": {"random_seed": 0, "output_dir": str(tmp_path / "{recipe}")},
@@ -45,6 +45,15 @@ def small_recipe(method: str, model: str, tmp_path, **sections) -> "Recipe":  # 
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_recipe(raw, where=f"test:{method}")
+
+
+def as_state(model, params: dict[str, torch.Tensor]) -> dict:
+    """The (LoRA, head) state dicts of ``model`` with ``params`` (by parameter name) as its trainable parameters."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in params:
+                p.copy_(params[n])
+    return {"lora": model.get_lora_state(), "head": model.get_head_state()}
 
 
 def first_client_with_global_model(recipe):

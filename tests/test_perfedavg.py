@@ -14,7 +14,7 @@ from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.training import make_loader
 
-from conftest import (assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
+from conftest import (as_state, assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
                       small_recipe)
 
 ALPHA, BETA = 0.3, 0.2
@@ -44,15 +44,6 @@ def grad(model, params, batch):
 
 def step(params, grads, lr):
     return {n: params[n] - lr * grads[n] for n in params}
-
-
-def as_state(model, params):
-    """The (LoRA, head) state dicts of the model with ``params`` as its trainable parameters."""
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in params:
-                p.copy_(params[n])
-    return {"lora": model.get_lora_state(), "head": model.get_head_state()}
 
 
 def close(a, b) -> bool:

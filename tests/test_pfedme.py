@@ -14,7 +14,7 @@ from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import make_loader
 
-from conftest import (assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
+from conftest import (as_state, assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
                       small_recipe, synthetic_lora)
 
 ETA, LAMBDA, PERSONAL_LR, K = 0.2, 1.5, 0.3, 3
@@ -33,14 +33,6 @@ def params_of(model, state):
     model.set_lora_state(state["lora"])
     model.set_head_state(state["head"])
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def as_state(model, params):
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in params:
-                p.copy_(params[n])
-    return {"lora": model.get_lora_state(), "head": model.get_head_state()}
 
 
 def inner_by_hand(model, theta, w, batch, lam, steps=K, lr=PERSONAL_LR):
