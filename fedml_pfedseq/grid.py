@@ -81,14 +81,11 @@ class Grid:
     overrides: list[str]  # every cell
     root: Path
     tuning: dict | None
+    names: list[str] = field(default_factory=list)  # each method's row name, set by load_grid
 
-    def recipe(self, scenario: str, index: int, extra: list[str]) -> tuple[str, Recipe]:
-        """(row name, recipe) of method ``index`` in ``scenario`` with ``extra`` overrides."""
-        entry = self.methods[index]
-        recipe = load_entry(self.path, index, entry, [*self.overrides, *self.scenarios[scenario], *extra])
-        name = entry.get("name") if isinstance(entry, dict) and entry.get("name") else \
-            recipe.train_args.federated_optimizer
-        return name, recipe
+    def recipe(self, scenario: str, index: int, extra: list[str]) -> Recipe:
+        """Method ``index``'s recipe in ``scenario`` with ``extra`` overrides."""
+        return load_entry(self.path, index, self.methods[index], [*self.overrides, *self.scenarios[scenario], *extra])
 
     def candidates(self, method: str) -> list[dict[str, object]]:
         """Every tuning candidate of ``method``: {"section.key": value} (one empty candidate without tuning)."""
@@ -104,13 +101,12 @@ class Grid:
         rounds, seed = self.tuning["rounds"], self.tuning.get("seed", 0)
         cells = []
         for scenario in self.scenarios:
-            for index in range(len(self.methods)):
-                name, _ = self.recipe(scenario, index, [])
+            for index, name in enumerate(self.names):
                 for candidate in self.candidates(name):
                     label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in candidate.items())
                     extra = [*overrides_of(candidate), f"train_args.comm_round={rounds}",
                              f"common_args.random_seed={seed}"]
-                    _, recipe = self.recipe(scenario, index, extra)
+                    recipe = self.recipe(scenario, index, extra)
                     recipe.label = f"{scenario}_{name}_tune_{label}"
                     cells.append(Cell(scenario, name, seed, recipe, self.root / scenario / name / "tune" / label,
                                       candidate))
@@ -119,12 +115,10 @@ class Grid:
     def seed_cells(self, chosen: dict[tuple[str, str], dict[str, object]]) -> list[Cell]:
         cells = []
         for scenario in self.scenarios:
-            for index in range(len(self.methods)):
-                name, _ = self.recipe(scenario, index, [])
+            for index, name in enumerate(self.names):
                 candidate = chosen.get((scenario, name), {})
                 for seed in self.seeds:
-                    _, recipe = self.recipe(scenario, index, [*overrides_of(candidate),
-                                                              f"common_args.random_seed={seed}"])
+                    recipe = self.recipe(scenario, index, [*overrides_of(candidate), f"common_args.random_seed={seed}"])
                     recipe.label = f"{scenario}_{name}_seed{seed}"
                     cells.append(Cell(scenario, name, seed, recipe, self.root / scenario / name / f"seed_{seed}",
                                       candidate))
@@ -195,12 +189,15 @@ def load_grid(path: str | Path, extra_overrides: list[str] | None = None, output
     grid = Grid(path, methods, {name: _string_list(o, f"{where}: scenarios.{name}") for name, o in scenarios.items()},
                 seeds, _string_list(raw.get("overrides"), f"{where}: overrides") + list(extra_overrides or []),
                 Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"), raw.get("tuning"))
-    names = [grid.recipe(next(iter(grid.scenarios)), i, [])[0] for i in range(len(methods))]
+    first = next(iter(grid.scenarios))
+    names = [entry["name"] if isinstance(entry, dict) and entry.get("name") else
+             grid.recipe(first, i, []).train_args.federated_optimizer for i, entry in enumerate(methods)]
     if len(set(names)) != len(names):
         raise RecipeError(f"{where}: two methods share the row name in {names}; give variants a 'name'")
     unknown_methods = set((grid.tuning or {}).get("methods") or {}) - set(names)
     if unknown_methods:
         raise RecipeError(f"{where}: tuning.methods names {sorted(unknown_methods)}, not rows of this grid {names}")
+    grid.names = names
     grid.tuning_cells()  # every candidate's recipe validates...
     grid.seed_cells({})  # ...and every seed cell's
     return grid
