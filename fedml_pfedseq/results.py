@@ -47,7 +47,7 @@ class MetricsLog:
         return sorted({r["round"] for r in self.rows})
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     columns = list(dict.fromkeys(key for row in rows for key in row))  # rows may add keys as a run goes on
@@ -103,9 +103,9 @@ def format_table(headers: list[str], rows: list[list]) -> str:
 
 def write_run_outputs(log: MetricsLog, recipe, output_dir: Path, wall_seconds: float) -> dict:
     """Write metrics.json/.csv, train/server_metrics.csv, learning_curve.png, final_table.md; return the summary."""
-    _write_csv(output_dir / "metrics.csv", [{k: r.get(k) for k in EVAL_FIELDS} for r in log.rows])
-    _write_csv(output_dir / "train_metrics.csv", log.train_rows)
-    _write_csv(output_dir / "server_metrics.csv", log.server_rows)
+    write_csv(output_dir / "metrics.csv", [{k: r.get(k) for k in EVAL_FIELDS} for r in log.rows])
+    write_csv(output_dir / "train_metrics.csv", log.train_rows)
+    write_csv(output_dir / "server_metrics.csv", log.server_rows)
     (output_dir / "metrics.json").write_text(json.dumps(
         {"eval": log.rows, "train": log.train_rows, "server": log.server_rows, "round_seconds": log.round_seconds,
          "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds}, indent=1))

@@ -165,7 +165,8 @@ def test_save_adapters_false_writes_no_adapters(tiny_vit, tmp_path):
     ({"push_to_hub": True}, {}, "hub_args.hub_repo_id must be 'owner/name'"),
     ({"push_to_hub": True, "hub_repo_id": "no-owner"}, {}, "hub_args.hub_repo_id must be 'owner/name'"),
     ({"push_to_hub": True, "hub_repo_id": "a/b", "save_adapters": False}, {}, "hub_args.save_adapters must be true"),
-    ({"push_to_hub": True, "hub_repo_id": "a/b"}, {"training_type": "cross_silo"}, "simulator runs only"),
+    ({"push_to_hub": True, "hub_repo_id": "a/b", "hub_push_every": 1}, {"training_type": "cross_silo"},
+     "hub_args.hub_push_every is supported for simulator runs only"),
     ({"push_every": 2}, {}, "unknown key 'push_every'"),
     ({"hub_learner_init": "a/b"}, {}, "hub_args.hub_learner_init warm-starts pFedSeq's SeqLearner"),
     ({"hub_push_every": 2}, {}, "hub_args.hub_push_every needs push_to_hub: true"),
@@ -287,7 +288,7 @@ def test_card_is_generated_from_the_run_and_validated_by_the_endpoint(pushed, hu
 
 def test_card_needs_a_finished_run(tmp_path):
     (tmp_path / "recipe.yaml").write_text("{}")
-    with pytest.raises(ValueError, match="summary.json is missing"):
+    with pytest.raises(ValueError, match="adapters/manifest.json is missing"):
         build_card(tmp_path, REPO, backbone_pushed=False)
 
 

@@ -4,7 +4,10 @@ Each party is its own process (``pfedseq party ...``) talking gRPC on 127.0.0.1,
 log file (``<output_dir>/logs/<party>.log``). Clients start only once the server's port accepts connections.
 The launcher stops every party and raises :class:`DeploymentError` (naming the party, its exit code and the end
 of its log) as soon as one party fails or no round completes within ``comm_args.round_timeout``. When all parties
-exit 0 it merges their metrics into the simulator's outputs (metrics.json/csv, learning curve, final table).
+exit 0 it merges their metrics into the simulator's outputs (metrics.json/csv, learning curve, final table) and, with
+``hub_args.save_adapters``, the clients' own manifest entries into the server's ``adapters/manifest.json``: the folder
+is then the simulator's run folder, complete. With ``push_to_hub`` every party pushed its own share; parties whose
+push failed (exit code 4, their run complete) are named in a :class:`PushError` once the folder is assembled.
 """
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, parse_recipe
-from fedml_pfedseq.cross_silo.party import party_name
+from fedml_pfedseq.cross_silo.party import EXIT_NOT_PUSHED, party_name
+from fedml_pfedseq.hub.adapters import complete_manifest, remove_stale
+from fedml_pfedseq.hub.push import PushError
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 
 POLL_SECONDS = 0.2
+DONE = (0, EXIT_NOT_PUSHED)  # exit codes of a party that completed its run
 
 
 class DeploymentError(RuntimeError):
@@ -45,6 +51,11 @@ class Party:
     def log_tail(self, lines: int = 15) -> str:
         text = self.log_path.read_text(errors="replace").splitlines() if self.log_path.is_file() else []
         return "\n".join("    " + line for line in text[-lines:])
+
+    def push_error(self) -> str:
+        """What the party reported when its push failed: its log from the error on."""
+        text = self.log_path.read_text(errors="replace")
+        return text[text.rfind("pfedseq: error:"):].strip()
 
 
 def free_ports(count: int) -> list[int]:
@@ -128,12 +139,12 @@ def supervise(parties: list[Party], output_dir: Path, recipe: Recipe, progress: 
     done, last_change = None, time.monotonic()
     try:
         while True:
-            failed = [p for p in parties if p.process.poll() not in (None, 0)]
+            failed = [p for p in parties if p.process.poll() not in (None, *DONE)]
             if failed:
                 p = failed[0]
                 raise DeploymentError(f"{p.name} (rank {p.rank}) exited with code {p.process.returncode} "
                                       f"after {done or 0} of {rounds} rounds; end of {p.log_path}:\n{p.log_tail()}")
-            if all(p.process.poll() == 0 for p in parties):
+            if all(p.process.poll() in DONE for p in parties):
                 return
             now_done = read_progress(output_dir)
             if now_done != done:
@@ -170,6 +181,7 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
     """Run ``recipe`` as a cross-silo deployment on this machine; returns the summary (also in summary.json)."""
     output_dir = Path(output_dir or f"{recipe.output_dir}_cross_silo").resolve()  # beside the simulator's run
     shutil.rmtree(output_dir / "parties", ignore_errors=True)  # a previous run's progress must not count
+    remove_stale(output_dir / "adapters")  # parties replace only their own share of it
     (output_dir / "logs").mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     recipe, recipe_path, port = deployment_recipe(recipe, output_dir)
@@ -197,4 +209,12 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     summary["engine"] = "fedml cross-silo (gRPC)"
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    if recipe.hub_args.save_adapters:
+        complete_manifest(output_dir / "adapters")
+    not_pushed = [p for p in parties if p.process.returncode == EXIT_NOT_PUSHED]
+    if not_pushed:
+        raise PushError(f"the deployment finished and {output_dir} holds the whole run, but "
+                        f"{', '.join(p.name for p in not_pushed)} could not push to {recipe.hub_args.hub_repo_id}:\n"
+                        + "\n".join(f"{p.name}: {p.push_error()}" for p in not_pushed)
+                        + f"\nRetry with: pfedseq push {output_dir} --repo-id {recipe.hub_args.hub_repo_id}")
     return summary

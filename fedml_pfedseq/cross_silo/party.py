@@ -6,6 +6,12 @@ own partition), runs FedML's cross-silo flow over gRPC, and writes under ``<outp
 ``metrics.json``, its FedML home (FedML's logs and traces) and, for the server, ``progress.json`` after each round.
 The server also saves its method's artifacts (pFedSeq: ``seq_learner/``) in ``<output_dir>``.
 
+With ``hub_args.save_adapters`` each party also writes its share of ``<output_dir>/adapters/`` (hub/adapters.py):
+client k the model its final evaluation loaded, in ``adapters/client_<k>/`` with its accuracies in ``client.json``;
+the server the global adapter and a manifest of what it knows, plus ``recipe.yaml`` and ``server_metrics.csv``. With
+``push_to_hub`` each then pushes only that share, in its own commit (hub/push.py). A push that fails once training
+is over does not undo the run: the party reports the PushError and exits with code 4, its files kept.
+
 A watchdog stops the party with exit code 3 and an error naming the wait when the first round does not start within
 ``comm_args.startup_timeout`` seconds or a later round does not complete within ``comm_args.round_timeout``: a
 party whose peer died must not hang forever.
@@ -15,16 +21,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
 from pathlib import Path
 
+import yaml
+
 from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import dataset_label_names
 from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, set_threads
+from fedml_pfedseq.hub.adapters import AdapterWriter
+from fedml_pfedseq.hub.push import PushError, push_client, push_run
+from fedml_pfedseq.results import write_csv
 from fedml_pfedseq.training import select_device
 
 EXIT_TIMEOUT = 3
+EXIT_NOT_PUSHED = 4  # the party's run is complete and written; only its push to the Hub failed
 
 
 def party_name(rank: int) -> str:
@@ -82,12 +95,39 @@ def process_times(started: tuple[float, float]) -> dict[str, float]:
     return {"wall_seconds": time.perf_counter() - started[0], "cpu_seconds": time.process_time() - started[1]}
 
 
+def save_server_share(recipe: Recipe, output_dir: Path, server, model, initial_global, label_names: list[str],
+                      num_clients: int, server_rows: list[dict]) -> None:
+    """The server's share of the run folder: the recipe, its metrics and, with save_adapters, its part of
+    ``adapters/`` (the global adapter, a manifest listing the clients' folders)."""
+    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    write_csv(output_dir / "server_metrics.csv", server_rows)
+    if recipe.hub_args.save_adapters:
+        AdapterWriter(output_dir / "adapters", recipe, initial_global, fresh=False).finish(
+            server, model, [], label_names, party_clients=num_clients)
+
+
+def push_share(recipe: Recipe, output_dir: Path, client: int | None) -> None:
+    """Push this party's share (``client`` None: the server's); a failure is reported and ends the party with
+    EXIT_NOT_PUSHED, its files kept."""
+    hub = recipe.hub_args
+    try:
+        if client is None:
+            push_run(output_dir, hub.hub_repo_id, private=hub.hub_private)
+        else:
+            push_client(output_dir, client, hub.hub_repo_id, private=hub.hub_private)
+    except PushError as err:
+        print(f"pfedseq: error: training finished and this party's files are written, but its push failed: {err}",
+              file=sys.stderr, flush=True)
+        raise SystemExit(EXIT_NOT_PUSHED) from None
+
+
 def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0") -> None:
     """Run one party to the end of the deployment (blocks)."""
     from fedml_pfedseq.cross_silo.fedml_runtime import fedml_args, init_fedml, isolate_home
 
     num_clients = check_party(recipe, rank, role)
-    party_dir = Path(output_dir) / "parties" / party_name(rank)
+    output_dir = Path(output_dir)
+    party_dir = output_dir / "parties" / party_name(rank)
     isolate_home(party_dir / "fedml_home")
     args = init_fedml(fedml_args(recipe, rank, role, run_id), recipe.tracking_args.log_level)
     from fedml import FedMLRunner  # after init_fedml: FedML must start patched
@@ -105,6 +145,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         label_names = dataset_label_names(recipe.data_args)
         model = build_model(recipe, len(label_names))
         server = build_server(recipe, model, num_clients)
+        initial_global = getattr(server, "global_state", {}).get("lora")  # theta^0: replaced iff it aggregates
 
         def on_round(t: int) -> None:
             watchdog.kick()
@@ -113,11 +154,13 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         aggregator = StrategyAggregator(server, args, on_round=on_round)
         FedMLRunner(args, device, [0, 0, None, None, {}, {}, {}, len(label_names)], model,
                     server_aggregator=aggregator).run()
-        server.save_artifacts(Path(output_dir))
+        server.save_artifacts(output_dir)
         log = aggregator.log
         write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds,
                                                 "sent_fingerprints": aggregator.sent_fingerprints,
                                                 **process_times(started)})
+        save_server_share(recipe, output_dir, server, model, initial_global, label_names, num_clients,
+                          log.server_rows)
     else:
         i = rank - 1
         data = build_data(recipe)
@@ -132,4 +175,9 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
                                                 "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds,
                                                 "received_fingerprints": trainer.received_fingerprints,
                                                 **process_times(started)})
+        if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
+            AdapterWriter(output_dir / "adapters", recipe, None, fresh=False).save_client(
+                i, model, report=log.at(recipe.train_args.comm_round)[0])
     watchdog.stopped.set()
+    if recipe.hub_args.push_to_hub:
+        push_share(recipe, output_dir, None if role == "server" else rank - 1)

@@ -15,6 +15,12 @@ written under ``<output_dir>/adapters/``::
 
 Tensors are safetensors only. The head is separate from the PEFT adapter because ``AdapterModel`` keeps it outside
 the PEFT model (the LoRA state clients exchange never holds it).
+
+In a cross-silo deployment each party writes only its own part of ``adapters/`` (``fresh=False``): client k its
+``client_<k>/`` plus ``client_<k>/client.json`` (its manifest entry with the accuracies it reported, which no other
+party sees), the server ``global/`` and a manifest marked ``"party": "server"`` that lists the clients' folders
+only. ``complete_manifest`` merges the clients' own entries into it where one machine holds every folder
+(``pfedseq deploy``), giving the simulator's manifest.
 """
 from __future__ import annotations
 
@@ -30,6 +36,8 @@ from transformers import ViTForImageClassification
 from fedml_pfedseq.adapter_model import AdapterModel, resolve_backbone
 
 MANIFEST = "manifest.json"
+CLIENT_FILE = "client.json"  # a cross-silo client's own manifest entry, in its folder
+ACCURACY_KEYS = ("test_accuracy", "test_samples", "validation_accuracy")
 HEAD_FILE = "head.safetensors"
 BACKBONE_DIR = "backbone"
 GLOBAL_DIR = "global"
@@ -75,20 +83,28 @@ def remove_stale(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
+def reported(entry: dict, row: dict) -> dict:
+    """A client's manifest entry with the accuracies it reported (``row``: its final evaluation)."""
+    return {**entry, **{key: row.get(key) for key in ACCURACY_KEYS}}
+
+
 class AdapterWriter:
     """Writes ``adapters/``: each client's model right after its final evaluation (``save_client``), then the
-    global adapter and the manifest once the run's final metrics are known (``finish``)."""
+    global adapter and the manifest once the run's final metrics are known (``finish``).
 
-    def __init__(self, directory: Path, recipe, initial_global_lora):
+    ``fresh``: remove the whole ``adapters/`` first (a run that writes all of it); a cross-silo party shares the
+    folder with the others on one machine, so it replaces only what it writes."""
+
+    def __init__(self, directory: Path, recipe, initial_global_lora, fresh: bool = True):
         self.directory = Path(directory)
-        remove_stale(self.directory)
+        if fresh:
+            remove_stale(self.directory)
         self.recipe = recipe
         self.base_name = recipe.model_args.model if is_hub_id(recipe.model_args.model) \
             else Path(recipe.model_args.model).name
         self.initial_global_lora = initial_global_lora  # the server's theta^0 object: replaced iff it aggregated
         self.clients: dict[int, dict] = {}
         self._pretrained: dict[str, torch.Tensor] | None = None
-        self.num_labels: int | None = None
 
     def pretrained_weights(self) -> dict[str, torch.Tensor]:
         if self._pretrained is None:
@@ -100,26 +116,35 @@ class AdapterWriter:
         reference = self.pretrained_weights()
         return weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
 
-    def save_client(self, client_id: int, model: AdapterModel) -> None:
-        """Client ``client_id``'s model as it now stands in ``model`` (call right after its final evaluation)."""
+    def save_client(self, client_id: int, model: AdapterModel, report: dict | None = None) -> None:
+        """Client ``client_id``'s model as it now stands in ``model`` (call right after its final evaluation);
+        with ``report`` (a cross-silo client's final evaluation row) also its entry and accuracies in client.json."""
         directory = self.directory / client_dir_name(client_id)
-        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale(directory)
+        directory.mkdir(parents=True)
         save_peft_adapter(model, directory, self.base_name)
         save_head(model.get_head_state(), directory / HEAD_FILE)
         weights = plain_backbone_weights(model)
         own_backbone = not self.backbone_is_pretrained(weights)
         if own_backbone:
             save_backbone(model, weights, directory / BACKBONE_DIR)
-        self.num_labels = model.head.out_features
         self.clients[client_id] = {"client": client_id, "path": f"adapters/{client_dir_name(client_id)}",
                                    "backbone": f"adapters/{client_dir_name(client_id)}/{BACKBONE_DIR}"
                                    if own_backbone else None,
                                    "num_layers": model.backbone.get_base_model().config.num_hidden_layers}
+        if report is not None:
+            entry = reported(self.clients[client_id], report)
+            (directory / CLIENT_FILE).write_text(json.dumps(entry, indent=1) + "\n")
 
-    def finish(self, server, model: AdapterModel, final_rows: list[dict], label_names: list[str]) -> dict:
-        """Write the global adapter (where the server aggregated one) and ``manifest.json``; return the manifest."""
+    def finish(self, server, model: AdapterModel, final_rows: list[dict], label_names: list[str],
+               party_clients: int | None = None) -> dict:
+        """Write the global adapter (where the server aggregated one) and ``manifest.json``; return the manifest.
+
+        ``party_clients``: a cross-silo server's manifest for that many clients, whose folders and accuracies their
+        own parties write; it lists their paths and is marked ``"party": "server"``."""
         global_state = getattr(server, "global_state", {})
         has_global = "lora" in global_state and global_state["lora"] is not self.initial_global_lora
+        remove_stale(self.directory / GLOBAL_DIR)
         if has_global:
             directory = self.directory / GLOBAL_DIR
             directory.mkdir(parents=True, exist_ok=True)
@@ -128,22 +153,43 @@ class AdapterWriter:
             if "head" in global_state:
                 save_head(global_state["head"], directory / HEAD_FILE)
         accuracy = {r["client"]: r for r in final_rows}
+        if party_clients is None:
+            clients = [reported(info, accuracy.get(k, {})) for k, info in sorted(self.clients.items())]
+        else:
+            clients = [{"client": k, "path": f"adapters/{client_dir_name(k)}"} for k in range(party_clients)]
         manifest = {
             "format": "fedml-pfedseq personalized adapters, version 1",
             "recipe": self.recipe.name,
             "method": self.recipe.train_args.federated_optimizer,
             "base_model": self.recipe.model_args.model,
             "base_model_hub_id": self.base_name if is_hub_id(self.recipe.model_args.model) else None,
-            "num_labels": self.num_labels,
+            "num_labels": model.head.out_features,
+            "hidden_size": model.head.in_features,
             "label_names": list(label_names),
-            "round": final_rows[0]["round"] if final_rows else None,
+            "round": final_rows[0]["round"] if final_rows else self.recipe.train_args.comm_round,
             "global": {"path": f"adapters/{GLOBAL_DIR}", "head": "head" in global_state} if has_global else None,
-            "clients": [{**info, **{key: accuracy.get(k, {}).get(key) for key in
-                                    ("test_accuracy", "test_samples", "validation_accuracy")}}
-                        for k, info in sorted(self.clients.items())],
+            "clients": clients,
+            **({"party": "server"} if party_clients is not None else {}),
         }
         (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         return manifest
+
+
+def complete_manifest(directory: Path) -> dict:
+    """A cross-silo server's manifest with each client's own entry (``client_<k>/client.json``) in place of its
+    path, as the simulator writes it; where a client's entry is missing, the error names its folder."""
+    directory = Path(directory)
+    manifest = json.loads((directory / MANIFEST).read_text())
+    clients = []
+    for entry in manifest["clients"]:
+        own = directory / client_dir_name(entry["client"]) / CLIENT_FILE
+        if not own.is_file():
+            raise FileNotFoundError(f"client {entry['client']} wrote no {own}: its adapter is missing")
+        clients.append(json.loads(own.read_text()))
+    manifest.pop("party", None)
+    manifest["clients"] = clients
+    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    return manifest
 
 
 def save_backbone(model: AdapterModel, weights: dict[str, torch.Tensor], directory: Path) -> None:

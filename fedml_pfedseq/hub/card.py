@@ -1,9 +1,12 @@
 """The model card of a run: ``cards/templates/personalized_adapters.md`` filled from the run folder.
 
-Everything comes from the files a run writes (recipe.yaml, summary.json, adapters/manifest.json), so a card can be
-made for any finished run, on any machine. The YAML header is built with ``huggingface_hub.ModelCardData`` (the
-Hub's metadata format, with the mean test accuracy as a model-index result) and checked by parsing the card back
-with ``ModelCard``; the Hub (or the local endpoint) validates it again when the card is pushed.
+Everything comes from the files a run writes (recipe.yaml, adapters/manifest.json), so a card can be made for any
+finished run, on any machine. A cross-silo server's manifest has no client accuracies (each client party reports its
+own in ``adapters/client_<k>/client.json``); its card says where they are instead of tabulating them.
+
+The YAML header is built with ``huggingface_hub.ModelCardData`` (the Hub's metadata format, with the mean test
+accuracy as a model-index result) and checked by parsing the card back with ``ModelCard``; the Hub (or the local
+endpoint) validates it again when the card is pushed.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from fedml_pfedseq.hub.adapters import MANIFEST, is_hub_id
+from fedml_pfedseq.hub.adapters import CLIENT_FILE, MANIFEST, is_hub_id
 from fedml_pfedseq.results import format_table
 
 TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "cards" / "templates"
@@ -25,11 +28,11 @@ class CardError(ValueError):
     """A run folder a card cannot be made from, or a card whose metadata does not validate."""
 
 
-def read_run(run_dir: Path) -> tuple[dict, dict, dict]:
-    """The run's recipe (raw sections), summary and adapter manifest, naming whichever file is missing."""
+def read_run(run_dir: Path) -> tuple[dict, dict]:
+    """The run's recipe (raw sections) and adapter manifest, naming whichever file is missing."""
     run_dir = Path(run_dir)
     found = []
-    for name in ("recipe.yaml", "summary.json", f"adapters/{MANIFEST}"):
+    for name in ("recipe.yaml", f"adapters/{MANIFEST}"):
         path = run_dir / name
         if not path.is_file():
             hint = " (run with hub_args.save_adapters: true)" if name.startswith("adapters") else ""
@@ -44,13 +47,33 @@ def partition_text(data: dict) -> str:
     return f"Dirichlet label skew, alpha = {data['partition_alpha']}"
 
 
+def reported_by_clients(clients: list[dict]) -> dict:
+    """The card's results for a manifest whose clients each report their accuracy in their own folder."""
+    table = format_table(["client", "its model and reported accuracy"],
+                         [[c["client"], f"`{c['path']}/`, `{c['path']}/{CLIENT_FILE}`"] for c in clients])
+    return {"results_table": table}
+
+
+def results(clients: list[dict]) -> dict:
+    """The card's results: the per-client table and the means over clients."""
+    test = [c["test_accuracy"] for c in clients]
+    sizes = [c["test_samples"] for c in clients]
+    table = format_table(["client", "test accuracy", "validation accuracy", "test images", "own backbone"],
+                         [[c["client"], c["test_accuracy"], c["validation_accuracy"], c["test_samples"],
+                           "yes" if c.get("backbone") else "no"] for c in clients])
+    return {"results_table": table, "mean_test_accuracy": f"{statistics.fmean(test):.4f}",
+            "std_test_accuracy": f"{statistics.pstdev(test):.4f}",
+            "mean_validation_accuracy": f"{statistics.fmean(c['validation_accuracy'] for c in clients):.4f}",
+            "test_samples_range": f"{min(sizes)}-{max(sizes)}" if min(sizes) != max(sizes) else str(sizes[0])}
+
+
 def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> ModelCard:
     """The filled card for ``run_dir`` as it will be pushed to ``repo_id``."""
     run_dir = Path(run_dir)
-    recipe, summary, manifest = read_run(run_dir)
+    recipe, manifest = read_run(run_dir)
     model, data, train = recipe["model_args"], recipe["data_args"], recipe["train_args"]
     clients = manifest["clients"]
-    test = [c["test_accuracy"] for c in clients]
+    by_server = manifest.get("party") == "server"
     base_hub_id = manifest.get("base_model_hub_id")
     base_display = base_hub_id or Path(manifest["base_model"]).name  # a bundled name, or a local folder's name
     card_data = ModelCardData(
@@ -61,19 +84,16 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
         datasets=[data["hub_id"]] if data.get("hub_id") else None,
         tags=["federated-learning", "personalized-federated-learning", "lora", "peft", "fedml", "vit",
               manifest["method"].lower()],
-        eval_results=[EvalResult(task_type="image-classification", dataset_type=data["dataset"],
-                                 dataset_name=f"{data['dataset']} (local test split of each client)",
-                                 dataset_split="test", metric_type="accuracy", metric_name="mean client accuracy",
-                                 metric_value=round(statistics.fmean(test), 4))],
+        eval_results=None if by_server else [EvalResult(
+            task_type="image-classification", dataset_type=data["dataset"],
+            dataset_name=f"{data['dataset']} (local test split of each client)", dataset_split="test",
+            metric_type="accuracy", metric_name="mean client accuracy",
+            metric_value=round(statistics.fmean(c["test_accuracy"] for c in clients), 4))],
     )
-    table = format_table(["client", "test accuracy", "validation accuracy", "test images", "own backbone"],
-                         [[c["client"], c["test_accuracy"], c["validation_accuracy"], c["test_samples"],
-                           "yes" if c.get("backbone") else "no"] for c in clients])
     hyperparameters = {"train_args": {k: train[k] for k in ("comm_round", "epochs", "batch_size", "learning_rate",
                                                              "client_optimizer", "momentum", "weight_decay")},
                        "model_args": model, "algorithm_args": recipe.get("algorithm_args") or {}}
-    sizes = [c["test_samples"] for c in clients]
-    head_hidden = _hidden_size(run_dir, clients)
+    head_hidden = manifest.get("hidden_size") or _hidden_size(run_dir, clients)  # older manifests lack it
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), repo_id=repo_id,
         model_name=repo_id.split("/")[-1], method=manifest["method"], recipe_name=manifest["recipe"],
@@ -84,6 +104,7 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
         global_head=bool(manifest.get("global") and manifest["global"].get("head")),
         has_learner=(run_dir / "seq_learner" / "config.json").is_file(),
         any_client_backbone=any(c.get("backbone") for c in clients),
+        by_server=by_server,
         lora_r=model["lora_r"], lora_alpha=model["lora_alpha"], lora_dropout=model["lora_dropout"],
         lora_target_modules=", ".join(f"`{m}`" for m in model["lora_target_modules"]),
         hidden_size=head_hidden, num_labels=manifest["num_labels"], seed=recipe["common_args"]["random_seed"],
@@ -91,11 +112,8 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
         partition=partition_text(data), split_fractions=" / ".join(str(f) for f in data["split_fractions"]),
         samples_per_client=data.get("samples_per_client"),
         scenario=recipe["common_args"].get("federated_scenario") or "not stated in the recipe",
-        results_table=table, mean_test_accuracy=f"{statistics.fmean(test):.4f}",
-        std_test_accuracy=f"{statistics.pstdev(test):.4f}",
-        mean_validation_accuracy=f"{statistics.fmean(c['validation_accuracy'] for c in clients):.4f}",
         hyperparameters=yaml.safe_dump(hyperparameters, sort_keys=False).strip(),
-        test_samples_range=f"{min(sizes)}-{max(sizes)}" if min(sizes) != max(sizes) else str(sizes[0]),
+        **(reported_by_clients(clients) if by_server else results(clients)),
     )
     check_card(card)
     return card

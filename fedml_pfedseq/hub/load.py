@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fedml_pfedseq.hub.adapters import BACKBONE_DIR, HEAD_FILE, MANIFEST, client_dir_name
+from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, HEAD_FILE, MANIFEST, client_dir_name
 from fedml_pfedseq.hub.push import hub_endpoint
 
 SAFE_PATTERNS = ("*.json", "*.safetensors")
@@ -70,10 +70,13 @@ def fetch(repo_or_dir: str | Path, client: int, revision: str | None = None, end
                                   endpoint=hub_endpoint(endpoint), cache_dir=cache_dir))
 
 
-def client_entry(manifest: dict, client: int, where: str) -> dict:
+def client_entry(root: Path, manifest: dict, client: int, where: str) -> dict:
+    """The client's manifest entry; a cross-silo client's own ``client.json`` where it pushed one (the server's
+    manifest lists only its folder)."""
     for entry in manifest["clients"]:
         if entry["client"] == client:
-            return entry
+            own = root / entry["path"] / CLIENT_FILE
+            return json.loads(own.read_text()) if own.is_file() else entry
     raise HubLoadError(f"{where} has no adapter for client {client}; it has clients "
                        f"{[e['client'] for e in manifest['clients']]}")
 
@@ -93,7 +96,7 @@ def load_client_classifier(repo_or_dir: str | Path, client: int, revision: str |
     if not manifest_path.is_file():
         raise HubLoadError(f"{repo_or_dir} has no adapters/{MANIFEST}: not a pushed fedml-pfedseq run")
     manifest = json.loads(manifest_path.read_text())
-    entry = client_entry(manifest, client, str(repo_or_dir))
+    entry = client_entry(root, manifest, client, str(repo_or_dir))
     if entry.get("backbone"):
         base = str(root / entry["backbone"])
     elif base_model:

@@ -9,22 +9,33 @@ earlier push but this run does not have are deleted in the same commit: after a 
 Tensors go up as safetensors only: files that need pickle to load (.pt, .bin, .pkl, ...) are skipped and listed.
 The commit is one request, so a failed push leaves the repo's previous revision as it was; the run folder is never
 modified (the card is made in memory), and ``pfedseq push RUN_DIR --repo-id ...`` retries.
+
+In a cross-silo deployment every party pushes only what it owns, each in its own commit, and deletes stale files
+only among those: client k ``adapters/client_<k>/`` (``push_client``), the server everything else but the metrics
+assembled from the clients' reports (``push_run`` on a folder whose manifest says ``"party": "server"``). So the
+parties may push at once, in any order. ``push_run`` tells the three kinds of folder apart, so ``pfedseq push``
+retries any of them.
 """
 from __future__ import annotations
 
+import json
 import os
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
 from fedml_pfedseq.adapter_model import resolve_backbone
-from fedml_pfedseq.hub.adapters import BACKBONE_DIR
+from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, MANIFEST, client_dir_name
 from fedml_pfedseq.hub.card import CardError, backbone_needs_push, build_card, read_run
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 CHECKPOINT_DIR = "hub_checkpoint"  # where hub_args.hub_push_every assembles a round's checkpoint (round_push.py)
-LOCAL_ONLY_DIRS = ("logs", "parties", CHECKPOINT_DIR)  # deployment logs and progress, checkpoints: not the model
+LOCAL_ONLY = ("logs", "parties", CHECKPOINT_DIR, "grpc_ipconfig.csv")  # deployment logs, progress, address book,
+# checkpoints: not the model
+CLIENT_OUTPUTS = ("summary.json", "metrics.json", "metrics.csv", "train_metrics.csv", "final_table.md",
+                  "learning_curve.png")  # assembled from every client's metrics: never pushed by a cross-silo server
 BACKBONE_FILES = ("config.json", "preprocessor_config.json")
 
 
@@ -48,18 +59,34 @@ def hub_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
-def run_files(run_dir: Path) -> tuple[dict[str, Path], list[str]]:
-    """The run folder's files by their path in the repo, and those left out because they would need pickle."""
+def server_owns(path: str) -> bool:
+    """What a cross-silo server pushes: not the clients' folders, not the outputs made from their metrics."""
+    return not path.startswith("adapters/client_") and path not in CLIENT_OUTPUTS
+
+
+def everything(path: str) -> bool:
+    return True
+
+
+def run_files(run_dir: Path, under: str = "", owns=everything) -> tuple[dict[str, Path], list[str]]:
+    """The files in ``run_dir / under`` that ``owns`` by their path in the repo, and those left out because they
+    would need pickle. Folders it does not own are not even listed: on one machine the parties of a deployment
+    share the run folder, and the others may be rewriting theirs."""
     files, skipped = {}, []
-    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
-        rel = path.relative_to(run_dir)
-        if rel.parts[0] in LOCAL_ONLY_DIRS or any(part.startswith(".") for part in rel.parts):
-            continue
-        if path.suffix.lower() in PICKLE_SUFFIXES:
-            skipped.append(f"{rel.as_posix()} (a pickle format; only safetensors are pushed)")
-            continue
-        files[rel.as_posix()] = path
-    return files, skipped
+    for folder, dirs, names in os.walk(run_dir / under):
+        rel = Path(folder).relative_to(run_dir).as_posix()
+        prefix = "" if rel == "." else rel + "/"
+        dirs[:] = [d for d in dirs if not d.startswith(".") and (prefix or d not in LOCAL_ONLY)
+                   and owns(f"{prefix}{d}/")]
+        for name in names:
+            path = prefix + name
+            if name.startswith(".") or (not prefix and name in LOCAL_ONLY) or not owns(path):
+                continue
+            if Path(name).suffix.lower() in PICKLE_SUFFIXES:
+                skipped.append(f"{path} (a pickle format; only safetensors are pushed)")
+                continue
+            files[path] = Path(folder) / name
+    return dict(sorted(files.items())), sorted(skipped)
 
 
 def backbone_files(base_model: str) -> dict[str, Path]:
@@ -91,28 +118,18 @@ def explain(err: Exception, repo_id: str) -> str:
     return text
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = True, endpoint: str | None = None,
-             token: str | None = None, commit_message: str | None = None) -> PushResult:
-    """Make the run's card, then create ``repo_id`` (if needed) and commit the run and the card in one commit."""
-    run_dir = Path(run_dir)
+def commit(run_dir: Path, repo_id: str, files: dict[str, Path | bytes], skipped: list[str], owns, message: str,
+           private: bool, endpoint: str | None, token: str | None) -> PushResult:
+    """Create ``repo_id`` if needed (exist_ok: parties may race to create it) and commit ``files`` in one commit,
+    deleting the repo's files that ``owns`` and ``files`` lacks; nothing else in the repo is touched."""
     endpoint = hub_endpoint(endpoint)
     retry = (f"The run's files are kept in {run_dir}; the repo's previous revision is unchanged (a commit lands "
              f"whole or not at all). Retry with: pfedseq push {run_dir} --repo-id {repo_id}")
-    try:
-        _, summary, manifest = read_run(run_dir)
-        extra = backbone_files(manifest["base_model"]) if backbone_needs_push(manifest["base_model"]) else {}
-        card = str(build_card(run_dir, repo_id, backbone_pushed=bool(extra))).encode()
-    except CardError as err:
-        raise PushError(f"cannot push {run_dir} to {repo_id}: {err}") from None
-    files, skipped = run_files(run_dir)
-    files.update(extra)
-    files["README.md"] = card  # the card, made for this repo (the run folder is left as it is)
-    message = commit_message or (f"pfedseq: {manifest['recipe']} ({manifest['method']}), round {manifest['round']}, "
-                                 f"mean test accuracy {summary['final_test_accuracy_mean']:.4f}")
     api = HfApi(endpoint=endpoint, token=token)
     try:
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-        stale = sorted(set(api.list_repo_files(repo_id, repo_type="model")) - set(files) - {".gitattributes"})
+        stale = sorted(p for p in set(api.list_repo_files(repo_id, repo_type="model")) - set(files)
+                       if p != ".gitattributes" and owns(p))
         operations = [CommitOperationDelete(path_in_repo=p) for p in stale]
         operations += [CommitOperationAdd(path_in_repo=p, path_or_fileobj=local if isinstance(local, bytes)
                                           else str(local)) for p, local in files.items()]
@@ -124,3 +141,49 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = True, endpoint: 
     print(f"pushed {run_dir} to {endpoint}/{repo_id}: {len(files)} files, {len(stale)} stale deleted "
           f"(commit {info.oid})" + (f"; not pushed: {', '.join(skipped)}" if skipped else ""))
     return result
+
+
+def push_client(run_dir: str | Path, client: int, repo_id: str, private: bool = True, endpoint: str | None = None,
+                token: str | None = None) -> PushResult:
+    """A cross-silo client party's push: its ``adapters/client_<k>/`` alone (with ``client.json``, its reported
+    accuracies), in a commit of its own naming the party."""
+    run_dir, folder = Path(run_dir), f"adapters/{client_dir_name(client)}"
+    entry_path = run_dir / folder / CLIENT_FILE
+    if not entry_path.is_file():
+        raise PushError(f"cannot push client {client} of {run_dir} to {repo_id}: {folder}/{CLIENT_FILE} is missing "
+                        "(a cross-silo client party writes it after its final evaluation)")
+    entry = json.loads(entry_path.read_text())
+    owns = lambda path: path.startswith(folder + "/")  # noqa: E731
+    files, skipped = run_files(run_dir, folder, owns)
+    return commit(run_dir, repo_id, files, skipped, owns,
+                  f"pfedseq: cross-silo client {client}: its adapter and head, test accuracy "
+                  f"{entry['test_accuracy']:.4f}", private, endpoint, token)
+
+
+def push_run(run_dir: str | Path, repo_id: str, private: bool = True, endpoint: str | None = None,
+             token: str | None = None, commit_message: str | None = None) -> PushResult:
+    """Make the run's card, then create ``repo_id`` (if needed) and commit the run and the card in one commit.
+
+    What goes up depends on whose folder it is: a simulator run or an assembled deployment, whole; a cross-silo
+    server's folder (its manifest says ``"party": "server"``), everything it owns (``server_owns``); a cross-silo
+    client's folder (one ``adapters/client_<k>/client.json``, no manifest), that client's folder (``push_client``)."""
+    run_dir = Path(run_dir)
+    own = sorted(run_dir.glob(f"adapters/client_*/{CLIENT_FILE}"))
+    if not (run_dir / "adapters" / MANIFEST).is_file() and len(own) == 1:
+        return push_client(run_dir, json.loads(own[0].read_text())["client"], repo_id, private, endpoint, token)
+    try:
+        _, manifest = read_run(run_dir)
+        extra = backbone_files(manifest["base_model"]) if backbone_needs_push(manifest["base_model"]) else {}
+        card = str(build_card(run_dir, repo_id, backbone_pushed=bool(extra))).encode()
+    except CardError as err:
+        raise PushError(f"cannot push {run_dir} to {repo_id}: {err}") from None
+    by_server = manifest.get("party") == "server"
+    owns = server_owns if by_server else everything
+    files, skipped = run_files(run_dir, owns=owns)
+    files.update(extra)
+    files["README.md"] = card  # the card, made for this repo (the run folder is left as it is)
+    title = f"pfedseq: {manifest['recipe']} ({manifest['method']}), round {manifest['round']}"
+    message = commit_message or (f"{title}, cross-silo server: global adapter, server state, recipe, card" if by_server
+                                 else f"{title}, mean test accuracy "
+                                      f"{statistics.fmean(c['test_accuracy'] for c in manifest['clients']):.4f}")
+    return commit(run_dir, repo_id, files, skipped, owns, message, private, endpoint, token)
