@@ -25,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("path", type=Path)
         if name != "check":
             p.add_argument("--no-progress", action="store_true")
+        if name == "run":
+            p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output "
+                           "folder (an interrupted run, or a finished one given a larger comm_round)")
     party = sub.add_parser("party", help="run one FedML cross-silo party (what each silo runs)")
     party.add_argument("--cf", dest="path", type=Path, required=True, help="the recipe (FedML's --cf)")
     party.add_argument("--rank", type=int, required=True, help="0: the server; k >= 1: client k-1")
@@ -56,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--token", default=None, help="require this token (default: accept any)")
     args = parser.parse_args(argv)
 
+    from fedml_pfedseq.checkpoint import CheckpointError
     from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
     from fedml_pfedseq.cross_silo.party import run_party
     from fedml_pfedseq.hub import HubLoadError, PushError, evaluate_client, push_run
@@ -76,7 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "hub-serve":
             serve_hub(args.root, args.host, args.port, args.token)
         elif args.command == "run":
-            run_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
+            run_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress,
+                       resume=args.resume)
         elif args.command == "suite":
             run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
         elif args.command == "grid":
@@ -96,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
             is_suite = isinstance(raw, dict) and "recipes" in raw
             loaded = load_suite(args.path, args.overrides)[0] if is_suite else [load_recipe(args.path, args.overrides)]
             print(f"ok: {len(loaded)} recipe(s): {', '.join(r.name for r in loaded)}")
-    except (RecipeError, PartitionError, FileNotFoundError, DeploymentError, PushError, HubLoadError) as err:
+    except (RecipeError, PartitionError, FileNotFoundError, DeploymentError, PushError, HubLoadError,
+            CheckpointError) as err:
         print(f"pfedseq: error: {err}", file=sys.stderr)
         return 2
     return 0

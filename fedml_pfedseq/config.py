@@ -28,6 +28,8 @@ class CommonArgs:
     training_type: str = "simulation"  # "simulation" (our in-process simulator) or "cross_silo" (FedML)
     random_seed: int = 0
     output_dir: str = "runs/{recipe}"  # {recipe} is replaced by the recipe's file stem
+    checkpoint: bool = True  # save the whole federation after every round (<output_dir>/checkpoint.safetensors),
+    # so `pfedseq run --resume` continues an interrupted run, or extends a finished one (a larger comm_round)
     federated_scenario: str = ""  # free text for reports, e.g. "real-world (Omniglot drawers)"; FedML keeps
     # "scenario" for its own horizontal|hierarchical switch
 
@@ -270,9 +272,9 @@ def _validate(recipe: Recipe, where: str) -> None:
                 f"must be null or a multiple >= 1 of validation_args.frequency_of_the_test "
                 f"({v.frequency_of_the_test}): a checkpoint holds the models evaluated at its round, "
                 f"got {h.hub_push_every}")
-        require(c.training_type == "simulation", "hub_args.push_to_hub",
-                "is supported for simulator runs only: in a cross-silo deployment each client's adapter and head "
-                "stay with its party, and per-party pushing is not implemented yet")
+        require(h.hub_push_every is None or c.training_type == "simulation", "hub_args.hub_push_every",
+                "is supported for simulator runs only: in a cross-silo deployment each party pushes its own share "
+                "once the run ends")
 
 
 def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) -> Recipe:
@@ -301,6 +303,17 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
         except RecipeError as err:
             raise RecipeError(f"{where}: {err}") from None
     return recipe
+
+
+def recipe_changes(saved: dict, current: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The ``section.key`` entries where a recipe saved with a run (``to_dict`` form) differs from ``current``,
+    both read with this code's defaults (a key added since the run was saved is not a change); ``ignore`` lists
+    keys or whole sections allowed to differ."""
+    before, after = parse_recipe(saved, "the saved recipe").to_dict(), current.to_dict()
+    return [f"{section}.{key}: {before[section].get(key)!r} -> {after[section].get(key)!r}"
+            for section in after for key in sorted(set(before[section]) | set(after[section]))
+            if before[section].get(key) != after[section].get(key)
+            and section not in ignore and f"{section}.{key}" not in ignore]
 
 
 def load_yaml(path: str | Path) -> Any:

@@ -37,13 +37,14 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from fedml_pfedseq.config import Recipe, RecipeError, load_yaml
+from fedml_pfedseq.config import Recipe, RecipeError, load_yaml, recipe_changes
 from fedml_pfedseq.results import format_table, plot_suite
-from fedml_pfedseq.simulation import run_recipe
+from fedml_pfedseq.simulation import CHECKPOINT_FILE, run_recipe
 from fedml_pfedseq.suite import load_entry
 
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
 TUNING_KEYS = {"rounds", "seed", "grid", "methods"}
+OUTPUT_ONLY = ("hub_args", "tracking_args", "common_args.checkpoint", "common_args.output_dir")
 
 
 @dataclass
@@ -65,11 +66,14 @@ class Cell:
         return json.loads((self.output_dir / "summary.json").read_text())
 
     def check_unchanged(self) -> None:
-        """A done cell must have been run with the recipe the grid now builds for it."""
+        """A done cell must have been run with the recipe the grid now builds for it (up to keys that do not
+        change results: what is saved or pushed, logging)."""
         saved = yaml.safe_load((self.output_dir / "recipe.yaml").read_text())
-        if saved != yaml.safe_load(yaml.safe_dump(self.recipe.to_dict(), sort_keys=False)):
-            raise RecipeError(f"cell {self.output_dir} was run with a different recipe than the grid now gives it; "
-                              "delete that folder to rerun it, or give the grid another output_dir")
+        changes = recipe_changes(saved, self.recipe, ignore=OUTPUT_ONLY)
+        if changes:
+            raise RecipeError(f"cell {self.output_dir} was run with a different recipe than the grid now gives it "
+                              f"({'; '.join(changes)}); delete that folder to rerun it, or give the grid another "
+                              "output_dir")
 
 
 @dataclass
@@ -208,7 +212,9 @@ def _run(cells: list[Cell], desc: str, progress: bool) -> None:
         if cell.done:
             cell.check_unchanged()
     for cell in tqdm([c for c in cells if not c.done], desc=desc, disable=not progress):
-        run_recipe(cell.recipe, cell.output_dir, progress=False)
+        checkpoint = cell.output_dir / CHECKPOINT_FILE  # a cell cut short resumes from its last round
+        run_recipe(cell.recipe, cell.output_dir, progress=False, resume=checkpoint.is_file())
+        checkpoint.unlink(missing_ok=True)  # the summary is what the grid keeps
 
 
 def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,

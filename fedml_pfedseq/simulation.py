@@ -6,6 +6,7 @@ the payload addressed to it. All clients share one ``AdapterModel`` and load the
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -14,7 +15,8 @@ from typing import Callable
 import yaml
 from tqdm.auto import tqdm
 
-from fedml_pfedseq.config import Recipe
+from fedml_pfedseq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedml_pfedseq.config import Recipe, recipe_changes
 from fedml_pfedseq.federation import Federation, build_federation
 from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
 from fedml_pfedseq.hub.push import push_run
@@ -22,6 +24,36 @@ from fedml_pfedseq.hub.round_push import RoundPusher
 from fedml_pfedseq.hub.warm_start import warm_start_learner
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.transport import check_plain, traffic
+
+
+CHECKPOINT_FILE = "checkpoint.safetensors"
+RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir")
+
+
+def federation_parts(fed: Federation) -> dict[str, object]:
+    """The objects that hold a run's learnt state: the server and every client (the models are rebuilt)."""
+    return {"server": fed.server, **{f"client_{i}": client for i, client in enumerate(fed.clients)}}
+
+
+def save_federation(path: Path, fed: Federation, round_idx: int, payloads: dict, log: MetricsLog) -> None:
+    """Everything needed to go on after round ``round_idx``: the strategies, the payloads of the next round,
+    the metrics so far and the recipe (checkpoint.py)."""
+    save_checkpoint(path, federation_parts(fed), {"round": round_idx, "payloads": payloads,
+                                                  "log": dataclasses.asdict(log), "recipe": fed.recipe.to_dict()})
+
+
+def resume_federation(path: Path, fed: Federation) -> tuple[int, dict, MetricsLog]:
+    """Restore a freshly built federation from ``path``: (the round to run next, its payloads, the metrics so far).
+    Only the number of rounds (and what is saved or pushed) may differ from the run that wrote it."""
+    extra = load_checkpoint(path, federation_parts(fed))
+    changes = recipe_changes(extra["recipe"], fed.recipe, ignore=RESUMABLE_CHANGES)
+    if changes:
+        raise CheckpointError(f"{path} was written by a run with another recipe ({'; '.join(changes)}); only "
+                              f"{', '.join(RESUMABLE_CHANGES)} may change on resume")
+    if extra["round"] > fed.recipe.train_args.comm_round:
+        raise CheckpointError(f"{path} is at round {extra['round']}, past train_args.comm_round "
+                              f"{fed.recipe.train_args.comm_round}")
+    return extra["round"] + 1, extra["payloads"], MetricsLog(**extra["log"])
 
 
 def checked(payloads: dict) -> dict:
@@ -33,17 +65,22 @@ def checked(payloads: dict) -> dict:
 
 def run_federation(fed: Federation, progress: bool = True,
                    after_evaluation: Callable[[int, int, object], None] | None = None,
-                   before_aggregation: Callable[[int, MetricsLog], None] | None = None) -> MetricsLog:
+                   before_aggregation: Callable[[int, MetricsLog], None] | None = None,
+                   checkpoint: Path | None = None, resume: bool = False) -> MetricsLog:
     """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end.
+    With ``checkpoint``, save the federation there after every round; with ``resume``, start from it.
 
     ``after_evaluation(round, i, client)`` is called right after client i is evaluated at ``round``, while its
     evaluated model is still in ``client.model`` (to save exactly what was reported); ``before_aggregation(t - 1,
     log)`` once every client of round t has trained, while the server still holds the state after round t - 1."""
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
-    log = MetricsLog()
-    payloads = checked(fed.server.initial_payloads())
-    bar = tqdm(range(1, rounds + 1), desc=f"{fed.recipe.name}", disable=not progress)
+    if resume:
+        start, payloads, log = resume_federation(checkpoint, fed)
+    else:
+        start, payloads, log = 1, checked(fed.server.initial_payloads()), MetricsLog()
+    bar = tqdm(range(start, rounds + 1), desc=f"{fed.recipe.name}", disable=not progress, initial=start - 1,
+               total=rounds)
     for t in bar:
         started = time.perf_counter()
         uploads, train_s, eval_s = {}, 0.0, 0.0
@@ -65,6 +102,8 @@ def run_federation(fed: Federation, progress: bool = True,
         log.round_seconds.append(time.perf_counter() - started)
         log.train_seconds.append(train_s)
         log.eval_seconds.append(eval_s)
+        if checkpoint is not None:
+            save_federation(checkpoint, fed, t, payloads, log)
         if log.rows:
             bar.set_postfix(test_acc=f"{log.mean_at(log.rows[-1]['round'], 'test_accuracy'):.3f}")
     for i, client in enumerate(fed.clients):
@@ -75,9 +114,14 @@ def run_federation(fed: Federation, progress: bool = True,
     return log
 
 
-def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
-    """Build, run and save one recipe; returns its summary (also written to ``summary.json``)."""
+def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = True, resume: bool = False) -> dict:
+    """Build, run and save one recipe; returns its summary (also written to ``summary.json``). With ``resume``,
+    continue from the checkpoint in ``output_dir`` (an interrupted run, or a finished one given more rounds)."""
     output_dir = Path(output_dir or recipe.output_dir)
+    checkpoint = output_dir / CHECKPOINT_FILE
+    if resume and not checkpoint.is_file():
+        raise CheckpointError(f"cannot resume: no {CHECKPOINT_FILE} in {output_dir} (was it run with "
+                              "common_args.checkpoint: true and did it finish a round?)")
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     started = time.perf_counter()
@@ -97,7 +141,8 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
             pusher.after_evaluation(round_idx, i, client)
 
     log = run_federation(fed, progress=progress, after_evaluation=after_evaluation,
-                         before_aggregation=pusher.before_aggregation if pusher else None)
+                         before_aggregation=pusher.before_aggregation if pusher else None,
+                         checkpoint=checkpoint if recipe.common_args.checkpoint else None, resume=resume)
     fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))

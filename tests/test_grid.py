@@ -11,7 +11,9 @@ import pytest
 import yaml
 
 import fedml_pfedseq.grid as grid
-from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.config import RecipeError, load_recipe
+from fedml_pfedseq.federation import build_federation
+from fedml_pfedseq.simulation import run_federation
 
 from conftest import RECIPES
 
@@ -37,9 +39,9 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     ran = []
     real_run = grid.run_recipe
 
-    def counting(recipe, output_dir, progress=True):
-        ran.append(output_dir.relative_to(tmp_path / "grid").as_posix())
-        return real_run(recipe, output_dir, progress=progress)
+    def counting(recipe, output_dir, progress=True, resume=False):
+        ran.append(output_dir.relative_to(tmp_path / "grid").as_posix() + (" (resumed)" if resume else ""))
+        return real_run(recipe, output_dir, progress=progress, resume=resume)
 
     monkeypatch.setattr(grid, "run_recipe", counting)
     result = grid.run_grid(path, progress=False)
@@ -63,12 +65,23 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
         assert (tmp_path / "grid" / name).is_file()
     assert "local_heads" in (tmp_path / "grid/grid_table.md").read_text()
 
+    assert not list((tmp_path / "grid").rglob("checkpoint.safetensors"))  # a finished cell keeps its summary only
+
     # interrupted: one cell lost its summary -> only that cell runs again; the others are reused as they are
     (tmp_path / "grid/smaller/local_heads/seed_1/summary.json").unlink()
     ran.clear()
     again = grid.run_grid(path, progress=False)
     assert ran == ["smaller/local_heads/seed_1"]
     assert again["table"] == result["table"]  # the rerun cell reproduces its numbers (seeded)
+
+    # killed mid-run (its checkpoint is there, its summary is not) -> it resumes from the checkpoint
+    cell = tmp_path / "grid/smaller/FedAvg/seed_0"
+    (cell / "summary.json").unlink()
+    run_federation(build_federation(load_recipe(cell / "recipe.yaml")), progress=False,
+                   checkpoint=cell / "checkpoint.safetensors")
+    ran.clear()
+    assert grid.run_grid(path, progress=False)["table"] == result["table"]
+    assert ran == ["smaller/FedAvg/seed_0 (resumed)"] and not (cell / "checkpoint.safetensors").exists()
 
     # a finished cell is never mixed with a different recipe
     changed = write_grid(tmp_path, tiny_vit, overrides=[f"model_args.model={tiny_vit}", "train_args.comm_round=1",
@@ -88,8 +101,8 @@ def test_tuning_keeps_the_candidate_with_the_best_validation_accuracy_and_seeds_
                       seeds=[0])
     ran = []
     real_run = grid.run_recipe
-    monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True: ran.append(out) or
-                        real_run(recipe, out, progress=progress))
+    monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(out) or
+                        real_run(recipe, out, progress=progress, resume=resume))
     result = grid.run_grid(path, progress=False)
     tune = tmp_path / "grid/small"
     assert sorted(p.relative_to(tune).as_posix() for p in ran[:6]) == sorted(

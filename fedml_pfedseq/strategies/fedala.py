@@ -97,6 +97,8 @@ def trainable_by_key(model: AdapterModel) -> list[tuple[str, str, torch.nn.Param
 class FedALAClient(FedAvgClient):
     """Mixes the global model into its local one by learned element-wise weights, then trains as in FedAvg."""
 
+    rebuilt = ("covered",)  # the model's live parameters, not state (checkpoint.py)
+
     def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
         super().__init__(client_id, data, model, recipe)
         self.args = recipe.algorithm_args
