@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 FORMAT = "pfedseq-checkpoint/1"
+CHECKPOINT_FILE = "checkpoint.safetensors"  # in a run's output folder
 REBUILT = frozenset({"recipe", "data", "model", "args", "layout", "device", "client_id", "num_clients"})
 
 

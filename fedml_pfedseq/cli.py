@@ -28,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         if name == "run":
             p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output "
                            "folder (an interrupted run, or a finished one given a larger comm_round)")
+            p.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_REPO",
+                           help="continue the run whose checkpoint is in this folder or Hub repo ($HF_ENDPOINT)")
     party = sub.add_parser("party", help="run one FedML cross-silo party (what each silo runs)")
     party.add_argument("--cf", dest="path", type=Path, required=True, help="the recipe (FedML's --cf)")
     party.add_argument("--rank", type=int, required=True, help="0: the server; k >= 1: client k-1")
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("--repo-id", required=True, help="owner/name of the model repo")
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     push.add_argument("--endpoint", default=None, help="the Hub endpoint (default: $HF_ENDPOINT, else the Hub)")
+    push.add_argument("--with-checkpoint", action="store_true", help="also push checkpoint.safetensors (every "
+                      "client's state), so that `pfedseq run --resume-from REPO` continues the run")
     hub_eval = sub.add_parser("hub-eval", help="evaluate client K's pushed adapter on its split of the data")
     hub_eval.add_argument("repo", help="a Hub repo id (or a local run folder)")
     hub_eval.add_argument("--client", type=int, required=True)
@@ -64,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     from fedml_pfedseq.cross_silo.party import run_party
     from fedml_pfedseq.hub import HubLoadError, PushError, evaluate_client, push_run
     from fedml_pfedseq.hub.load import recipe_from_repo
+    from fedml_pfedseq.hub.warm_start import fetch_checkpoint
     from fedml_pfedseq.hub.local_endpoint import serve as serve_hub
     from fedml_pfedseq.simulation import run_recipe
     from fedml_pfedseq.grid import load_grid, run_grid
@@ -71,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "push":
-            push_run(args.path, args.repo_id, private=not args.public, endpoint=args.endpoint)
+            push_run(args.path, args.repo_id, private=not args.public, endpoint=args.endpoint,
+                     with_checkpoint=args.with_checkpoint)
         elif args.command == "hub-eval":
             recipe = load_recipe(args.recipe, args.overrides) if args.recipe else \
                 recipe_from_repo(args.repo, args.overrides, args.revision, args.endpoint)
@@ -80,8 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "hub-serve":
             serve_hub(args.root, args.host, args.port, args.token)
         elif args.command == "run":
-            run_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress,
-                       resume=args.resume)
+            recipe = load_recipe(args.path, args.overrides)
+            if args.resume_from:
+                fetch_checkpoint(args.resume_from, args.output_dir or recipe.output_dir)
+            run_recipe(recipe, args.output_dir, progress=not args.no_progress,
+                       resume=args.resume or bool(args.resume_from))
         elif args.command == "suite":
             run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
         elif args.command == "grid":

@@ -113,8 +113,10 @@ class HubArgs:
     hub_repo_id: str | None = None  # "owner/name" of the model repo to push to
     hub_private: bool = True  # create the repo private (ignored if it already exists)
     hub_push_every: int | None = None  # also push a checkpoint every K rounds during the run (null: only at the end)
+    push_checkpoint: bool = False  # also push checkpoint.safetensors (every client's state), so that
+    # `pfedseq run --resume-from REPO` continues the run elsewhere
     hub_learner_init: str | None = None  # pFedSeq: a repo id or run folder whose seq_learner/ the learner starts
-    # from (warm start: its weights carry over; the update history and Adam's moments start afresh)
+    # from (its weights only, for a new run; `pfedseq run --resume-from` continues a run exactly)
 
 
 SECTIONS: dict[str, type] = {

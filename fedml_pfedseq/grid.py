@@ -39,7 +39,8 @@ from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, load_yaml, recipe_changes
 from fedml_pfedseq.results import format_table, plot_suite
-from fedml_pfedseq.simulation import CHECKPOINT_FILE, run_recipe
+from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
+from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.suite import load_entry
 
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}

@@ -15,7 +15,7 @@ from typing import Callable
 import yaml
 from tqdm.auto import tqdm
 
-from fedml_pfedseq.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from fedml_pfedseq.config import Recipe, recipe_changes
 from fedml_pfedseq.federation import Federation, build_federation
 from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
@@ -26,7 +26,6 @@ from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.transport import check_plain, traffic
 
 
-CHECKPOINT_FILE = "checkpoint.safetensors"
 RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir")
 
 
@@ -128,11 +127,10 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     fed = build_federation(recipe)
     if recipe.hub_args.hub_learner_init:
         warm_start_learner(fed.server, recipe.hub_args.hub_learner_init)
-    initial_global = getattr(fed.server, "global_state", {}).get("lora")  # theta^0: replaced iff it aggregates
-    writer = AdapterWriter(output_dir / "adapters", recipe, initial_global) if recipe.hub_args.save_adapters else None
+    writer = AdapterWriter(output_dir / "adapters", recipe) if recipe.hub_args.save_adapters else None
     if writer is None:
         remove_stale(output_dir / "adapters")
-    pusher = RoundPusher(fed, output_dir, initial_global) if recipe.hub_args.hub_push_every else None
+    pusher = RoundPusher(fed, output_dir) if recipe.hub_args.hub_push_every else None
 
     def after_evaluation(round_idx: int, i: int, client) -> None:
         if writer is not None and round_idx == recipe.train_args.comm_round:
@@ -149,5 +147,6 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     if writer is not None:
         writer.finish(fed.server, fed.model, log.at(log.rounds[-1]), fed.data.label_names)
     if recipe.hub_args.push_to_hub:
-        push_run(output_dir, recipe.hub_args.hub_repo_id, private=recipe.hub_args.hub_private)
+        push_run(output_dir, recipe.hub_args.hub_repo_id, private=recipe.hub_args.hub_private,
+                 with_checkpoint=recipe.hub_args.push_checkpoint)
     return summary

@@ -196,7 +196,8 @@ def test_push_puts_learners_adapters_backbone_recipe_metrics_and_card_on_the_end
                  for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors")}
     assert expected <= files
     assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl", ".pth"))]
-    assert set(digest(pushed.run_dir)) <= files and "README.md" not in digest(pushed.run_dir)
+    local = set(digest(pushed.run_dir)) - {"checkpoint.safetensors"}  # pushed only when asked (see the last test)
+    assert local <= files and "README.md" not in local
     assert HfApi().model_info(REPO).private
 
 
@@ -409,3 +410,25 @@ def test_push_every_round_commits_a_loadable_checkpoint_then_the_final_run(pushe
     final = api.list_repo_files(repo)
     assert not [f for f in final if f.startswith("hub_checkpoint/")]
     assert json.loads(Path(api.hf_hub_download(repo, "adapters/manifest.json")).read_text())["round"] == 2
+
+
+# --- continuing a run from the Hub ---------------------------------------------------------------------------
+
+def test_a_run_pushed_with_its_checkpoint_continues_from_the_repo_exactly(pushed, hub_env, tiny_vit, tmp_path,
+                                                                       capsys):
+    """The default push leaves the checkpoint out; pushed with it, `pfedseq run --resume-from REPO` given one more
+    round reproduces the 3-round run's metrics (the learner, its Adam state and history came back whole)."""
+    assert "checkpoint.safetensors" not in HfApi().list_repo_files(REPO)
+    repo = "local-user/omniglot-pfedseq-resumable"
+    assert main(["push", str(pushed.run_dir), "--repo-id", repo, "--with-checkpoint"]) == 0
+    overrides = [f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "device_args.num_threads=1",
+                 "device_args.using_gpu=false", "algorithm_args.warmup_rounds=1", "train_args.comm_round=3"]
+    args = ["run", str(SRC / "recipes" / "omniglot_pfedseq.yaml"), "--no-progress", "--resume-from", repo,
+            "--output-dir", str(tmp_path / "continued"), *[x for o in overrides for x in ("--set", o)]]
+    assert main(args) == 0
+    _, expected, straight = run_shipped_recipe("pfedseq", tiny_vit, tmp_path, out="straight",
+                                               overrides=("algorithm_args.warmup_rounds=1", "train_args.comm_round=3"))
+    continued = json.loads((tmp_path / "continued" / "metrics.json").read_text())
+    assert continued["eval"] == straight["eval"] and continued["train"] == straight["train"]
+    assert main([*args[:4], "local-user/nothing-here", *args[5:]]) == 2
+    assert "local-user/nothing-here has no checkpoint.safetensors" in capsys.readouterr().err

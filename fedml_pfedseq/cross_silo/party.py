@@ -95,14 +95,14 @@ def process_times(started: tuple[float, float]) -> dict[str, float]:
     return {"wall_seconds": time.perf_counter() - started[0], "cpu_seconds": time.process_time() - started[1]}
 
 
-def save_server_share(recipe: Recipe, output_dir: Path, server, model, initial_global, label_names: list[str],
+def save_server_share(recipe: Recipe, output_dir: Path, server, model, label_names: list[str],
                       num_clients: int, server_rows: list[dict]) -> None:
     """The server's share of the run folder: the recipe, its metrics and, with save_adapters, its part of
     ``adapters/`` (the global adapter, a manifest listing the clients' folders)."""
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     write_csv(output_dir / "server_metrics.csv", server_rows)
     if recipe.hub_args.save_adapters:
-        AdapterWriter(output_dir / "adapters", recipe, initial_global, fresh=False).finish(
+        AdapterWriter(output_dir / "adapters", recipe, fresh=False).finish(
             server, model, [], label_names, party_clients=num_clients)
 
 
@@ -145,7 +145,6 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         label_names = dataset_label_names(recipe.data_args)
         model = build_model(recipe, len(label_names))
         server = build_server(recipe, model, num_clients)
-        initial_global = getattr(server, "global_state", {}).get("lora")  # theta^0: replaced iff it aggregates
 
         def on_round(t: int) -> None:
             watchdog.kick()
@@ -159,7 +158,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds,
                                                 "sent_fingerprints": aggregator.sent_fingerprints,
                                                 **process_times(started)})
-        save_server_share(recipe, output_dir, server, model, initial_global, label_names, num_clients,
+        save_server_share(recipe, output_dir, server, model, label_names, num_clients,
                           log.server_rows)
     else:
         i = rank - 1
@@ -176,7 +175,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
                                                 "received_fingerprints": trainer.received_fingerprints,
                                                 **process_times(started)})
         if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
-            AdapterWriter(output_dir / "adapters", recipe, None, fresh=False).save_client(
+            AdapterWriter(output_dir / "adapters", recipe, fresh=False).save_client(
                 i, model, report=log.at(recipe.train_args.comm_round)[0])
     watchdog.stopped.set()
     if recipe.hub_args.push_to_hub:

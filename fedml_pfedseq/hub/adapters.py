@@ -95,14 +95,13 @@ class AdapterWriter:
     ``fresh``: remove the whole ``adapters/`` first (a run that writes all of it); a cross-silo party shares the
     folder with the others on one machine, so it replaces only what it writes."""
 
-    def __init__(self, directory: Path, recipe, initial_global_lora, fresh: bool = True):
+    def __init__(self, directory: Path, recipe, fresh: bool = True):
         self.directory = Path(directory)
         if fresh:
             remove_stale(self.directory)
         self.recipe = recipe
         self.base_name = recipe.model_args.model if is_hub_id(recipe.model_args.model) \
             else Path(recipe.model_args.model).name
-        self.initial_global_lora = initial_global_lora  # the server's theta^0 object: replaced iff it aggregated
         self.clients: dict[int, dict] = {}
         self._pretrained: dict[str, torch.Tensor] | None = None
 
@@ -143,7 +142,7 @@ class AdapterWriter:
         ``party_clients``: a cross-silo server's manifest for that many clients, whose folders and accuracies their
         own parties write; it lists their paths and is marked ``"party": "server"``."""
         global_state = getattr(server, "global_state", {})
-        has_global = "lora" in global_state and global_state["lora"] is not self.initial_global_lora
+        has_global = getattr(server, "global_adapter", False) and "lora" in global_state
         remove_stale(self.directory / GLOBAL_DIR)
         if has_global:
             directory = self.directory / GLOBAL_DIR

@@ -27,13 +27,14 @@ from pathlib import Path
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
 from fedml_pfedseq.adapter_model import resolve_backbone
+from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
 from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, MANIFEST, client_dir_name
 from fedml_pfedseq.hub.card import CardError, backbone_needs_push, build_card, read_run
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 CHECKPOINT_DIR = "hub_checkpoint"  # where hub_args.hub_push_every assembles a round's checkpoint (round_push.py)
-LOCAL_ONLY = ("logs", "parties", CHECKPOINT_DIR, "grpc_ipconfig.csv")  # deployment logs, progress, address book,
-# checkpoints: not the model
+LOCAL_ONLY = ("logs", "parties", CHECKPOINT_DIR, "grpc_ipconfig.csv", CHECKPOINT_FILE)  # deployment logs, progress,
+# address book, checkpoints: not the model (the run's checkpoint goes up only when asked: ``with_checkpoint``)
 CLIENT_OUTPUTS = ("summary.json", "metrics.json", "metrics.csv", "train_metrics.csv", "final_table.md",
                   "learning_curve.png")  # assembled from every client's metrics: never pushed by a cross-silo server
 BACKBONE_FILES = ("config.json", "preprocessor_config.json")
@@ -161,8 +162,10 @@ def push_client(run_dir: str | Path, client: int, repo_id: str, private: bool = 
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = True, endpoint: str | None = None,
-             token: str | None = None, commit_message: str | None = None) -> PushResult:
+             token: str | None = None, commit_message: str | None = None, with_checkpoint: bool = False) -> PushResult:
     """Make the run's card, then create ``repo_id`` (if needed) and commit the run and the card in one commit.
+    ``with_checkpoint``: also the run's ``checkpoint.safetensors`` (every client's state: heads, personal models,
+    PeFLL's feature statistics), so that ``pfedseq run --resume-from REPO`` continues the run.
 
     What goes up depends on whose folder it is: a simulator run or an assembled deployment, whole; a cross-silo
     server's folder (its manifest says ``"party": "server"``), everything it owns (``server_owns``); a cross-silo
@@ -181,6 +184,11 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = True, endpoint: 
     owns = server_owns if by_server else everything
     files, skipped = run_files(run_dir, owns=owns)
     files.update(extra)
+    if with_checkpoint:
+        if not (run_dir / CHECKPOINT_FILE).is_file():
+            raise PushError(f"cannot push {run_dir} with its checkpoint: it has no {CHECKPOINT_FILE} "
+                            "(common_args.checkpoint: false?)")
+        files[CHECKPOINT_FILE] = run_dir / CHECKPOINT_FILE
     files["README.md"] = card  # the card, made for this repo (the run folder is left as it is)
     title = f"pfedseq: {manifest['recipe']} ({manifest['method']}), round {manifest['round']}"
     message = commit_message or (f"{title}, cross-silo server: global adapter, server state, recipe, card" if by_server

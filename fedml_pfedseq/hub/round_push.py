@@ -23,10 +23,9 @@ from fedml_pfedseq.results import MetricsLog, write_run_outputs
 class RoundPusher:
     """Saves the evaluated client models of each due round, then pushes them before the server aggregates again."""
 
-    def __init__(self, fed, output_dir: Path, initial_global_lora):
+    def __init__(self, fed, output_dir: Path):
         self.fed, self.recipe = fed, fed.recipe
         self.directory = Path(output_dir) / CHECKPOINT_DIR
-        self.initial_global_lora = initial_global_lora
         self.writer: AdapterWriter | None = None
         self.writer_round: int | None = None
         self.started = time.perf_counter()
@@ -40,7 +39,7 @@ class RoundPusher:
         if not self.due(round_idx):
             return
         if self.writer_round != round_idx:  # a fresh folder per checkpoint
-            self.writer = AdapterWriter(self.directory / "adapters", self.recipe, self.initial_global_lora)
+            self.writer = AdapterWriter(self.directory / "adapters", self.recipe)
             self.writer_round = round_idx
         self.writer.save_client(client_id, client.model)
 

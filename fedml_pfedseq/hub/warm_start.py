@@ -1,4 +1,5 @@
-"""Warm start: a pFedSeq server whose SeqLearner starts from a pushed (or saved) one instead of its seeded init.
+"""Warm starts from a pushed (or saved) run: continue the run itself from its checkpoint (``fetch_checkpoint``, what
+``pfedseq run --resume-from`` does), or start a new pFedSeq run with that run's SeqLearner (``warm_start_learner``).
 
 ``hub_args.hub_learner_init`` names a Hub repo id or a run folder holding ``seq_learner/`` (what pFedSeq's
 ``save_artifacts`` writes and ``pfedseq push`` uploads). The learner's weights (psi) carry over; the server's
@@ -9,12 +10,45 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import shutil
+
+from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.hub.push import hub_endpoint
 
 LEARNER_DIR = "seq_learner"
 SHAPING = ("num_clients", "num_adapter_layers", "max_seq_len", "architecture", "cross_client", "num_blocks",
            "state_size", "expand", "conv_kernel", "dt_rank", "hidden_size")
+
+
+def fetch_checkpoint(source: str | Path, output_dir: Path, revision: str | None = None,
+                     endpoint: str | None = None) -> Path:
+    """Copy the checkpoint of ``source`` (a run folder, or a repo pushed with ``hub_args.push_checkpoint``) into
+    ``output_dir``, where ``run_recipe(resume=True)`` continues from it."""
+    missing = CheckpointError(f"--resume-from: {source} has no {CHECKPOINT_FILE} (push the run with "
+                              "hub_args.push_checkpoint: true or `pfedseq push --with-checkpoint`)")
+    if Path(source).is_dir():
+        found = Path(source) / CHECKPOINT_FILE
+        if not found.is_file():
+            raise missing
+    else:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
+                                            RepositoryNotFoundError, RevisionNotFoundError)
+
+        try:
+            found = Path(hf_hub_download(str(source), CHECKPOINT_FILE, revision=revision,
+                                         endpoint=hub_endpoint(endpoint)))
+        except (EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError):
+            raise missing from None
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
+            raise CheckpointError(f"--resume-from: cannot download {CHECKPOINT_FILE} of {source} from "
+                                  f"{hub_endpoint(endpoint)}: {err}") from None
+    target = Path(output_dir) / CHECKPOINT_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if found.resolve() != target.resolve():
+        shutil.copyfile(found, target)
+    return target
 
 
 def load_learner(source: str | Path, revision: str | None = None, endpoint: str | None = None):

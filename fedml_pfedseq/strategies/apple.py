@@ -132,6 +132,8 @@ def fresh_core(initial: Core, seed: int, client: int) -> Core:
 class AppleServer(FedAvgServer):
     """Keeps every client's latest core; sends client i its own core and all the others' ("peers")."""
 
+    global_adapter = False  # each client gets its own adapter; no global one exists
+
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
         self.args: AppleArgs = recipe.algorithm_args

@@ -31,6 +31,7 @@ class FedAvgServer:
     """Averages every shared part and sends the same global state to all clients."""
 
     shared_parts: tuple[str, ...] = ("lora", "head")
+    global_adapter = True  # global_state["lora"] is the clients' aggregate (saved and pushed as adapters/global)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         self.num_clients = num_clients

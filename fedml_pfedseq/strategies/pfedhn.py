@@ -61,6 +61,8 @@ class PFedHNArgs:
 class PFedHNServer(FedAvgLocalHeadServer):
     """Generates each client's adapter from its input; one Adam step per round from all clients' updates."""
 
+    global_adapter = False  # each client gets its own adapter; no global one exists
+
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
         self.args = recipe.algorithm_args

@@ -88,6 +88,8 @@ class LayerWeightNet(nn.Module):
 class PFedLAServer(FedAvgLocalHeadServer):
     """Per client, the layer-wise weighted aggregate of all clients' latest adapters, with learned weights."""
 
+    global_adapter = False  # each client gets its own adapter; no global one exists
+
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)  # initial_payloads: the initial adapter for all
         self.args: PFedLAArgs = recipe.algorithm_args
