@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
@@ -33,6 +34,16 @@ def client_depth(recipe: Recipe, client_id: int) -> int | None:
     """How many encoder layers client ``client_id``'s backbone keeps (None: all), from model_args.client_depths."""
     depths = recipe.model_args.client_depths
     return depths[client_id % len(depths)] if depths else None
+
+
+def participants(recipe: Recipe, num_clients: int, round_idx: int) -> list[int]:
+    """The clients sampled for ``round_idx`` (train_args.client_num_per_round of them, uniformly without
+    replacement, seeded by run and round so every engine and a resumed run draw the same), in index order."""
+    k = recipe.train_args.client_num_per_round
+    if k is None or k >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng(client_seed(recipe.common_args.random_seed, 0, purpose=8000 + round_idx))
+    return sorted(int(i) for i in rng.choice(num_clients, size=k, replace=False))
 
 
 def build_model(recipe: Recipe, num_labels: int, depth: int | None = None) -> AdapterModel:

@@ -3,11 +3,18 @@
 FedML's ``sp`` simulator ignores custom algorithms, so research runs and CI use this loop. It keeps the exact
 server/client split: the server object only ever sees the uploads clients return, and each client only ever sees
 the payload addressed to it. All clients share one ``AdapterModel`` and load their own state into it in turn.
+
+Each round the sampled clients (``client_num_per_round`` of N, federation.participants) receive their latest
+payload, are evaluated on it when the round is due, train and upload; the others wait. An upload the server's
+``check_upload`` refuses (NaN/Inf, wrong keys, shapes, dtypes, sender or sample count) is logged with its reason
+and left out of the round; the round goes on with the rest unless fewer than ``min_uploads_per_round`` remain. After the last round every client receives its final payload and is
+evaluated (the final table covers all N).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,13 +24,13 @@ from tqdm.auto import tqdm
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from fedml_pfedseq.config import Recipe, recipe_changes
-from fedml_pfedseq.federation import Federation, build_federation
+from fedml_pfedseq.federation import Federation, build_federation, participants
 from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
 from fedml_pfedseq.hub.push import push_run
 from fedml_pfedseq.hub.round_push import RoundPusher
 from fedml_pfedseq.hub.warm_start import warm_start_learner
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
-from fedml_pfedseq.transport import check_plain, traffic
+from fedml_pfedseq.transport import check_plain, round_record
 
 
 RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir")
@@ -55,6 +62,27 @@ def resume_federation(path: Path, fed: Federation) -> tuple[int, dict, MetricsLo
     return extra["round"] + 1, extra["payloads"], MetricsLog(**extra["log"])
 
 
+class RoundError(RuntimeError):
+    """A round left with fewer valid uploads than ``train_args.min_uploads_per_round``."""
+
+
+def screen(server, uploads: dict, round_idx: int, minimum: int) -> tuple[dict, dict[int, str]]:
+    """The uploads the server accepts, and the reason for each it refuses (logged); RoundError when fewer than
+    ``minimum`` are accepted."""
+    accepted, rejected = {}, {}
+    for i, upload in uploads.items():
+        try:
+            server.check_upload(i, upload)
+            accepted[i] = upload
+        except (ValueError, KeyError, TypeError) as err:
+            rejected[i] = f"rejected: {err}"
+            logging.warning("round %d: client %d's upload left out of the aggregate (%s)", round_idx, i, err)
+    if len(accepted) < minimum:
+        raise RoundError(f"round {round_idx}: {len(accepted)} valid upload(s), fewer than "
+                         f"train_args.min_uploads_per_round = {minimum}; rejected: {rejected}")
+    return accepted, rejected
+
+
 def checked(payloads: dict) -> dict:
     """Payloads as they would travel over FedML: plain data, each tensor owning its storage (transport.py)."""
     for i, payload in payloads.items():
@@ -83,7 +111,9 @@ def run_federation(fed: Federation, progress: bool = True,
     for t in bar:
         started = time.perf_counter()
         uploads, train_s, eval_s = {}, 0.0, 0.0
-        for i, client in enumerate(fed.clients):
+        sampled = participants(fed.recipe, len(fed.clients), t)
+        for i in sampled:
+            client = fed.clients[i]
             client.receive(payloads[i])
             t0 = time.perf_counter()
             if (t - 1) % every == 0:
@@ -94,10 +124,11 @@ def run_federation(fed: Federation, progress: bool = True,
             uploads[i] = client.train(t)
             train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
             log.add_train(round=t, client=i, **client.last_train_stats)
+        uploads, rejected = screen(fed.server, uploads, t, fed.recipe.train_args.min_uploads_per_round)
         if before_aggregation is not None:
             before_aggregation(t - 1, log)
         payloads = checked(fed.server.aggregate(uploads))
-        log.add_server(**{"round": t, **traffic(payloads, uploads), **fed.server.last_round_stats})
+        log.add_server(**round_record(t, len(sampled), uploads, rejected, payloads, fed.server))
         log.round_seconds.append(time.perf_counter() - started)
         log.train_seconds.append(train_s)
         log.eval_seconds.append(eval_s)

@@ -264,7 +264,8 @@ def test_recipe_runs_end_to_end(tiny_vit, tmp_path, name, method, inputs):
         assert sorted(r["client"] for r in rows) == list(range(20)), t
         assert all(math.isfinite(r["test_accuracy"]) and math.isfinite(r["test_loss"]) for r in rows)
     assert [r["round"] for r in metrics["server"]] == [1, 2]
-    assert all(math.isfinite(v) for r in metrics["server"] for v in r.values())
+    assert all(math.isfinite(v) for r in metrics["server"] for k, v in r.items() if k != "left_out")
+    assert all(r["left_out"] == "" and r["aggregated"] == 20 for r in metrics["server"])
     assert metrics["server"][-1]["adapter_spread_mean"] > 0  # the adapters are personalized
     with safe_open(tmp_path / "out" / "hypernetwork.safetensors", "pt") as saved:
         assert inputs in saved.keys() and "hypernetwork.base" in saved.keys()

@@ -154,10 +154,6 @@ def test_bad_uploads_are_refused_without_touching_the_server_state():
     bad[2]["lora"][next(iter(bad[2]["lora"]))][0, 0] = float("nan")
     with pytest.raises(ValueError, match="client 2 lora update"):
         server.aggregate(bad)
-    missing = uploads_for(3)
-    del missing[1]
-    with pytest.raises(ValueError, match=r"missing clients \[1\]"):
-        server.aggregate(missing)
     assert (server.round, [e.round for e in server.history]) == before[:2]
     assert all(torch.equal(v, before[2][k]) for k, v in server.learner.state_dict().items())
 

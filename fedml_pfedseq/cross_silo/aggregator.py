@@ -12,7 +12,7 @@ from typing import Callable
 from fedml.core import ServerAggregator
 
 from fedml_pfedseq.results import MetricsLog
-from fedml_pfedseq.transport import check_plain, fingerprint, traffic
+from fedml_pfedseq.transport import check_plain, fingerprint, round_record
 
 
 class StrategyAggregator(ServerAggregator):
@@ -49,7 +49,7 @@ class StrategyAggregator(ServerAggregator):
         payloads = self.server.aggregate(uploads)
         self.round += 1
         self.log.round_seconds.append(time.perf_counter() - self._round_started)
-        self.log.add_server(**{"round": self.round, **traffic(payloads, uploads), **self.server.last_round_stats})
+        self.log.add_server(**round_record(self.round, len(uploads), uploads, {}, payloads, self.server))
         out = self._outgoing(payloads)
         self.on_round(self.round)
         return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
@@ -32,6 +33,7 @@ class FedAvgServer:
 
     shared_parts: tuple[str, ...] = ("lora", "head")
     global_adapter = True  # global_state["lora"] is the clients' aggregate (saved and pushed as adapters/global)
+    partial_participation = True  # aggregates whichever clients reported (train_args.client_num_per_round < N)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         self.num_clients = num_clients
@@ -48,29 +50,37 @@ class FedAvgServer:
         self.sent = {i: {"client_id": i, **states[i]} for i in states}
         return self.sent
 
+    def check_upload(self, i: int, upload: Upload) -> None:
+        """Refuse (ValueError/KeyError naming client i and the problem) an upload that must not reach the
+        aggregate: another sender, a bad sample count, missing or unexpected keys, NaN/Inf, wrong shape or dtype."""
+        if not isinstance(upload, dict) or upload.get("client_id") != i:
+            raise ValueError(f"upload in slot {i} claims to come from client "
+                             f"{upload.get('client_id') if isinstance(upload, dict) else upload!r}")
+        if i not in self.sent:
+            raise KeyError(f"client {i}: the server sent it nothing to train on")
+        n = upload.get("num_samples")
+        if type(n) is not int or n < 1:
+            raise ValueError(f"client {i}: num_samples must be a positive int (it weights the average), got {n!r}")
+        for part in self.shared_parts:
+            if part not in upload:
+                raise KeyError(f"client {i}: upload lacks {part!r}; this method expects {self.shared_parts}")
+            if not isinstance(upload[part], dict) or upload[part].keys() != self.sent[i][part].keys():
+                raise KeyError(f"client {i}: {part} update has keys that differ from what it was sent")
+            for key, delta in upload[part].items():
+                sent = self.sent[i][part][key]
+                if not isinstance(delta, torch.Tensor) or delta.shape != sent.shape or delta.dtype != sent.dtype:
+                    got = f"{delta.dtype} {tuple(delta.shape)}" if isinstance(delta, torch.Tensor) else repr(delta)
+                    raise ValueError(f"client {i}: {part} update {key!r} is {got}, "  # broadcasting would hide it
+                                     f"expected {sent.dtype} {tuple(sent.shape)}")
+            check_finite(upload[part], f"client {i} {part} update")
+
     def trained_states(self, uploads: dict[int, Upload]) -> dict[int, dict[str, StateDict]]:
-        """Each client's state after local training: what the server sent it plus the delta it reported."""
-        states = {}
+        """Each client's state after local training: what the server sent it plus the delta it reported (every
+        upload checked first, so a bad one changes nothing)."""
         for i, upload in uploads.items():
-            if upload.get("client_id") != i:
-                raise ValueError(f"upload in slot {i} claims to come from client {upload.get('client_id')}")
-            n = upload.get("num_samples")
-            if type(n) is not int or n < 1:
-                raise ValueError(f"client {i}: num_samples must be a positive int (it weights the average), got {n!r}")
-            states[i] = {}
-            for part in self.shared_parts:
-                if part not in upload:
-                    raise KeyError(f"client {i}: upload lacks {part!r}; this method expects {self.shared_parts}")
-                check_finite(upload[part], f"client {i} {part} update")
-                if upload[part].keys() != self.sent[i][part].keys():
-                    raise KeyError(f"client {i}: {part} update has keys that differ from what it was sent")
-                for key, delta in upload[part].items():
-                    sent = self.sent[i][part][key]
-                    if delta.shape != sent.shape or delta.dtype != sent.dtype:  # broadcasting would hide a shape
-                        raise ValueError(f"client {i}: {part} update {key!r} is {delta.dtype} {tuple(delta.shape)}, "
-                                         f"expected {sent.dtype} {tuple(sent.shape)}")
-                states[i][part] = add(self.sent[i][part], upload[part])
-        return states
+            self.check_upload(i, upload)
+        return {i: {part: add(self.sent[i][part], upload[part]) for part in self.shared_parts}
+                for i, upload in uploads.items()}
 
     def require_every_client(self, uploads: dict[int, Upload]) -> None:
         """For methods that model all clients together each round (the papers' full participation)."""

@@ -62,6 +62,7 @@ class PFedHNServer(FedAvgLocalHeadServer):
     """Generates each client's adapter from its input; one Adam step per round from all clients' updates."""
 
     global_adapter = False  # each client gets its own adapter; no global one exists
+    partial_participation = False  # its step reads every client's update (not built for K < N yet)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)

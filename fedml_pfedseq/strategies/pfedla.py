@@ -89,6 +89,7 @@ class PFedLAServer(FedAvgLocalHeadServer):
     """Per client, the layer-wise weighted aggregate of all clients' latest adapters, with learned weights."""
 
     global_adapter = False  # each client gets its own adapter; no global one exists
+    partial_participation = False  # its step reads every client's update (not built for K < N yet)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)  # initial_payloads: the initial adapter for all

@@ -8,6 +8,11 @@ server differs. One round t:
        with gradient sum_i (d xi_i^{t-1} / d psi)^T (-Delta_i^t) (eq. 5: the update is the loss-gradient proxy);
   4.   append Delta^t (with its normaliser) to the history, keeping the last L rounds (eq. 6);
   5-6. after warm-up (t > W), send client i theta_g + xi_i^t (eq. 3), else theta_g; each client gets only its own.
+With client sampling (K of N per round) a round's history entry holds zeros in the columns of the clients that did
+not report, and a mask: the zeros contribute nothing to the learner's gradient (eq. 5 is a sum over clients' updates),
+the normaliser reads the present columns only, and the global adapter averages the present clients. Every client is
+still calibrated each round, so it gets theta_g + xi_i whenever it next takes part; a client that joins late starts
+with zero history. The learner has one channel per client of ``client_num_in_total`` (its capacity).
 Variants A-E (paper Tables 2-3) are switches of this same code: ``global_aggregation`` (A), ``seq_len: 1`` (B),
 ``cross_client`` (C), ``learner_architecture: mlp`` (D) or ``lstm`` (E).
 """
@@ -69,11 +74,13 @@ class PFedSeqArgs:
 
 @dataclass
 class RoundUpdates:
-    """One history entry: round t's updates per layer [D_l, N] and the normaliser per layer it was read with."""
+    """One history entry: round t's updates per layer [D_l, N] (zero columns for clients that did not report), the
+    normaliser per layer it was read with, and which clients reported."""
 
     round: int
     updates: list[torch.Tensor]
     scales: list[float]
+    present: list[bool]
 
 
 class PFedSeqServer(FedAvgLocalHeadServer):
@@ -102,16 +109,16 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.last_round_stats: dict[str, float] = {}
 
     def aggregate(self, uploads: dict[int, Upload]):
-        self.require_every_client(uploads)
         started = time.perf_counter()
         states = self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self.round += 1
         order = range(self.num_clients)
-        deltas = self.layout.stack([uploads[i]["lora"] for i in order])  # per layer [D_l, N]
-        self.global_state = {"lora": weighted_average([states[i]["lora"] for i in order],
-                                                      [uploads[i]["num_samples"] for i in order])}  # eq. 1
+        absent = {key: torch.zeros_like(value) for key, value in self.global_state["lora"].items()}
+        deltas = self.layout.stack([uploads[i]["lora"] if i in uploads else absent for i in order])  # [D_l, N]
+        self.global_state = {"lora": weighted_average([states[i]["lora"] for i in states],
+                                                      [uploads[i]["num_samples"] for i in states])}  # eq. 1
         stats = self._train_learner(deltas) if self.history else {}  # step 3, eq. 5
-        self._remember(deltas)  # step 4, eq. 6
+        self._remember(deltas, [i in uploads for i in order])  # step 4, eq. 6
         if self.round > self.args.warmup_rounds:  # step 5, eq. 3
             self.calibrations = self.calibrate()
             adapters = {i: self.layout.column(self.calibrations, i) for i in order}  # variant A: theta_i = xi_i
@@ -121,7 +128,8 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         elif self.args.global_aggregation:
             self.calibrations, adapters = None, {i: self.global_state["lora"] for i in order}
         else:  # variant A's warm-up: nothing is shared, each client keeps its own trained adapter
-            self.calibrations, adapters = None, {i: states[i]["lora"] for i in order}
+            self.calibrations = None
+            adapters = {i: states[i]["lora"] if i in states else self.sent[i]["lora"] for i in order}
         self.last_round_stats = {"round": self.round, **stats,
                                  "server_seconds": time.perf_counter() - started}
         return self._send({i: {"lora": adapters[i]} for i in order})  # step 6: client i gets only its own
@@ -170,13 +178,15 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.optimizer.zero_grad(set_to_none=True)
         return {"surrogate_loss": surrogate}  # -<xi^{t-1}, Delta^t>: negative when xi pointed where clients moved
 
-    def _remember(self, deltas: list[torch.Tensor]) -> None:
-        """Append round t's updates with its normaliser: the bias-corrected running RMS of updates per layer."""
+    def _remember(self, deltas: list[torch.Tensor], present: list[bool]) -> None:
+        """Append round t's updates with its normaliser: the bias-corrected running RMS of the reported updates
+        per layer (the absent clients' zero columns left out)."""
         beta = self.args.norm_momentum
-        current = torch.tensor([float(d.double().pow(2).mean()) for d in deltas], dtype=torch.float64)
+        mask = torch.tensor(present)
+        current = torch.tensor([float(d[:, mask].double().pow(2).mean()) for d in deltas], dtype=torch.float64)
         self.mean_square = beta * self.mean_square + (1 - beta) * current
         rms = (self.mean_square / (1 - beta**self.round)).sqrt().clamp_min(1e-12)
-        self.history.append(RoundUpdates(self.round, deltas, rms.tolist()))
+        self.history.append(RoundUpdates(self.round, deltas, rms.tolist(), present))
 
     def _calibration_stats(self) -> dict[str, float]:
         """||xi_i|| / ||theta_g|| over clients (how far personalization moves each adapter)."""
