@@ -104,8 +104,9 @@ def main(argv: list[str] | None = None) -> int:
             raw = load_yaml(args.path)
             if isinstance(raw, dict) and "methods" in raw:
                 grid = load_grid(args.path, args.overrides)
-                print(f"ok: grid of {len(grid.seed_cells({}))} seed cell(s) and {len(grid.tuning_cells())} tuning "
-                      f"run(s) over scenarios {list(grid.scenarios)}")
+                seeds, tuning = len(grid.seed_cells({})), len(grid.planned_tuning_cells())
+                print(f"ok: grid of {seeds} seed cell(s) and {tuning} tuning run(s) over scenarios "
+                      f"{list(grid.scenarios)}")
                 return 0
             is_suite = isinstance(raw, dict) and "recipes" in raw
             loaded = load_suite(args.path, args.overrides)[0] if is_suite else [load_recipe(args.path, args.overrides)]

@@ -14,12 +14,15 @@ summarised as mean +- std over seeds.
       rounds: 4                                  # each candidate runs this many rounds, at seed `seed`
       seed: 0
       grid: {train_args.learning_rate: [0.05, 0.5]}                 # every method
+      grid_chosen_by: FedAvg                     # optional: see below
       methods: {FedRep: {algorithm_args.fedrep_head_epochs: [1, 10]}}  # a method's key hyperparameter
     output_dir: runs/table1
 
 Tuning runs every candidate (the product of the grid's values and the method's own) per (scenario, method) in
 ``<scenario>/<method>/tune/<candidate>/`` and keeps the one with the best final mean *validation* accuracy (the
-first on ties); the test split never takes part. The seed cells then run in ``<scenario>/<method>/seed_<k>/``
+first on ties); the test split never takes part. With ``grid_chosen_by: M`` the grid's values are shared, as the
+paper shares one learning rate per dataset: method M's runs choose them per scenario first, then every other
+method tunes only its own values at those (half the runs of the full product for two values each). The seed cells then run in ``<scenario>/<method>/seed_<k>/``
 with the chosen values. A cell is done when its ``summary.json`` exists, so an interrupted grid resumes with the
 cells that are not; a done cell whose saved recipe differs from the grid's is an error, never mixed into a table.
 A method's row name is its entry's ``name``, else its method (``train_args.federated_optimizer``); an entry's own
@@ -44,7 +47,7 @@ from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.suite import load_entry
 
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
-TUNING_KEYS = {"rounds", "seed", "grid", "methods"}
+TUNING_KEYS = {"rounds", "seed", "grid", "grid_chosen_by", "methods"}
 OUTPUT_ONLY = ("hub_args", "tracking_args", "common_args.checkpoint", "common_args.output_dir")
 
 
@@ -92,22 +95,31 @@ class Grid:
         """Method ``index``'s recipe in ``scenario`` with ``extra`` overrides."""
         return load_entry(self.path, index, self.methods[index], [*self.overrides, *self.scenarios[scenario], *extra])
 
-    def candidates(self, method: str) -> list[dict[str, object]]:
-        """Every tuning candidate of ``method``: {"section.key": value} (one empty candidate without tuning)."""
+    def candidates(self, method: str, shared: dict[str, object] | None = None) -> list[dict[str, object]]:
+        """Every tuning candidate of ``method``: {"section.key": value} (one empty candidate without tuning);
+        ``shared``: the grid's values chosen by ``grid_chosen_by``, which every other method then takes as they are."""
         if not self.tuning:
             return [{}]
-        space = {**(self.tuning.get("grid") or {}), **((self.tuning.get("methods") or {}).get(method) or {})}
+        grid = self.tuning.get("grid") or {}
+        if shared is not None and method != self.tuning.get("grid_chosen_by"):
+            grid = {key: [shared[key]] for key in grid}
+        space = {**grid, **((self.tuning.get("methods") or {}).get(method) or {})}
         keys = list(space)
         return [dict(zip(keys, values)) for values in itertools.product(*(space[k] for k in keys))]
 
-    def tuning_cells(self) -> list[Cell]:
+    def tuning_cells(self, only: str | None = None, shared: dict[str, dict] | None = None) -> list[Cell]:
+        """The tuning runs (of method ``only``, else of every method), with ``shared[scenario]`` the grid values
+        chosen by ``grid_chosen_by`` in that scenario, if any."""
         if not self.tuning:
             return []
         rounds, seed = self.tuning["rounds"], self.tuning.get("seed", 0)
         cells = []
         for scenario in self.scenarios:
             for index, name in enumerate(self.names):
-                for candidate in self.candidates(name):
+                candidates = self.candidates(name, (shared or {}).get(scenario))
+                if (only is not None and name != only) or len(candidates) == 1:
+                    continue  # one candidate (a method with no key values, at the shared values): nothing to tune
+                for candidate in candidates:
                     label = ",".join(f"{k.split('.')[-1]}={v}" for k, v in candidate.items())
                     extra = [*overrides_of(candidate), f"train_args.comm_round={rounds}",
                              f"common_args.random_seed={seed}"]
@@ -116,6 +128,14 @@ class Grid:
                     cells.append(Cell(scenario, name, seed, recipe, self.root / scenario / name / "tune" / label,
                                       candidate))
         return cells
+
+    def planned_tuning_cells(self) -> list[Cell]:
+        """As many runs as tuning will make (with ``grid_chosen_by``, the grid's first values stand in for the
+        choice), each validated: a typo fails before any run."""
+        if not (self.tuning or {}).get("grid_chosen_by"):
+            return self.tuning_cells()
+        first = {key: values[0] for key, values in self.tuning["grid"].items()}
+        return self.tuning_cells(shared={scenario: first for scenario in self.scenarios})
 
     def seed_cells(self, chosen: dict[tuple[str, str], dict[str, object]]) -> list[Cell]:
         cells = []
@@ -202,8 +222,12 @@ def load_grid(path: str | Path, extra_overrides: list[str] | None = None, output
     unknown_methods = set((grid.tuning or {}).get("methods") or {}) - set(names)
     if unknown_methods:
         raise RecipeError(f"{where}: tuning.methods names {sorted(unknown_methods)}, not rows of this grid {names}")
+    chooser = (grid.tuning or {}).get("grid_chosen_by")
+    if chooser is not None and (chooser not in names or not grid.tuning.get("grid")):
+        raise RecipeError(f"{where}: tuning.grid_chosen_by must name a row of this grid {names} and needs "
+                          f"tuning.grid, got {chooser!r}")
     grid.names = names
-    grid.tuning_cells()  # every candidate's recipe validates...
+    grid.planned_tuning_cells()  # every candidate's recipe validates...
     grid.seed_cells({})  # ...and every seed cell's
     return grid
 
@@ -223,9 +247,19 @@ def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_
     """Tune (if the grid says so), run every seed cell that is not done yet, then write the summary (see
     ``summarize``) and return it."""
     grid = load_grid(path, extra_overrides, output_dir)
-    tuning = grid.tuning_cells()
+    chooser = (grid.tuning or {}).get("grid_chosen_by")
+    shared = None
+    if chooser is not None:  # first the chooser's runs pick the grid's values per scenario
+        first = grid.tuning_cells(only=chooser)
+        _run(first, f"tune {grid.path.stem} ({chooser}: {', '.join(grid.tuning['grid'])})", progress)
+        picked, _ = choose(first)
+        shared = {scenario: picked[(scenario, chooser)] for scenario in grid.scenarios}
+    tuning = grid.tuning_cells(shared=shared)
     _run(tuning, f"tune {grid.path.stem}", progress)
     chosen, candidates = choose(tuning)
+    for scenario in grid.scenarios:  # methods with a single candidate run with it
+        for name in grid.names:
+            chosen.setdefault((scenario, name), grid.candidates(name, (shared or {}).get(scenario))[0])
     cells = grid.seed_cells(chosen)
     _run(cells, f"grid {grid.path.stem}", progress)
     return summarize(cells, grid.root, candidates)

@@ -164,6 +164,28 @@ def test_the_smoke_reproduction_produces_a_complete_table(tiny_vit, tmp_path):
     assert all(f"| {name} " in table for name in expected)
 
 
+def test_grid_chosen_by_shares_the_learning_rate_fedavg_picks_and_tunes_only_the_key_values(tiny_vit, tmp_path,
+                                                                                           monkeypatch):
+    tuning = {"rounds": 1, "seed": 5, "grid": {"train_args.learning_rate": [0.05, 0.5]}, "grid_chosen_by": "FedAvg",
+              "methods": {"local_heads": {"train_args.epochs": [1, 2]}}}
+    path = write_grid(tmp_path, tiny_vit, tuning=tuning, scenarios={"small": ["data_args.samples_per_client=40"]},
+                      seeds=[0])
+    ran = []
+    real_run = grid.run_recipe
+    monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(out) or
+                        real_run(recipe, out, progress=progress, resume=resume))
+    result = grid.run_grid(path, progress=False)
+    fedavg = {row["candidate"]["train_args.learning_rate"]: row["validation_accuracy"]
+              for row in result["tuning_candidates"] if row["method"] == "FedAvg"}
+    lr = max(fedavg, key=fedavg.get)  # (max keeps the first of a tie, as choose does)
+    tune = tmp_path / "grid/small"
+    assert [p.relative_to(tune).as_posix() for p in ran[:4]] == [
+        "FedAvg/tune/learning_rate=0.05", "FedAvg/tune/learning_rate=0.5",
+        f"local_heads/tune/learning_rate={lr},epochs=1", f"local_heads/tune/learning_rate={lr},epochs=2"]
+    assert len(ran) == 6 and len(result["tuning_candidates"]) == 4  # 4 tuning runs, then the 2 seed cells
+    assert result["table"]["local_heads"]["small"]["tuned"]["train_args.learning_rate"] == lr
+
+
 def test_choose_ranks_candidates_by_validation_never_by_test(tmp_path):
     cells = []
     for i, (validation, test) in enumerate([(0.30, 0.90), (0.50, 0.10), (0.50, 0.95), (0.20, 0.99)]):
