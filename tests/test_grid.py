@@ -93,17 +93,23 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     assert ran == []
 
 
-def test_tuning_keeps_the_candidate_with_the_best_validation_accuracy_and_seeds_run_with_it(tiny_vit, tmp_path,
-                                                                                           monkeypatch):
+def run_tuned_grid(tiny_vit, tmp_path, monkeypatch, **tuning) -> tuple[dict, list[Path]]:
+    """A one-scenario, one-seed grid tuning lr {0.05, 0.5} x local_heads' epochs {1, 2} (plus ``tuning``) for 1
+    round: its result and the output folder of every run, in order."""
     tuning = {"rounds": 1, "seed": 5, "grid": {"train_args.learning_rate": [0.05, 0.5]},
-              "methods": {"local_heads": {"train_args.epochs": [1, 2]}}}
+              "methods": {"local_heads": {"train_args.epochs": [1, 2]}}, **tuning}
     path = write_grid(tmp_path, tiny_vit, tuning=tuning, scenarios={"small": ["data_args.samples_per_client=40"]},
                       seeds=[0])
     ran = []
     real_run = grid.run_recipe
     monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(out) or
                         real_run(recipe, out, progress=progress, resume=resume))
-    result = grid.run_grid(path, progress=False)
+    return grid.run_grid(path, progress=False), ran
+
+
+def test_tuning_keeps_the_candidate_with_the_best_validation_accuracy_and_seeds_run_with_it(tiny_vit, tmp_path,
+                                                                                           monkeypatch):
+    result, ran = run_tuned_grid(tiny_vit, tmp_path, monkeypatch)
     tune = tmp_path / "grid/small"
     assert sorted(p.relative_to(tune).as_posix() for p in ran[:6]) == sorted(
         ["FedAvg/tune/learning_rate=0.05", "FedAvg/tune/learning_rate=0.5"]
@@ -127,7 +133,7 @@ def test_tuning_keeps_the_candidate_with_the_best_validation_accuracy_and_seeds_
         assert result["table"][method]["small"]["tuned"]["train_args.learning_rate"] == \
             seed_recipe["train_args"]["learning_rate"]
     ran.clear()
-    grid.run_grid(path, progress=False)
+    grid.run_grid(tmp_path / "grid.yaml", progress=False)
     assert ran == []  # tuning and seeds all resume as done
 
 
@@ -166,15 +172,7 @@ def test_the_smoke_reproduction_produces_a_complete_table(tiny_vit, tmp_path):
 
 def test_grid_chosen_by_shares_the_learning_rate_fedavg_picks_and_tunes_only_the_key_values(tiny_vit, tmp_path,
                                                                                            monkeypatch):
-    tuning = {"rounds": 1, "seed": 5, "grid": {"train_args.learning_rate": [0.05, 0.5]}, "grid_chosen_by": "FedAvg",
-              "methods": {"local_heads": {"train_args.epochs": [1, 2]}}}
-    path = write_grid(tmp_path, tiny_vit, tuning=tuning, scenarios={"small": ["data_args.samples_per_client=40"]},
-                      seeds=[0])
-    ran = []
-    real_run = grid.run_recipe
-    monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(out) or
-                        real_run(recipe, out, progress=progress, resume=resume))
-    result = grid.run_grid(path, progress=False)
+    result, ran = run_tuned_grid(tiny_vit, tmp_path, monkeypatch, grid_chosen_by="FedAvg")
     fedavg = {row["candidate"]["train_args.learning_rate"]: row["validation_accuracy"]
               for row in result["tuning_candidates"] if row["method"] == "FedAvg"}
     lr = max(fedavg, key=fedavg.get)  # (max keeps the first of a tie, as choose does)
