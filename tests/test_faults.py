@@ -3,6 +3,7 @@ their reason, never reaching the aggregate, pFedSeq's history or its learner."""
 from __future__ import annotations
 
 import collections
+import copy
 import logging
 
 import pytest
@@ -106,10 +107,55 @@ def test_pfedseq_history_masks_absent_clients_and_every_client_gets_its_calibrat
     assert not torch.equal(server.calibrations[0][:, 0], server.calibrations[0][:, 1])
 
 
-@pytest.mark.parametrize("method", ["pFedHN", "pFedLA", "PeFLL"])
-def test_methods_that_model_every_client_refuse_sampling(method, tiny_vit, tmp_path):
-    with pytest.raises(RecipeError, match=f"client_num_per_round: {method} needs every client's update"):
-        three_clients(method, tiny_vit, tmp_path, per_round=2)
+def synthetic_round(server, present, seed=0):
+    """Small random LoRA updates from the clients in ``present`` (what the server sent them, moved a little)."""
+    g = torch.Generator().manual_seed(seed)
+    return {i: {"client_id": i, "num_samples": 10 + i,
+                "lora": {k: 1e-3 * torch.randn(v.shape, generator=g) for k, v in server.sent[i]["lora"].items()}}
+            for i in present}
+
+
+def test_pfedhn_treats_an_absent_client_as_a_zero_update(tiny_vit, tmp_path):
+    """pFedHN's step is on sum_i <theta_i, -Delta_i>: an absent client adds nothing; its embedding does not move
+    (zero gradient, and zero moments: round 1's input gradients are zero), the others' do."""
+    server = build_federation(three_clients("pFedHN", tiny_vit, tmp_path, per_round=2)).server
+    server.initial_payloads()
+    server.aggregate(synthetic_round(server, [0, 1, 2]))  # the heads start at zero: inputs get gradients from round 2
+    twin = copy.deepcopy(server)
+    uploads = synthetic_round(server, [0, 2], seed=1)
+    embeddings = server.networks["client_embeddings"].weight.detach().clone()
+    server.aggregate(uploads)
+    zero = {"client_id": 1, "num_samples": 11, "lora": {k: torch.zeros_like(v) for k, v in uploads[0]["lora"].items()}}
+    twin.aggregate({**uploads, 1: zero})
+    assert all(torch.equal(a, b) for a, b in zip(server.networks.parameters(), twin.networks.parameters()))
+    moved = server.networks["client_embeddings"].weight.detach()
+    assert torch.equal(moved[1], embeddings[1]) and not torch.equal(moved[0], embeddings[0])
+
+
+def test_pfedla_steps_only_the_sampled_clients_and_keeps_the_others_adapters(tiny_vit, tmp_path):
+    server = build_federation(three_clients("pFedLA", tiny_vit, tmp_path, per_round=2)).server
+    server.initial_payloads()
+    server.aggregate(synthetic_round(server, [0, 1, 2]))  # round 1: everyone; the hypernetworks start stepping next
+    kept = [adapter[:, 1].clone() for adapter in server.adapters]
+    before = [[p.detach().clone() for p in net.parameters()] for net in server.hypernetworks]
+    server.aggregate(synthetic_round(server, [0, 2], seed=1))
+    after = [[p.detach() for p in net.parameters()] for net in server.hypernetworks]
+    assert all(torch.equal(a, b) for a, b in zip(before[1], after[1]))  # client 1's hypernetwork: no step
+    assert not all(torch.equal(a, b) for a, b in zip(before[0], after[0]))
+    assert all(torch.equal(adapter[:, 1], k) for adapter, k in zip(server.adapters, kept))
+
+
+@pytest.mark.parametrize("method", ["pFedHN", "pFedLA", "APPLE"])
+def test_personalized_servers_run_with_two_of_three_clients(method, tiny_vit, tmp_path):
+    log = run_federation(build_federation(three_clients(method, tiny_vit, tmp_path, rounds=3, per_round=2)),
+                         progress=False)
+    assert [row["aggregated"] for row in log.server_rows] == [2, 2, 2]
+    assert sorted(r["client"] for r in log.rows if r["round"] == 3) == [0, 1, 2]
+
+
+def test_pefll_refuses_sampling(tiny_vit, tmp_path):
+    with pytest.raises(RecipeError, match="client_num_per_round: PeFLL needs every client's update"):
+        three_clients("PeFLL", tiny_vit, tmp_path, per_round=2)
 
 
 def test_sampling_is_simulator_only_and_the_minimum_fits_k(tiny_vit, tmp_path):

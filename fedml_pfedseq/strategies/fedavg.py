@@ -83,10 +83,17 @@ class FedAvgServer:
                 for i, upload in uploads.items()}
 
     def require_every_client(self, uploads: dict[int, Upload]) -> None:
-        """For methods that model all clients together each round (the papers' full participation)."""
+        """For methods without ``partial_participation``: every client's update, every round."""
         missing = sorted(set(range(self.num_clients)) - set(uploads))
-        if missing:
+        if missing and not self.partial_participation:
             raise ValueError(f"{type(self).__name__} needs every client's update each round; missing clients {missing}")
+
+    def lora_updates(self, uploads: dict[int, Upload]) -> list[StateDict]:
+        """Every client's LoRA update in client order, zeros for a client that did not report: in the servers that
+        step on sum_i <theta_i, -Delta_i> (proxy gradients), a zero update adds nothing, so an absent client drops
+        out of that round's step."""
+        zeros = {key: torch.zeros_like(value) for key, value in next(iter(uploads.values()))["lora"].items()}
+        return [uploads[i]["lora"] if i in uploads else zeros for i in range(self.num_clients)]
 
     def aggregate(self, uploads: dict[int, Upload]) -> dict[int, Payload]:
         states = self.trained_states(uploads)

@@ -68,6 +68,8 @@ def embedding_network(feature_dim: int, num_labels: int, args: PeFLLArgs) -> nn.
 class PeFLLServer(PFedHNServer):
     """pFedHN's server with client descriptors as inputs and an embedding network trained from clients' gradients."""
 
+    partial_participation = False  # descriptors and their updates are kept for every client (not built for K < N)
+
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
         self.embedding_net: nn.Sequential = self.networks["embedding_net"]

@@ -62,7 +62,7 @@ class PFedHNServer(FedAvgLocalHeadServer):
     """Generates each client's adapter from its input; one Adam step per round from all clients' updates."""
 
     global_adapter = False  # each client gets its own adapter; no global one exists
-    partial_participation = False  # its step reads every client's update (not built for K < N yet)
+    partial_participation = True  # sampled clients: absent ones add nothing to the step (pFedHN samples too)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
@@ -105,7 +105,7 @@ class PFedHNServer(FedAvgLocalHeadServer):
         self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self._check_uploads(uploads)
         self.round += 1
-        updates = torch.stack([self.hypernetwork.flatten(uploads[i]["lora"]) for i in range(self.num_clients)])
+        updates = torch.stack([self.hypernetwork.flatten(delta) for delta in self.lora_updates(uploads)])
         hypernetwork_grads, input_grad = self.proxy_gradients(updates)  # updates [N, D]
         for p, grad in zip(self.hypernetwork.parameters(), hypernetwork_grads):
             p.grad = grad

@@ -89,7 +89,7 @@ class PFedLAServer(FedAvgLocalHeadServer):
     """Per client, the layer-wise weighted aggregate of all clients' latest adapters, with learned weights."""
 
     global_adapter = False  # each client gets its own adapter; no global one exists
-    partial_participation = False  # its step reads every client's update (not built for K < N yet)
+    partial_participation = True  # sampled clients: only theirs step (zero updates) and refresh their adapters
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)  # initial_payloads: the initial adapter for all
@@ -127,8 +127,9 @@ class PFedLAServer(FedAvgLocalHeadServer):
         states = self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self.round += 1
         order = range(self.num_clients)
-        stats = {} if self.alphas is None else self._train_hypernetworks([uploads[i]["lora"] for i in order])
-        self.adapters = self._on_device(self.layout.stack([states[i]["lora"] for i in order]))
+        stats = {} if self.alphas is None else self._train_hypernetworks(self.lora_updates(uploads))
+        self.adapters = self._on_device(self.layout.stack([states[i]["lora"] if i in states else
+                                                           self.layout.column(self.adapters, i) for i in order]))
         with torch.no_grad():
             self.alphas = self.weights()
             thetas = [theta.cpu() for theta in self.personalize(self.alphas, self.adapters)]

@@ -113,8 +113,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         states = self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self.round += 1
         order = range(self.num_clients)
-        absent = {key: torch.zeros_like(value) for key, value in self.global_state["lora"].items()}
-        deltas = self.layout.stack([uploads[i]["lora"] if i in uploads else absent for i in order])  # [D_l, N]
+        deltas = self.layout.stack(self.lora_updates(uploads))  # per layer [D_l, N], zero columns for absent
         self.global_state = {"lora": weighted_average([states[i]["lora"] for i in states],
                                                       [uploads[i]["num_samples"] for i in states])}  # eq. 1
         stats = self._train_learner(deltas) if self.history else {}  # step 3, eq. 5
