@@ -1,0 +1,304 @@
+"""Turn the grids of the paper's Tables 1-3 and L sweep into the reproduction report (Markdown, PNGs, summary.json).
+
+    python benchmarks/reproduction_report.py --table1 runs/table1 --table2-3 runs/table2_3 --l-sweep runs/l_sweep \
+        --out docs/reproduction
+
+Every number is read from the grids' cell files (``<scenario>/<method>/seed_<k>/summary.json``, ``recipe.yaml``,
+``metrics.json`` and ``tune/<candidate>/summary.json``), not from grid_summary.json, which a grid writes only once it
+has finished: so a grid that is still running is reported as far as it got, and the cells it lacks are listed.
+Which cells a grid should have comes from its definition (``recipes/grids/<table>.yaml``, or ``--<table>-grid``).
+The paper's numbers are in paper_results.json beside this script.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import yaml  # noqa: E402
+
+from fedml_pfedseq.grid import load_grid  # noqa: E402
+from fedml_pfedseq.results import format_table, mean_test_curve, save_accuracy_plot  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PAPER = json.loads((HERE / "paper_results.json").read_text())
+PAPER_COLUMN = {"omniglot": "Omniglot", "pacs": "DomainNet", "cifar10": "CIFAR-100"}  # the paper's dataset of its kind
+FULL = "pFedSeq"  # the full method's row; every other row of Table 1 is a baseline
+NOTE = ("Local test accuracy (%) after the last round, averaged over clients; ours: mean ± std over the seeds that "
+        "finished (sample std; one seed: no std).")
+
+
+class GridOutput:
+    """A grid's output folder read against its definition: each (scenario, method)'s finished seed cells."""
+
+    def __init__(self, root: Path, definition: Path):
+        if not root.is_dir():
+            raise SystemExit(f"{root}: no such folder (expected the output of the grid {definition})")
+        self.grid, self.root, self.definition = load_grid(definition), root, definition
+        if not any((root / scenario).is_dir() for scenario in self.grid.scenarios):
+            raise SystemExit(f"{root} is not an output of the grid {definition}: it has none of its scenario folders "
+                             f"{list(self.grid.scenarios)}")
+
+    def cells(self, scenario: str, method: str) -> list[Path]:
+        """The seed cells that finished (have summary.json)."""
+        return [cell for seed in self.grid.seeds
+                if (cell := self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()]
+
+    def stats(self, scenario: str, method: str) -> dict | None:
+        """Mean and std (%) over the finished seeds of the final mean test accuracy; None if none finished."""
+        values = [100 * json.loads(path.read_text())["final_test_accuracy_mean"]
+                  for path in self.cells(scenario, method)]
+        if not values:
+            return None
+        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+                "seeds": len(values)}
+
+    @property
+    def missing(self) -> list[str]:
+        return [f"{scenario}/{method}/seed_{seed}" for scenario in self.grid.scenarios for method in self.grid.names
+                for seed in self.grid.seeds
+                if not (self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()]
+
+    def header(self, title: str) -> str:
+        missing, seeds = self.missing, {}
+        for cell in missing:
+            row, seed = cell.rsplit("/", 1)
+            seeds.setdefault(row, []).append(seed)
+        listed = "\n".join(f"- {row}: {', '.join(s)}" for row, s in seeds.items()) or "none: every cell finished"
+        return (f"# {title}\n\nGrid `{self.definition.name}`, output `{self.root}`: {len(missing)} of "
+                f"{len(self.grid.scenarios) * len(self.grid.names) * len(self.grid.seeds)} seed cells missing. "
+                f"{NOTE}\n\nMissing cells (not in any number below):\n\n{listed}\n")
+
+    def record(self) -> dict:
+        return {"folder": str(self.root), "definition": str(self.definition), "missing_cells": self.missing}
+
+
+def fmt(stat: dict | None) -> str:
+    if stat is None:
+        return "missing"
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat.get("std") is not None else "")
+
+
+def signed(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
+
+
+def ranks(scores: dict[str, float]) -> dict[str, float]:
+    """1 = highest; tied methods share the mean of their places."""
+    order = sorted(scores.values(), reverse=True)
+    return {m: statistics.fmean(i + 1 for i, v in enumerate(order) if v == s) for m, s in scores.items()}
+
+
+def spearman(a: dict[str, float], b: dict[str, float]) -> float | None:
+    """Spearman's rho between two scorings over the methods both have (Pearson's r of the ranks, ties averaged);
+    None where it is undefined (fewer than two methods, or all tied)."""
+    common = [m for m in a if m in b]
+    rank_a, rank_b = ranks({m: a[m] for m in common}), ranks({m: b[m] for m in common})
+    try:
+        return statistics.correlation([rank_a[m] for m in common], [rank_b[m] for m in common])
+    except statistics.StatisticsError:
+        return None
+
+
+def margin(scores: dict[str, float]) -> dict | None:
+    """The full method minus the best other method."""
+    others = {m: v for m, v in scores.items() if m != FULL}
+    if FULL not in scores or not others:
+        return None
+    best = max(others, key=others.get)
+    return {"margin": scores[FULL] - others[best], "best_baseline": best}
+
+
+def margin_text(result: dict | None) -> str:
+    return "n/a" if result is None else f"{result['margin']:+.2f} (vs {result['best_baseline']})"
+
+
+def paper_column(scenario: str) -> str:
+    if scenario not in PAPER_COLUMN:
+        raise SystemExit(f"scenario {scenario!r} has no counterpart in the paper; known: {sorted(PAPER_COLUMN)}")
+    return PAPER_COLUMN[scenario]
+
+
+def table1_report(out: GridOutput, dest: Path) -> dict:
+    """Table 1 per scenario beside the paper's dataset of the same kind, the tuned values, and learning curves."""
+    grid, record = out.grid, {**out.record(), "scenarios": {}}
+    text = [out.header("Table 1: pFedSeq and 12 baselines")]
+    for scenario in grid.scenarios:
+        column = paper_column(scenario)
+        paper = {m: r[column] for m, r in PAPER["table1"]["results"].items()}
+        ours = {m: s for m in grid.names if (s := out.stats(scenario, m))}
+        our_scores, paper_scores = ({m: s["mean"] for m, s in d.items()} for d in (ours, paper))
+        shared = [m for m in our_scores if m in paper_scores]
+        our_rank, paper_rank = ranks(our_scores), ranks(paper_scores)  # among what we have; among all 13
+        above = [m for m in our_scores if FULL in our_scores and m != FULL and our_scores[m] > our_scores[FULL]]
+        result = {"paper_dataset": column, "ours": ours, "paper": {m: paper[m] for m in grid.names if m in paper},
+                  "rank_ours": our_rank, "rank_paper": paper_rank,
+                  "spearman": spearman(our_scores, paper_scores),
+                  "margin_ours": margin(our_scores), "margin_paper": margin(paper_scores),
+                  "baselines_above_pfedseq_ours": above}
+        record["scenarios"][scenario] = result
+        rank = lambda r, m: f"{r[m]:g}" if m in r else ""  # noqa: E731
+        rows = [[m, fmt(ours.get(m)), ours[m]["seeds"] if m in ours else 0, rank(our_rank, m), fmt(paper.get(m)),
+                 rank(paper_rank, m)] for m in grid.names]
+        table = format_table(["method", f"ours: {scenario}", "seeds", "rank", f"paper: {column}", "rank"], rows)
+        mine, theirs, rho = result["margin_ours"], result["margin_paper"], result["spearman"]
+        text.append(
+            f"\n## {scenario} (paper: {column}, {PAPER['table1']['scenarios'][column]})\n\n{table}\n\n"
+            f"- rank: ours among the methods that have a result, the paper's among its 13\n"
+            f"- Spearman rank correlation, ours vs paper, over the {len(shared)} methods we have: "
+            f"{'n/a' if rho is None else f'{rho:.2f}'}\n"
+            f"- {FULL} minus the best baseline (ours: of those we have; paper: of all 12): ours {margin_text(mine)}, "
+            f"paper {margin_text(theirs)}\n"
+            f"- Baselines above {FULL} in ours: {', '.join(above) or 'none'}\n"
+            + (f"\n![learning curves](curves_{scenario}.png)\n" if ours else ""))
+    text.append(tuning_md(out, record))
+    for scenario in grid.scenarios:
+        plot_curves(out, scenario, dest / f"curves_{scenario}.png")
+    (dest / "table1.md").write_text("".join(text))
+    return record
+
+
+def tuning_md(out: GridOutput, record: dict) -> str:
+    """The values each method ran with (read from its seed cells' recipe.yaml) and every tuning candidate's final
+    mean validation accuracy (from tune/<candidate>/summary.json)."""
+    grid, tuned, candidates = out.grid, {}, []
+    for scenario in grid.scenarios:
+        for method in grid.names:
+            keys = list(grid.candidates(method)[0])
+            if keys and (cells := out.cells(scenario, method)):
+                recipe = yaml.safe_load((cells[0].parent / "recipe.yaml").read_text())
+                tuned.setdefault(method, {})[scenario] = {k: recipe[k.split(".")[0]][k.split(".")[1]] for k in keys}
+            for path in sorted((out.root / scenario / method / "tune").glob("*/summary.json")):
+                candidates.append({"scenario": scenario, "method": method, "candidate": path.parent.name,
+                                   "validation_accuracy": 100 * json.loads(path.read_text())
+                                   ["final_validation_accuracy_mean"]})
+    record.update(tuned=tuned, tuning_candidates=candidates)
+    label = lambda values: ", ".join(f"{k.split('.')[-1]}={v}" for k, v in values.items())  # noqa: E731
+    tuned_rows = [[m] + [label(tuned[m][s]) if s in tuned.get(m, {}) else "" for s in grid.scenarios]
+                  for m in grid.names if m in tuned]
+    accuracy = {(c["method"], c["candidate"], c["scenario"]): c["validation_accuracy"] for c in candidates}
+    candidate_rows = [[m, c] + [f"{accuracy[m, c, s]:.2f}" if (m, c, s) in accuracy else "" for s in grid.scenarios]
+                      for m, c in dict.fromkeys((m, c) for m, c, _ in accuracy)]
+    return ("\n## Tuned values (chosen on validation; read from the seed cells' recipes)\n\n"
+            + (format_table(["method", *grid.scenarios], tuned_rows) if tuned_rows else "none finished yet")
+            + "\n\n## Tuning candidates: final mean validation accuracy (%)\n\n"
+            + (format_table(["method", "candidate", *grid.scenarios], candidate_rows) if candidate_rows
+               else "none finished yet") + "\n")
+
+
+def plot_curves(out: GridOutput, scenario: str, path: Path) -> None:
+    """The paper's Figures 4-5: each method's test accuracy per round, averaged over clients and seeds, with the
+    round where pFedSeq's warm-up ends (from then on clients get personalised adapters); none without a finished
+    cell."""
+    curves = {method: [r for cell in out.cells(scenario, method)
+                       for r in json.loads((cell.parent / "metrics.json").read_text())["eval"]]
+              for method in out.grid.names if out.cells(scenario, method)}
+    if not curves:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, rows in curves.items():
+        ax.plot(*mean_test_curve(rows), marker="o", markersize=3, label=method)
+    if FULL in curves:
+        warmup = out.grid.recipe(scenario, out.grid.names.index(FULL), []).algorithm_args.warmup_rounds
+        ax.axvline(warmup, color="black", linestyle=":", label=f"{FULL} warm-up ends (W={warmup})")
+    save_accuracy_plot(ax, fig, f"{scenario}: mean over clients and seeds", path)
+
+
+def table2_3_report(out: GridOutput, dest: Path) -> dict:
+    """Variants A-E beside the full method, ours and the paper's, with each variant's drop from the full method."""
+    grid, record = out.grid, {**out.record(), "scenarios": {}}
+    headers, columns = ["variant"], {}
+    for scenario in grid.scenarios:
+        column = paper_column(scenario)
+        ours = {m: out.stats(scenario, m) for m in grid.names}
+        paper = {m: r[column] for m, r in PAPER["table2_3"]["results"].items() if m in grid.names}
+        drop = lambda d, m: d[FULL]["mean"] - d[m]["mean"] if d.get(FULL) and d.get(m) else None  # noqa: E731
+        columns[scenario] = result = {"paper_dataset": column, "ours": ours, "paper": paper,
+                                      "drop_ours": {m: drop(ours, m) for m in grid.names if m != FULL},
+                                      "drop_paper": {m: drop(paper, m) for m in grid.names if m != FULL}}
+        record["scenarios"][scenario] = result
+        headers += [f"ours: {scenario}", "drop", f"paper: {column}", "drop"]
+    rows = [[m] + [value for s, r in columns.items() for value in
+                   (fmt(r["ours"][m]), signed(r["drop_ours"].get(m)) if m != FULL else "",
+                    fmt(r["paper"].get(m)), signed(r["drop_paper"].get(m)) if m != FULL else "")]
+            for m in grid.names]
+    (dest / "table2_3.md").write_text(out.header("Tables 2-3: pFedSeq's variants A-E") + "\n" +
+                                      format_table(headers, rows) + f"\n\ndrop: {FULL} minus the variant "
+                                      "(positive: the variant is worse).\n")
+    return record
+
+
+def l_sweep_report(out: GridOutput, dest: Path) -> dict:
+    """Final accuracy against the history length L (read from each row's recipe), and L=15 minus L=1 against the
+    paper's +1.17 (it gives only a plot and that difference)."""
+    grid, record, paper = out.grid, {**out.record(), "scenarios": {}}, PAPER["l_sweep"]
+    text, curves = [out.header("Sweep of the history length L")], {}
+    for scenario in grid.scenarios:
+        points = {grid.recipe(scenario, i, []).algorithm_args.seq_len: out.stats(scenario, m)
+                  for i, m in enumerate(grid.names)}
+        short, long = points.get(paper["short"]), points.get(paper["long"])
+        difference = long["mean"] - short["mean"] if short and long else None
+        record["scenarios"][scenario] = {"by_L": points, "long_minus_short": difference}
+        if done := sorted(((L, s) for L, s in points.items() if s), key=lambda point: point[0]):
+            curves[scenario] = done
+        table = format_table(["L", "test accuracy (%)", "seeds"],
+                             [[L, fmt(s), s["seeds"] if s else 0] for L, s in sorted(points.items())])
+        text.append(f"\n## {scenario}\n\n{table}\n\nL={paper['long']} minus L={paper['short']}: ours "
+                    f"{signed(difference)}, paper {signed(paper['long_minus_short'])} ({paper['source']}: "
+                    f"\"{paper['statement']}\")\n")
+    record["paper"] = paper
+    (dest / "l_sweep.md").write_text("".join(text) + ("\n![accuracy vs L](l_sweep.png)\n" if curves else ""))
+    if curves:
+        plot_l_sweep(curves, dest / "l_sweep.png")
+    return record
+
+
+def plot_l_sweep(curves: dict[str, list[tuple[int, dict]]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for scenario, points in curves.items():
+        ax.errorbar([L for L, _ in points], [s["mean"] for _, s in points], yerr=[s["std"] or 0 for _, s in points],
+                    marker="o", capsize=3, label=f"ours: {scenario}")
+    ax.set_xlabel("L (rounds of history the learner reads)")
+    ax.set_ylabel("final local test accuracy (%)")
+    ax.set_title("pFedSeq vs L: mean ± std over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+REPORTS = {"table1": table1_report, "table2_3": table2_3_report, "l_sweep": l_sweep_report}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for key in REPORTS:
+        flag = key.replace("_", "-")
+        parser.add_argument(f"--{flag}", type=Path, help=f"output folder of a recipes/grids/{key}.yaml grid "
+                            "(left out: that part of the report says so)")
+        parser.add_argument(f"--{flag}-grid", type=Path, default=HERE.parent / "recipes" / "grids" / f"{key}.yaml",
+                            help="the grid definition it ran, which says which cells to expect (default: %(default)s)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the report")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    summary = {"paper": PAPER}
+    for key, report in REPORTS.items():
+        folder = getattr(args, key)
+        if folder is None:
+            (args.out / f"{key}.md").write_text(f"# {key}\n\nNot reported: no grid output was given "
+                                                f"(--{key.replace('_', '-')}).\n")
+            summary[key] = None
+        else:
+            summary[key] = report(GridOutput(folder, getattr(args, f"{key}_grid")), args.out)
+    (args.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
