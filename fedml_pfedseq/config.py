@@ -97,6 +97,8 @@ class CommArgs:
     grpc_ipconfig_path: str | None = None  # FedML's CSV: eid,rank,grpc_server_ip,grpc_server_port (deploy writes one)
     round_timeout: float = 900.0  # seconds a party waits for a round before stopping with an error
     startup_timeout: float = 300.0  # seconds for the server to listen, then for every client to connect
+    upload_timeout: float | None = None  # seconds after a round's payloads go out until the server aggregates the
+    # uploads that arrived (at least train_args.min_uploads_per_round); None: wait for every client
 
 
 @dataclass
@@ -260,6 +262,10 @@ def _validate(recipe: Recipe, where: str) -> None:
             f"got {recipe.comm_args.backend!r}")
     require(recipe.comm_args.round_timeout > 0, "comm_args.round_timeout", "must be > 0 seconds")
     require(recipe.comm_args.startup_timeout > 0, "comm_args.startup_timeout", "must be > 0 seconds")
+    u = recipe.comm_args.upload_timeout
+    require(u is None or 0 < u < recipe.comm_args.round_timeout, "comm_args.upload_timeout",
+            f"must be null or > 0 seconds and below comm_args.round_timeout ({recipe.comm_args.round_timeout}, after "
+            f"which a waiting party stops), got {u}")
     require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")

@@ -129,13 +129,17 @@ class Grid:
                                       candidate))
         return cells
 
-    def planned_tuning_cells(self) -> list[Cell]:
-        """As many runs as tuning will make (with ``grid_chosen_by``, the grid's first values stand in for the
-        choice), each validated: a typo fails before any run."""
+    def stand_in_choice(self) -> dict[str, dict] | None:
+        """With ``grid_chosen_by``, the grid's first values in every scenario, standing in for the choice before
+        it is made (to count and validate the runs); else None."""
         if not (self.tuning or {}).get("grid_chosen_by"):
-            return self.tuning_cells()
+            return None
         first = {key: values[0] for key, values in self.tuning["grid"].items()}
-        return self.tuning_cells(shared={scenario: first for scenario in self.scenarios})
+        return {scenario: first for scenario in self.scenarios}
+
+    def planned_tuning_cells(self) -> list[Cell]:
+        """As many runs as tuning will make."""
+        return self.tuning_cells(shared=self.stand_in_choice())
 
     def seed_cells(self, chosen: dict[tuple[str, str], dict[str, object]]) -> list[Cell]:
         cells = []
@@ -227,7 +231,11 @@ def load_grid(path: str | Path, extra_overrides: list[str] | None = None, output
         raise RecipeError(f"{where}: tuning.grid_chosen_by must name a row of this grid {names} and needs "
                           f"tuning.grid, got {chooser!r}")
     grid.names = names
-    grid.planned_tuning_cells()  # every candidate's recipe validates...
+    shared = grid.stand_in_choice() or {}
+    for scenario in grid.scenarios:  # every candidate's recipe validates (single ones, not run, too)...
+        for index, name in enumerate(names):
+            for candidate in grid.candidates(name, shared.get(scenario)):
+                grid.recipe(scenario, index, overrides_of(candidate))
     grid.seed_cells({})  # ...and every seed cell's
     return grid
 

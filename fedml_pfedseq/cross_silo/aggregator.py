@@ -1,8 +1,10 @@
 """FedML's server side of every method: a ``ServerAggregator`` that hands uploads to the method's server strategy.
 
-FedML calls ``get_model_params`` for the first payloads and ``aggregate`` once all uploads of a round are in.
-Both return a plain ``dict`` keyed by client index, which FedML's server manager reads as one payload per client
-and sends each client only its own entry (``send_message_diff_sync_model_to_client``).
+FedML calls ``get_model_params`` for the first payloads; ``RoundDeadlineServerManager`` calls ``aggregate_round``
+when a round closes. Both return a plain ``dict`` keyed by client index, which the server manager reads as one
+payload per client and sends each client only its own entry (``send_message_diff_sync_model_to_client``). Each
+entry is ``{"round": k, "payload": ...}``: payload k starts round k (k = comm_round + 1: the final one), so a
+client knows its round after missing some, and its upload names the round it answers.
 """
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from typing import Callable
 from fedml.core import ServerAggregator
 
 from fedml_pfedseq.results import MetricsLog
+from fedml_pfedseq.simulation import RoundError, screen
 from fedml_pfedseq.transport import check_plain, fingerprint, round_record
 
 
@@ -29,8 +32,8 @@ class StrategyAggregator(ServerAggregator):
     def _outgoing(self, payloads: dict) -> dict:
         for i, payload in payloads.items():
             check_plain(payload, f"payload for client {i}")
-        self.payloads = {i: payloads[i] for i in range(len(payloads))}  # type dict: FedML's per-client route
-        self.sent_fingerprints.append([fingerprint(self.payloads[i]) for i in self.payloads])
+        self.sent_fingerprints.append([fingerprint(payloads[i]) for i in range(len(payloads))])
+        self.payloads = {i: {"round": self.round + 1, "payload": payloads[i]} for i in range(len(payloads))}
         self._round_started = time.perf_counter()
         return self.payloads
 
@@ -41,15 +44,27 @@ class StrategyAggregator(ServerAggregator):
         return self.payloads
 
     def set_model_params(self, model_parameters) -> None:
-        """FedML hands back what ``aggregate`` returned; the strategy already holds that state."""
+        """Part of FedML's interface, unused here: the strategy holds its state, and ``RoundDeadlineServerManager``
+        sends what ``aggregate_round`` returns."""
 
-    def aggregate(self, raw_client_model_or_grad_list: list[tuple[float, dict]]) -> dict:
-        """``raw`` is [(num_samples, upload)] in client-index order; the strategy checks each upload's sender."""
-        uploads = {i: upload for i, (_, upload) in enumerate(raw_client_model_or_grad_list)}
+    def aggregate_round(self, uploads: dict[int, dict], absent: dict[int, str], participants: int) -> dict:
+        """Close the round with the ``uploads`` that arrived (by client index); ``absent`` says why each other
+        client sent none. Uploads are screened as in the simulator; a method that needs every client stops here
+        when one is missing."""
+        t = self.round + 1
+        minimum = self.server.recipe.train_args.min_uploads_per_round
+        if len(uploads) < minimum:
+            raise RoundError(f"round {t}: {len(uploads)} upload(s) arrived, fewer than "
+                             f"train_args.min_uploads_per_round = {minimum}; missing: {absent}")
+        uploads, rejected = screen(self.server, uploads, t, minimum)
+        left_out = {**absent, **rejected}
+        if left_out and not self.server.partial_participation:
+            raise RoundError(f"round {t}: {self.server.recipe.train_args.federated_optimizer} needs every "
+                             f"client's update each round (no partial participation); left out: {left_out}")
         payloads = self.server.aggregate(uploads)
-        self.round += 1
+        self.round = t
         self.log.round_seconds.append(time.perf_counter() - self._round_started)
-        self.log.add_server(**round_record(self.round, len(uploads), uploads, {}, payloads, self.server))
+        self.log.add_server(**round_record(t, participants, uploads, left_out, payloads, self.server))
         out = self._outgoing(payloads)
         self.on_round(self.round)
         return out

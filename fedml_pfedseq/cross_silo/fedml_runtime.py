@@ -1,4 +1,5 @@
-"""FedML 0.9.6 made fit for offline deployments: its arguments from a recipe, and three work-arounds.
+"""FedML 0.9.6 made fit for offline deployments that survive a dead client: its arguments from a recipe, and
+six work-arounds.
 
 1. ``fedml.init`` POSTs five times to the hosted platform's config endpoint, even with MLOps off:
    ``fetch_config`` is replaced by a function that sets the same local fields without any network call.
@@ -6,10 +7,20 @@
    the run's output directory before FedML starts (``isolate_home``).
 3. FedML's gRPC receive loop polls ``message_q.qsize() > 0`` without sleeping, pinning a core per idle party:
    the servicer's queue is replaced by one whose ``qsize`` waits for an item (``WaitingQueue``).
+4. FedML's server waits for every client's upload: its server manager is replaced by
+   ``RoundDeadlineServerManager`` (server_manager.py: a round deadline, late uploads discarded, dead clients
+   skipped).
+5. FedML's gRPC send has no deadline: to a dead peer on this host it fails at once (connection refused), but to
+   a peer that accepts no connection it waits for gRPC's connect timeout (20 s by default). With
+   ``comm_args.upload_timeout`` every send is bounded by it (``BoundedStub``); a failed send raises
+   ``grpc.RpcError``.
+6. FedML's client counts its rounds itself, so one the server skipped would train on the final payload: it
+   takes its round from the payload instead (``{"round": k, ...}``, see aggregator.py).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import platform
@@ -19,6 +30,7 @@ from pathlib import Path
 from fedml_pfedseq.config import Recipe
 
 POLL_SECONDS = 0.2  # how long one poll of an empty receive queue waits before FedML's loop checks is_running
+SEND_TIMEOUT: float | None = None  # the deadline of one gRPC send (patch_fedml sets it); None: none
 
 
 class WaitingQueue(queue.Queue):
@@ -48,21 +60,47 @@ def _offline_fetch_config(args, version: str = "release") -> bool:
     return False
 
 
-def patch_fedml() -> None:
-    """Install the offline config fetch and the waiting receive queue (idempotent)."""
-    import fedml.core.mlops as mlops
-    from fedml.core.distributed.communication.grpc.grpc_server import GRPCCOMMServicer
+def bounded_stub(stub_class):
+    """FedML's gRPC stub class with ``SEND_TIMEOUT`` as the deadline of every ``sendMessage``."""
+    class BoundedStub(stub_class):
+        def __init__(self, channel):
+            super().__init__(channel)
+            self.sendMessage = functools.partial(self.sendMessage, timeout=SEND_TIMEOUT)
 
+    return BoundedStub
+
+
+def patch_fedml(send_timeout: float | None = None) -> None:
+    """Install the work-arounds above (idempotent); ``send_timeout`` bounds every gRPC send."""
+    global SEND_TIMEOUT
+    import fedml.core.mlops as mlops
+    from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as stubs
+    from fedml.core.distributed.communication.grpc.grpc_server import GRPCCOMMServicer
+    from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
+    from fedml.cross_silo.client.message_define import MyMessage
+    from fedml.cross_silo.server import server_initializer
+
+    from fedml_pfedseq.cross_silo.server_manager import RoundDeadlineServerManager
+
+    SEND_TIMEOUT = send_timeout
     mlops.fetch_config = _offline_fetch_config
+    server_initializer.FedMLServerManager = RoundDeadlineServerManager
     if getattr(GRPCCOMMServicer, "_pfedseq_patched", False):
         return
     original_init = GRPCCOMMServicer.__init__
+    original_receive = ClientMasterManager.handle_message_receive_model_from_server
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         self.message_q = WaitingQueue()
 
+    def receive(self, msg_params):  # FedML trains on a payload while round_idx < comm_round
+        self.round_idx = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)["round"] - 1
+        original_receive(self, msg_params)
+
     GRPCCOMMServicer.__init__ = init
+    ClientMasterManager.handle_message_receive_model_from_server = receive
+    stubs.gRPCCommManagerStub = bounded_stub(stubs.gRPCCommManagerStub)
     GRPCCOMMServicer._pfedseq_patched = True
 
 
@@ -89,7 +127,7 @@ def fedml_args(recipe: Recipe, rank: int, role: str, run_id: str) -> argparse.Na
 def init_fedml(args: argparse.Namespace, log_level: str) -> argparse.Namespace:
     """``fedml.init`` for one party: patched, without its environment report or its stdout takeover."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    patch_fedml()
+    patch_fedml(args.upload_timeout)
     import fedml
 
     return fedml.init(args, check_env=False, should_init_logs=False)

@@ -3,11 +3,14 @@
 Each party is its own process (``pfedseq party ...``) talking gRPC on 127.0.0.1, with its own thread budget and
 log file (``<output_dir>/logs/<party>.log``). Clients start only once the server's port accepts connections.
 The launcher stops every party and raises :class:`DeploymentError` (naming the party, its exit code and the end
-of its log) as soon as one party fails or no round completes within ``comm_args.round_timeout``. When all parties
-exit 0 it merges their metrics into the simulator's outputs (metrics.json/csv, learning curve, final table) and, with
-``hub_args.save_adapters``, the clients' own manifest entries into the server's ``adapters/manifest.json``: the folder
-is then the simulator's run folder, complete. With ``push_to_hub`` every party pushed its own share; parties whose
-push failed (exit code 4, their run complete) are named in a :class:`PushError` once the folder is assembled.
+of its log) as soon as one party fails or no round completes within ``comm_args.round_timeout``; with
+``comm_args.upload_timeout`` a client that dies once rounds have begun is only reported (the server goes on
+without it, see server_manager.py) and named in the summary's ``dead_parties``. When the others exit 0 it merges
+their metrics into the simulator's outputs (metrics.json/csv, learning curve, final table) and, with
+``hub_args.save_adapters`` and no dead client, the clients' own manifest entries into the server's
+``adapters/manifest.json``: the folder is then the simulator's run folder, complete. With ``push_to_hub`` every
+party pushed its own share; parties whose push failed (exit code 4, their run complete) are named in a
+:class:`PushError` once the folder is assembled.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
+from itertools import zip_longest
 from pathlib import Path
 
 import yaml
@@ -132,20 +136,26 @@ def stop_all(parties: list[Party], grace: float = 5.0) -> None:
             party.process.wait()
 
 
-def supervise(parties: list[Party], output_dir: Path, recipe: Recipe, progress: bool) -> None:
-    """Wait for every party to exit 0; stop all at the first failure or stall."""
+def supervise(parties: list[Party], output_dir: Path, recipe: Recipe, progress: bool) -> list[dict]:
+    """Wait for every party to exit 0; stop all at the first failure or stall. With ``comm_args.upload_timeout``,
+    a client that dies after the first payloads went out is reported and left behind: returns those."""
     rounds, comm = recipe.train_args.comm_round, recipe.comm_args
     bar = tqdm(total=rounds, desc=f"{recipe.name} (cross-silo)", disable=not progress)
     done, last_change = None, time.monotonic()
+    dead: dict[int, dict] = {}
     try:
         while True:
-            failed = [p for p in parties if p.process.poll() not in (None, *DONE)]
-            if failed:
-                p = failed[0]
-                raise DeploymentError(f"{p.name} (rank {p.rank}) exited with code {p.process.returncode} "
-                                      f"after {done or 0} of {rounds} rounds; end of {p.log_path}:\n{p.log_tail()}")
-            if all(p.process.poll() in DONE for p in parties):
-                return
+            for p in [p for p in parties if p.rank not in dead and p.process.poll() not in (None, *DONE)]:
+                at = read_progress(output_dir)
+                died = (f"{p.name} (rank {p.rank}) exited with code {p.process.returncode} after {at or 0} of "
+                        f"{rounds} rounds; end of {p.log_path}:\n{p.log_tail()}")
+                if comm.upload_timeout is None or p.rank == 0 or at is None:
+                    raise DeploymentError(died)
+                tqdm.write(f"pfedseq: warning: {died}\nthe deployment goes on without it (comm_args.upload_timeout)",
+                           file=sys.stderr)
+                dead[p.rank] = {"party": p.name, "rank": p.rank, "exit_code": p.process.returncode, "rounds_done": at}
+            if all(p.rank in dead or p.process.poll() in DONE for p in parties):
+                return list(dead.values())
             now_done = read_progress(output_dir)
             if now_done != done:
                 bar.update(now_done - (done or 0))
@@ -162,19 +172,20 @@ def supervise(parties: list[Party], output_dir: Path, recipe: Recipe, progress: 
         stop_all(parties)
 
 
-def collect_metrics(output_dir: Path, num_clients: int) -> MetricsLog:
-    """One run's log from the parties' files: clients' rows and the server's; per-round times are the slowest
-    client's (clients train in parallel)."""
-    def load(rank: int) -> dict:
-        return json.loads((output_dir / "parties" / party_name(rank) / "metrics.json").read_text())
+def collect_metrics(output_dir: Path, num_clients: int, dead: set[int] = frozenset()) -> MetricsLog:
+    """One run's log from the parties' files: clients' rows and the server's (a dead client's up to its death, if
+    it wrote any); per-round times are the slowest client's (clients train in parallel)."""
+    def path(rank: int) -> Path:
+        return output_dir / "parties" / party_name(rank) / "metrics.json"
 
-    server, clients = load(0), [load(rank) for rank in range(1, num_clients + 1)]
+    ranks = [rank for rank in range(1, num_clients + 1) if rank not in dead or path(rank).is_file()]
+    server, *clients = [json.loads(path(rank).read_text()) for rank in (0, *ranks)]
     order = lambda row: (row["round"], row["client"])  # noqa: E731
+    slowest = lambda key: [max(ts) for ts in zip_longest(*(c[key] for c in clients), fillvalue=0)]  # noqa: E731
     return MetricsLog(rows=sorted((r for c in clients for r in c["eval"]), key=order),
                       train_rows=sorted((r for c in clients for r in c["train"]), key=order),
                       server_rows=server["server"], round_seconds=server["round_seconds"],
-                      train_seconds=[max(ts) for ts in zip(*(c["train_seconds"] for c in clients))],
-                      eval_seconds=[max(ts) for ts in zip(*(c["eval_seconds"] for c in clients))])
+                      train_seconds=slowest("train_seconds"), eval_seconds=slowest("eval_seconds"))
 
 
 def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
@@ -204,12 +215,15 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
     except BaseException:
         stop_all(parties)
         raise
-    supervise(parties, output_dir, recipe, progress)
-    log = collect_metrics(output_dir, n)
+    dead = supervise(parties, output_dir, recipe, progress)
+    log = collect_metrics(output_dir, n, {d["rank"] for d in dead})
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
-    summary["engine"] = "fedml cross-silo (gRPC)"
+    summary.update(engine="fedml cross-silo (gRPC)", dead_parties=dead)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if recipe.hub_args.save_adapters:
+    if recipe.hub_args.save_adapters and dead:  # the manifest still lists them (hub/adapters.py)
+        tqdm.write(f"pfedseq: warning: {output_dir / 'adapters'} lacks the adapters of "
+                   f"{', '.join(d['party'] for d in dead)}; its manifest.json stays the server's", file=sys.stderr)
+    elif recipe.hub_args.save_adapters:
         complete_manifest(output_dir / "adapters")
     not_pushed = [p for p in parties if p.process.returncode == EXIT_NOT_PUSHED]
     if not_pushed:

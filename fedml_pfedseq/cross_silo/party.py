@@ -165,15 +165,26 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         data = build_data(recipe)
         own = data.clients[i]
         model = build_model(recipe, data.num_labels, client_depth(recipe, i))
-        trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_payload=watchdog.kick)
+
+        def write_metrics() -> None:
+            """After every payload and round too, so a client that dies mid-run leaves its rows up to then."""
+            log = trainer.log
+            write_json(party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
+                                                    "train_seconds": log.train_seconds,
+                                                    "eval_seconds": log.eval_seconds,
+                                                    "received_fingerprints": trainer.received_fingerprints,
+                                                    **process_times(started)})
+
+        def on_progress() -> None:
+            watchdog.kick()
+            write_metrics()
+
+        trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_progress=on_progress)
         n = len(own.train)
         FedMLRunner(args, device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},
                                    data.num_labels], model, client_trainer=trainer).run()
+        write_metrics()
         log = trainer.log
-        write_json(party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
-                                                "train_seconds": log.train_seconds, "eval_seconds": log.eval_seconds,
-                                                "received_fingerprints": trainer.received_fingerprints,
-                                                **process_times(started)})
         if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
             AdapterWriter(output_dir / "adapters", recipe, fresh=False).save_client(
                 i, model, report=log.at(recipe.train_args.comm_round)[0])
