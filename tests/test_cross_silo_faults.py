@@ -174,6 +174,7 @@ def test_a_late_upload_is_discarded_and_its_client_gets_payloads_again(tiny_vit,
 def test_a_restarted_client_rejoins_from_the_next_round(tiny_vit, tmp_path):
     recipe = fault_recipe(tiny_vit, tmp_path, comm_round=5)
     recipe.comm_args.upload_timeout = 60  # round 2 waits for the dead client while its replacement starts
+    recipe.train_args.epochs = 20  # a round's training takes seconds, so the kill lands before its upload
     out = tmp_path / "cross_silo"
     deployment = Deployment(recipe, out)
     pids = deployment.wait_for_round(1)
