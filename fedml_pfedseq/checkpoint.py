@@ -147,8 +147,7 @@ def rng_state() -> dict:
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    version, internal, gauss = state["python"]
-    random.setstate((version, tuple(internal), gauss))
+    random.setstate(state["python"])  # decoded as the tuple it was
     numpy_state = dict(state["numpy"])
     numpy_state["state"] = {"key": state["numpy_key"].numpy().astype(np.uint32), "pos": numpy_state.pop("pos")}
     np.random.set_state(numpy_state)

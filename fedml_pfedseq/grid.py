@@ -22,8 +22,9 @@ Tuning runs every candidate (the product of the grid's values and the method's o
 ``<scenario>/<method>/tune/<candidate>/`` and keeps the one with the best final mean *validation* accuracy (the
 first on ties); the test split never takes part. With ``grid_chosen_by: M`` the grid's values are shared, as the
 paper shares one learning rate per dataset: method M's runs choose them per scenario first, then every other
-method tunes only its own values at those (half the runs of the full product for two values each). The seed cells then run in ``<scenario>/<method>/seed_<k>/``
-with the chosen values. A cell is done when its ``summary.json`` exists, so an interrupted grid resumes with the
+method tunes only its own values at those (half the runs of the full product for two values each); a method
+with a single candidate is not tuned. The seed cells then run in ``<scenario>/<method>/seed_<k>/`` with the chosen
+values. A cell is done when its ``summary.json`` exists, so an interrupted grid resumes with the
 cells that are not; a done cell whose saved recipe differs from the grid's is an error, never mixed into a table.
 A method's row name is its entry's ``name``, else its method (``train_args.federated_optimizer``); an entry's own
 ``set`` overrides are applied last, so they win over scenarios and tuning.

@@ -7,14 +7,14 @@ the payload addressed to it. All clients share one ``AdapterModel`` and load the
 Each round the sampled clients (``client_num_per_round`` of N, federation.participants) receive their latest
 payload, are evaluated on it when the round is due, train and upload; the others wait. An upload the server's
 ``check_upload`` refuses (NaN/Inf, wrong keys, shapes, dtypes, sender or sample count) is logged with its reason
-and left out of the round; the round goes on with the rest unless fewer than ``min_uploads_per_round`` remain. After the last round every client receives its final payload and is
-evaluated (the final table covers all N).
+and left out of the round (round_close.py); the round goes on with the rest unless fewer than
+``min_uploads_per_round`` remain. After the last round every client receives its final payload and is evaluated
+(the final table covers all N).
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Callable
@@ -30,8 +30,8 @@ from fedml_pfedseq.hub.push import push_run
 from fedml_pfedseq.hub.round_push import RoundPusher
 from fedml_pfedseq.hub.warm_start import warm_start_learner
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
-from fedml_pfedseq.transport import check_plain, round_record
-
+from fedml_pfedseq.round_close import round_record, screen
+from fedml_pfedseq.transport import check_plain
 
 RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir")
 
@@ -60,27 +60,6 @@ def resume_federation(path: Path, fed: Federation) -> tuple[int, dict, MetricsLo
         raise CheckpointError(f"{path} is at round {extra['round']}, past train_args.comm_round "
                               f"{fed.recipe.train_args.comm_round}")
     return extra["round"] + 1, extra["payloads"], MetricsLog(**extra["log"])
-
-
-class RoundError(RuntimeError):
-    """A round left with fewer valid uploads than ``train_args.min_uploads_per_round``."""
-
-
-def screen(server, uploads: dict, round_idx: int, minimum: int) -> tuple[dict, dict[int, str]]:
-    """The uploads the server accepts, and the reason for each it refuses (logged); RoundError when fewer than
-    ``minimum`` are accepted."""
-    accepted, rejected = {}, {}
-    for i, upload in uploads.items():
-        try:
-            server.check_upload(i, upload)
-            accepted[i] = upload
-        except (ValueError, KeyError, TypeError) as err:
-            rejected[i] = f"rejected: {err}"
-            logging.warning("round %d: client %d's upload left out of the aggregate (%s)", round_idx, i, err)
-    if len(accepted) < minimum:
-        raise RoundError(f"round {round_idx}: {len(accepted)} valid upload(s), fewer than "
-                         f"train_args.min_uploads_per_round = {minimum}; rejected: {rejected}")
-    return accepted, rejected
 
 
 def checked(payloads: dict) -> dict:

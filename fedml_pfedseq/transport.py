@@ -45,15 +45,6 @@ def traffic(payloads: dict, uploads: dict) -> dict[str, float]:
             "upload_bytes_mean": sum(map(pickled_bytes, uploads.values())) / max(len(uploads), 1)}
 
 
-def round_record(round_idx: int, participants: int, uploads: dict, left_out: dict[int, str], payloads: dict,
-                 server) -> dict:
-    """The server's row of one round in every engine: who took part, what was aggregated or left out (and why),
-    the traffic, and the method's own measurements."""
-    return {"round": round_idx, "participants": participants, "aggregated": len(uploads),
-            "left_out": "; ".join(f"client {i}: {reason}" for i, reason in sorted(left_out.items())),
-            **traffic(payloads, uploads), **server.last_round_stats}
-
-
 def fingerprint(obj) -> str:
     """A short hash of the tensors a payload carries (names, dtypes, shapes, values; scalars such as the
     client id are left out): two parties with the same fingerprint hold the same adapter."""

@@ -20,7 +20,7 @@ from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
 from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy, read_progress
 from fedml_pfedseq.federation import build_federation
-from fedml_pfedseq.simulation import RoundError
+from fedml_pfedseq.round_close import RoundError
 
 from conftest import small_recipe
 from test_cross_silo import alive

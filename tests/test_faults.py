@@ -11,7 +11,8 @@ import torch
 
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.federation import build_federation, participants
-from fedml_pfedseq.simulation import RoundError, run_federation
+from fedml_pfedseq.round_close import RoundError
+from fedml_pfedseq.simulation import run_federation
 
 from conftest import small_recipe
 

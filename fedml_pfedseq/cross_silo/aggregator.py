@@ -14,8 +14,8 @@ from typing import Callable
 from fedml.core import ServerAggregator
 
 from fedml_pfedseq.results import MetricsLog
-from fedml_pfedseq.simulation import RoundError, screen
-from fedml_pfedseq.transport import check_plain, fingerprint, round_record
+from fedml_pfedseq.round_close import RoundError, round_record, screen
+from fedml_pfedseq.transport import check_plain, fingerprint
 
 
 class StrategyAggregator(ServerAggregator):

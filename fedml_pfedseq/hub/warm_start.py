@@ -8,9 +8,8 @@ the window the learner reads. Loaded with ``use_safetensors=True``: no pickle.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError
 from fedml_pfedseq.config import RecipeError

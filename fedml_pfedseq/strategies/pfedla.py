@@ -122,7 +122,6 @@ class PFedLAServer(FedAvgLocalHeadServer):
         return [adapter @ alphas[:, l, :].T for l, adapter in enumerate(adapters)]
 
     def aggregate(self, uploads: dict[int, Upload]):
-        self.require_every_client(uploads)
         started = time.perf_counter()
         states = self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self.round += 1
