@@ -6,6 +6,7 @@ still have uploaded round 2 before dying, so the tests read the first round with
 import argparse
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,12 +14,18 @@ import threading
 import time
 from unittest import mock
 
+import grpc
 import pytest
+from fedml.core.distributed.communication.message import Message
+from fedml.cross_silo.server.message_define import MyMessage
 
 from fedml_pfedseq import simulation
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
+from fedml_pfedseq.cross_silo.client_manager import WaitingReportClientManager
 from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy, read_progress
+from fedml_pfedseq.cross_silo.server_manager import (MSG_ARG_KEY_DEADLINE, MSG_ARG_KEY_ROUND, MSG_TYPE_WAITING,
+                                                     RoundDeadlineServerManager)
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.round_close import RoundError
 
@@ -146,24 +153,28 @@ def test_too_few_uploads_within_the_deadline_stop_the_run_naming_the_round_and_t
     assert not any(alive(pid) for pid in pids.values())
 
 
-def test_a_late_upload_is_discarded_and_its_client_gets_payloads_again(tiny_vit, tmp_path):
-    rounds = 12  # rounds without it go fast: leave many after it resumes, so its late upload lands before the end
+def test_a_frozen_client_is_left_out_and_gets_payloads_again_once_it_resumes(tiny_vit, tmp_path):
+    """Frozen mid-training, its upload comes late and is discarded; frozen while idle, its payload cannot be sent and
+    its waiting report brings it back. Where SIGSTOP lands decides which, and whether it is back before the run
+    ends or gets its final payload after it: every outcome must end with every party done."""
+    rounds = 12
     recipe = fault_recipe(tiny_vit, tmp_path, comm_round=rounds)
     out = tmp_path / "cross_silo"
     deployment = Deployment(recipe, out)
     pids = deployment.wait_for_round(1)
     os.kill(pids[f"client_{DEAD}"], signal.SIGSTOP)  # frozen: it misses a deadline, its payloads cannot be sent
     deployment.wait_for_round(3)
-    os.kill(pids[f"client_{DEAD}"], signal.SIGCONT)  # its upload now comes late
+    os.kill(pids[f"client_{DEAD}"], signal.SIGCONT)
     outcome = deployment.finish()
     assert "error" not in outcome, outcome.get("error")
     assert outcome["summary"]["dead_parties"] == []
 
     server_log = (out / "logs" / "server.log").read_text()
-    assert f"discarded client {DEAD}'s late upload for round" in server_log
+    assert re.search(rf"client {DEAD} (uploaded late|waits for a payload since its round \d+ upload) "
+                     r"\(left out: .+\); it gets payloads again", server_log)
     server = json.loads((out / "metrics.json").read_text())["server"]
     missed = [row["round"] for row in server if f"client {DEAD}:" in row["left_out"]]
-    assert missed and 3 in missed and missed[-1] < rounds  # left out while frozen, back before the end
+    assert missed and 3 in missed  # left out while frozen
     assert all(row["aggregated"] == CLIENTS - (row["round"] in missed) for row in server)
     rows = json.loads((out / "metrics.json").read_text())
     trained = {r["round"] for r in rows["train"] if r["client"] == DEAD}
@@ -196,3 +207,112 @@ def test_a_restarted_client_rejoins_from_the_next_round(tiny_vit, tmp_path):
     assert "client 1: restarted during the round" in server[1]["left_out"]
     rows = json.loads(own.read_text())  # the restarted party's: from round 3 on
     assert {r["round"] for r in rows["train"]} == {3, 4, 5} and {r["round"] for r in rows["eval"]} == {2, 3, 4, 5}
+
+
+# --- readmission, the managers' logic in process: every path, without depending on where a signal lands ---------
+
+class Unreachable(grpc.RpcError):
+    def code(self):
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def bare_server_manager(round_idx: int, round_num: int = 4, clients: int = 3) -> RoundDeadlineServerManager:
+    """The server manager's state as FedML leaves it at ``round_idx`` (no gRPC): its sends and deadlines recorded."""
+    manager = RoundDeadlineServerManager.__new__(RoundDeadlineServerManager)
+    manager.args = argparse.Namespace(round_idx=round_idx)
+    manager.round_num, manager.upload_timeout = round_num, 10
+    manager.client_real_ids = list(range(1, clients + 1))
+    manager.client_id_list_in_this_round = list(manager.client_real_ids)
+    manager.uploads, manager.absent, manager.rejoining, manager.deadline = {}, {}, set(), 0
+    manager.client_finished_mapping = {}
+    manager.strategy = mock.Mock(payloads=[f"final payload {i}" for i in range(clients)])
+    manager.strategy.aggregate_round.side_effect = lambda uploads, missing, participants: [
+        f"payload {i}" for i in range(clients)]
+    manager.sent, manager.unreachable = [], set()
+
+    def send(client_id, payload, index):
+        if client_id in manager.unreachable:
+            raise Unreachable()
+        manager.sent.append((client_id, payload))
+
+    manager.send_message_diff_sync_model_to_client = manager.send_message_init_config = send
+    manager.start_deadline = lambda: setattr(manager, "deadline", manager.deadline + 1)
+    manager.finish = mock.Mock()
+    return manager
+
+
+def message(sender: int, **params) -> Message:
+    msg = Message(MSG_TYPE_WAITING, sender, 0)
+    for key, value in params.items():
+        msg.add_params(key, value)
+    return msg
+
+
+def test_a_client_whose_payload_was_lost_is_readmitted_by_its_waiting_report():
+    manager = bare_server_manager(round_idx=1)
+    manager.unreachable, manager.uploads = {2}, {0: "u0", 1: "u1", 2: "u2"}
+    manager.close_round()  # round 2's payloads: client 1 (id 2) cannot be reached
+    assert manager.absent == {1: "its payload could not be sent (DEADLINE_EXCEEDED)"}
+    assert manager.client_id_list_in_this_round == [1, 3] and [c for c, _ in manager.sent] == [1, 3]
+
+    manager.unreachable, manager.sent = set(), []
+    manager.handle_waiting(message(2, **{MSG_ARG_KEY_ROUND: 1}))
+    assert manager.absent == {} and manager.sent == []  # back from the next round, nothing sent mid-round
+    manager.uploads = {0: "u0", 2: "u2"}
+    manager.close_round()
+    assert [c for c, _ in manager.sent] == [1, 2, 3] and manager.client_id_list_in_this_round == [1, 2, 3]
+    missing = manager.strategy.aggregate_round.call_args.args[1]
+    assert list(missing) == [1]  # round 3 closed without it, as it was left out when it began
+
+
+def test_a_waiting_report_from_a_client_in_the_round_changes_nothing():
+    manager = bare_server_manager(round_idx=2)
+    manager.handle_waiting(message(2, **{MSG_ARG_KEY_ROUND: 2}))  # its payload is on the way: the round is open
+    assert manager.sent == [] and manager.absent == {} and manager.client_id_list_in_this_round == [1, 2, 3]
+
+
+@pytest.mark.parametrize("how", ["waiting report", "late upload"])
+def test_a_client_back_after_the_last_round_gets_its_final_payload_and_is_waited_for(how):
+    manager = bare_server_manager(round_idx=4)  # the final payloads went out without client 1
+    manager.absent = {1: "no upload within comm_args.upload_timeout (10 s)"}
+    manager.client_id_list_in_this_round = [1, 3]
+    manager.deadline = 7  # the deadline for the others' FINISHED reports
+    if how == "waiting report":
+        manager.handle_waiting(message(2, **{MSG_ARG_KEY_ROUND: 3}))
+    else:
+        late = {"round": 3, "upload": "late"}
+        manager.handle_message_receive_model_from_client(message(2, **{MyMessage.MSG_ARG_KEY_MODEL_PARAMS: late}))
+    assert manager.sent == [(2, "final payload 1")] and manager.client_id_list_in_this_round == [1, 3, 2]
+    assert manager.deadline == 8 and manager.uploads == {}  # a new deadline: time for its FINISHED report
+    manager.handle_deadline(message(0, **{MSG_ARG_KEY_DEADLINE: 7}))
+    manager.finish.assert_not_called()  # the replaced deadline is ignored
+    manager.handle_deadline(message(0, **{MSG_ARG_KEY_DEADLINE: 8}))
+    manager.finish.assert_called_once()
+
+
+def bare_client_manager(payload_round: int, server_reachable: bool = True) -> WaitingReportClientManager:
+    """The client manager's state after a payload of ``payload_round`` (no gRPC): its reports and checks recorded."""
+    manager = WaitingReportClientManager.__new__(WaitingReportClientManager)
+    manager.client_real_id, manager.upload_timeout, manager.payload_round = 2, 10, payload_round
+    manager.reports, manager.checks = [], []
+
+    def send(msg):
+        if not server_reachable:
+            raise Unreachable()
+        manager.reports.append((msg.get_type(), msg.get(MSG_ARG_KEY_ROUND)))
+
+    manager.send_message = send
+    manager.check_later = manager.checks.append
+    return manager
+
+
+@pytest.mark.parametrize("reachable", [True, False])
+def test_a_client_without_a_payload_after_its_upload_reports_and_checks_again(reachable):
+    manager = bare_client_manager(payload_round=3, server_reachable=reachable)  # uploaded round 3, nothing since
+    manager.handle_wait_check(message(2, **{MSG_ARG_KEY_ROUND: 3}))
+    assert manager.reports == ([(MSG_TYPE_WAITING, 3)] if reachable else [])
+    assert manager.checks == [3]  # and again in upload_timeout seconds, reachable or not
+
+    manager = bare_client_manager(payload_round=4)  # round 4's payload came
+    manager.handle_wait_check(message(2, **{MSG_ARG_KEY_ROUND: 3}))
+    assert manager.reports == [] and manager.checks == []

@@ -14,8 +14,10 @@ six work-arounds.
    a peer that accepts no connection it waits for gRPC's connect timeout (20 s by default). With
    ``comm_args.upload_timeout`` every send is bounded by it (``BoundedStub``); a failed send raises
    ``grpc.RpcError``.
-6. FedML's client counts its rounds itself, so one the server skipped would train on the final payload: it
-   takes its round from the payload instead (``{"round": k, ...}``, see aggregator.py).
+6. FedML's client counts its rounds itself, so one the server skipped would train on the final payload, and a
+   client whose payload was lost would wait for ever: its client manager is replaced by
+   ``WaitingReportClientManager`` (client_manager.py: the round taken from the payload, a waiting report to the
+   server when no payload follows an upload).
 """
 from __future__ import annotations
 
@@ -76,30 +78,25 @@ def patch_fedml(send_timeout: float | None = None) -> None:
     import fedml.core.mlops as mlops
     from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as stubs
     from fedml.core.distributed.communication.grpc.grpc_server import GRPCCOMMServicer
-    from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
-    from fedml.cross_silo.client.message_define import MyMessage
+    from fedml.cross_silo.client import client_initializer
     from fedml.cross_silo.server import server_initializer
 
+    from fedml_pfedseq.cross_silo.client_manager import WaitingReportClientManager
     from fedml_pfedseq.cross_silo.server_manager import RoundDeadlineServerManager
 
     SEND_TIMEOUT = send_timeout
     mlops.fetch_config = _offline_fetch_config
     server_initializer.FedMLServerManager = RoundDeadlineServerManager
+    client_initializer.ClientMasterManager = WaitingReportClientManager
     if getattr(GRPCCOMMServicer, "_pfedseq_patched", False):
         return
     original_init = GRPCCOMMServicer.__init__
-    original_receive = ClientMasterManager.handle_message_receive_model_from_server
 
     def init(self, *args, **kwargs):
         original_init(self, *args, **kwargs)
         self.message_q = WaitingQueue()
 
-    def receive(self, msg_params):  # FedML trains on a payload while round_idx < comm_round
-        self.round_idx = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)["round"] - 1
-        original_receive(self, msg_params)
-
     GRPCCOMMServicer.__init__ = init
-    ClientMasterManager.handle_message_receive_model_from_server = receive
     stubs.gRPCCommManagerStub = bounded_stub(stubs.gRPCCommManagerStub)
     GRPCCOMMServicer._pfedseq_patched = True
 

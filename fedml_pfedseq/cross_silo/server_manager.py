@@ -11,7 +11,10 @@ replaces its upload handling (``patch_fedml`` installs it):
 - the closed round goes to ``StrategyAggregator.aggregate_round`` with what arrived and why the others are left
   out (it screens uploads as the simulator does and enforces ``train_args.min_uploads_per_round``);
 - the next payloads go only to live clients. A client that missed the deadline, or whose payload could not be
-  sent (gRPC sends are bounded by the deadline, see ``fedml_runtime``), is absent until it uploads again.
+  sent (gRPC sends are bounded by the deadline, see ``fedml_runtime``), is absent until it reaches the server
+  again: with a late upload, or with the waiting report a client sends when no payload follows its upload
+  (client_manager.py). It then gets payloads from the next round on, or its final payload at once when the run is
+  over (the server then waits for its FINISHED report too, a new deadline counting from then).
 
 A restarted client party (same rank) reports ONLINE again: the round in progress stops waiting for it, and it is
 sent FedML's init message with the next round's payload and takes part from then on, with the state its strategy
@@ -31,7 +34,9 @@ from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
 from fedml.cross_silo.server.message_define import MyMessage
 
 MSG_TYPE_DEADLINE = "pfedseq_upload_deadline"  # posted by the server to itself when a round's deadline passes
+MSG_TYPE_WAITING = "pfedseq_waiting"  # client -> server: no payload since its upload for round MSG_ARG_KEY_ROUND
 MSG_ARG_KEY_ROUND = "pfedseq_round"
+MSG_ARG_KEY_DEADLINE = "pfedseq_deadline"
 
 
 class RoundDeadlineServerManager(FedMLServerManager):
@@ -40,12 +45,14 @@ class RoundDeadlineServerManager(FedMLServerManager):
         self.strategy = aggregator.aggregator  # our StrategyAggregator, inside FedML's FedMLAggregator
         self.upload_timeout = args.upload_timeout  # comm_args, flattened by fedml_args
         self.uploads: dict[int, dict] = {}  # this round's uploads by client index
-        self.absent: dict[int, str] = {}  # client index -> why it is not sent payloads (until it uploads again)
+        self.absent: dict[int, str] = {}  # client index -> why it is not sent payloads (until it is readmitted)
         self.rejoining: set[int] = set()  # restarted clients, sent FedML's init message with the next payload
+        self.deadline = 0  # the number of the deadline now running; an earlier one that fires is ignored
 
     def register_message_receive_handlers(self):
         super().register_message_receive_handlers()
         self.register_message_receive_handler(MSG_TYPE_DEADLINE, self.handle_deadline)
+        self.register_message_receive_handler(MSG_TYPE_WAITING, self.handle_waiting)
 
     def index(self, client_id) -> int:
         return self.client_real_ids.index(client_id)
@@ -73,8 +80,9 @@ class RoundDeadlineServerManager(FedMLServerManager):
         """Post a deadline for the round now in progress (or for the final FINISHED reports)."""
         if self.upload_timeout is None:
             return
+        self.deadline += 1
         message = Message(MSG_TYPE_DEADLINE, 0, 0)
-        message.add_params(MSG_ARG_KEY_ROUND, self.args.round_idx)
+        message.add_params(MSG_ARG_KEY_DEADLINE, self.deadline)
         queue = self.com_manager.grpc_servicer.message_q
         timer = threading.Timer(self.upload_timeout, queue.put, args=[pickle.dumps(message)])
         timer.daemon = True
@@ -83,22 +91,51 @@ class RoundDeadlineServerManager(FedMLServerManager):
     def handle_message_receive_model_from_client(self, msg_params):
         i = self.index(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER))
         tagged = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)
-        if self.absent.pop(i, None) is not None:
-            logging.info("client %d uploaded again; it gets payloads from the next round on", i)
         if tagged["round"] != self.args.round_idx + 1:
             logging.warning("round %d: discarded client %d's late upload for round %d", self.args.round_idx + 1, i,
                             tagged["round"])
-            if self.args.round_idx == self.round_num:  # the final payloads went out without it: it gets its own now
-                self.client_id_list_in_this_round.append(self.client_real_ids[i])
-                self.send_message_diff_sync_model_to_client(self.client_real_ids[i], self.strategy.payloads[i], i)
+            self.readmit(i, "uploaded late")
             return
+        self.readmit(i, "uploaded again")
         self.uploads[i] = tagged["upload"]
         if self.round_complete():
             self.close_round()
 
+    def handle_waiting(self, msg_params):
+        """A waiting report: a client left out is readmitted; otherwise its payload is on its way, nothing to do."""
+        uploaded = msg_params.get(MSG_ARG_KEY_ROUND)
+        self.readmit(self.index(msg_params.get_sender_id()), f"waits for a payload since its round {uploaded} upload")
+
+    def readmit(self, i: int, how: str) -> None:
+        """Client ``i`` reached the server again: if it was left out, it gets payloads from the next round on, or
+        its final payload now when the final payloads went out without it."""
+        reason = self.absent.pop(i, None)
+        if reason is None:
+            return
+        logging.warning("client %d %s (left out: %s); it gets payloads again", i, how, reason)
+        final = self.args.round_idx == self.round_num
+        if final and self.send_payload(self.client_real_ids[i], self.strategy.payloads[i]):
+            self.client_id_list_in_this_round.append(self.client_real_ids[i])
+            self.start_deadline()  # for its FINISHED report too
+
+    def send_payload(self, client_id, payload, init: bool = False) -> bool:
+        """Send a payload (``init``: FedML's init message, for a restarted client); with ``upload_timeout`` a failed
+        send leaves the client out (True: sent)."""
+        i = self.index(client_id)
+        send = self.send_message_init_config if init else self.send_message_diff_sync_model_to_client
+        try:
+            send(client_id, payload, i)
+            return True
+        except grpc.RpcError as err:
+            if self.upload_timeout is None:
+                raise
+            self.absent[i] = f"its payload could not be sent ({err.code().name})"
+            logging.warning("client %d left out: %s", i, self.absent[i])
+            return False
+
     def handle_deadline(self, msg_params):
-        if msg_params.get(MSG_ARG_KEY_ROUND) != self.args.round_idx:
-            return  # that round closed before its deadline
+        if msg_params.get(MSG_ARG_KEY_DEADLINE) != self.deadline:
+            return  # its round closed before it, or a later deadline replaced it
         if self.args.round_idx < self.round_num:
             self.close_round()
             return
@@ -120,17 +157,8 @@ class RoundDeadlineServerManager(FedMLServerManager):
         for i in self.rejoining:
             self.absent.pop(i, None)
         live = [c for c in self.client_real_ids if self.index(c) not in self.absent]
-        for c in live:
-            send = self.send_message_init_config if self.index(c) in self.rejoining else \
-                self.send_message_diff_sync_model_to_client
-            try:
-                send(c, payloads[self.index(c)], self.index(c))
-            except grpc.RpcError as err:
-                if self.upload_timeout is None:
-                    raise
-                self.absent[self.index(c)] = f"its payload could not be sent ({err.code().name})"
-                logging.warning("client %d left out: %s", self.index(c), self.absent[self.index(c)])
+        self.client_id_list_in_this_round = [c for c in live if self.send_payload(
+            c, payloads[self.index(c)], init=self.index(c) in self.rejoining)]
         self.rejoining.clear()
-        self.client_id_list_in_this_round = [c for c in live if self.index(c) not in self.absent]
         self.data_silo_index_list = [self.index(c) for c in self.client_id_list_in_this_round]
         self.start_deadline()
