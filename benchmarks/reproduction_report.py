@@ -1,7 +1,7 @@
 """Turn the grids of the paper's Tables 1-3 and L sweep into the reproduction report (Markdown, PNGs, summary.json).
 
     python benchmarks/reproduction_report.py --table1 runs/table1 --table2-3 runs/table2_3 --l-sweep runs/l_sweep \
-        --out docs/reproduction
+        --pfedseq-investigation runs/pfedseq_investigation --out docs/reproduction
 
 Every number is read from the grids' cell files (``<scenario>/<method>/seed_<k>/summary.json``, ``recipe.yaml``,
 ``metrics.json`` and ``tune/<candidate>/summary.json``), not from grid_summary.json, which a grid writes only once it
@@ -49,10 +49,10 @@ class GridOutput:
         return [cell for seed in self.grid.seeds
                 if (cell := self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()]
 
-    def stats(self, scenario: str, method: str) -> dict | None:
-        """Mean and std (%) over the finished seeds of the final mean test accuracy; None if none finished."""
-        values = [100 * json.loads(path.read_text())["final_test_accuracy_mean"]
-                  for path in self.cells(scenario, method)]
+    def stats(self, scenario: str, method: str, key: str = "final_test_accuracy_mean") -> dict | None:
+        """Mean and std (%) over the finished seeds of the final mean test (or ``key``) accuracy; None if none
+        finished."""
+        values = [100 * json.loads(path.read_text())[key] for path in self.cells(scenario, method)]
         if not values:
             return None
         return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
@@ -273,7 +273,82 @@ def plot_l_sweep(curves: dict[str, list[tuple[int, dict]]], path: Path) -> None:
     plt.close(fig)
 
 
-REPORTS = {"table1": table1_report, "table2_3": table2_3_report, "l_sweep": l_sweep_report}
+CONTROL = "FedAvgLocalHead"  # pFedSeq without calibrations: same clients, same global adapter
+
+
+def investigation_report(out: GridOutput, dest: Path) -> dict:
+    """pFedSeq's variants against its no-calibration control: final accuracies, the gain over the control, and what
+    the learner did after warm-up (calibration size ||xi_i|| / ||theta_g||, and the surrogate -<xi^{t-1}, Delta^t>:
+    negative when clients kept moving the way the calibration pointed, positive when they undid it)."""
+    grid, record = out.grid, {**out.record(), "scenarios": {}}
+    text = [out.header("pFedSeq investigation: learner lr, output scale, W and L")]
+    for scenario in grid.scenarios:
+        rows, result = [], {}
+        control = out.stats(scenario, CONTROL)
+        control_val = out.stats(scenario, CONTROL, "final_validation_accuracy_mean")
+        for method in grid.names:
+            test, val = out.stats(scenario, method), out.stats(scenario, method, "final_validation_accuracy_mean")
+            server = [row for cell in out.cells(scenario, method)
+                      for row in json.loads((cell.parent / "metrics.json").read_text())["server"]]
+            calibrated = [row for row in server if row.get("calibration_ratio_mean") is not None]
+            last = max((row["round"] for row in server), default=None)
+            final = [row for row in calibrated if row["round"] == last]  # the last round, one row per seed
+            result[method] = entry = {
+                "test": test, "validation": val,
+                "test_gain": test["mean"] - control["mean"] if test and control else None,
+                "validation_gain": val["mean"] - control_val["mean"] if val and control_val else None,
+                **{f"{key}_last": statistics.fmean(r[key] for r in final) if final and all(key in r for r in final)
+                   else None for key in ("calibration_ratio_mean", "calibration_to_update_ratio_mean")},
+                "surrogate_after_warmup": statistics.fmean(r["surrogate_loss"] for r in calibrated)
+                if calibrated else None,
+                "surrogate_negative_share": statistics.fmean(r["surrogate_loss"] < 0 for r in calibrated)
+                if calibrated else None}
+            number = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+            rows.append([method, fmt(val), signed(entry["validation_gain"]) if method != CONTROL else "",
+                         fmt(test), signed(entry["test_gain"]) if method != CONTROL else "",
+                         number(entry["calibration_ratio_mean_last"], ".4f"),
+                         number(entry["calibration_to_update_ratio_mean_last"], ".3f"),
+                         number(entry["surrogate_after_warmup"], ".4f"),
+                         number(entry["surrogate_negative_share"], ".2f")])
+        record["scenarios"][scenario] = result
+        table = format_table(["variant", "validation (%)", f"vs {CONTROL}", "test (%)", f"vs {CONTROL}",
+                              "||xi||/||theta_g|| (last round)", "||xi||/||Delta|| (last round)",
+                              "surrogate (mean after W)",
+                              "share of rounds with surrogate < 0"], rows)
+        text.append(f"\n## {scenario}\n\n{table}\n\n![calibrations and surrogate]"
+                    f"(investigation_{scenario}.png)\n")
+        plot_learner(out, scenario, dest / f"investigation_{scenario}.png")
+    (dest / "investigation.md").write_text("".join(text))
+    return record
+
+
+def plot_learner(out: GridOutput, scenario: str, path: Path) -> None:
+    """Per round, averaged over seeds: each variant's calibration size and surrogate loss."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for method in out.grid.names:
+        by_round: dict[int, list[dict]] = {}
+        for cell in out.cells(scenario, method):
+            for row in json.loads((cell.parent / "metrics.json").read_text())["server"]:
+                by_round.setdefault(row["round"], []).append(row)
+        for ax, key in zip(axes, ["calibration_ratio_mean", "surrogate_loss"]):
+            points = [(t, statistics.fmean(r[key] for r in rows)) for t, rows in sorted(by_round.items())
+                      if all(r.get(key) is not None for r in rows)]
+            if points:
+                ax.plot(*zip(*points), marker="o", markersize=3, label=method)
+    for ax, label in zip(axes, ["||xi_i|| / ||theta_g|| (mean over clients)", "surrogate -<xi^{t-1}, Delta^t>"]):
+        ax.set_xlabel("round")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{scenario}: what pFedSeq's learner sends (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+REPORTS = {"table1": table1_report, "table2_3": table2_3_report, "l_sweep": l_sweep_report,
+           "pfedseq_investigation": investigation_report}
 
 
 def main(argv: list[str] | None = None) -> dict:

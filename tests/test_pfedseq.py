@@ -81,6 +81,20 @@ def test_calibrations_are_nonzero_and_differ_across_clients_after_warm_up():
     assert 0 < server.last_round_stats["calibration_ratio_min"] <= server.last_round_stats["calibration_ratio_max"]
 
 
+def test_calibration_sizes_are_relative_to_theta_g_and_to_the_rounds_updates_by_hand():
+    server = make_server()
+    run_rounds(server, 2)  # warm-up 1: round 2 is calibrated; recompute its stats from the server's state
+    deltas = server.history[-1].updates
+    xi = torch.cat(server.calibrations)  # [sum D_l, N]
+    theta_g = torch.cat([t.flatten() for t in server.layout.flatten(server.global_state["lora"])])
+    update_norms = [torch.cat([d[:, i] for d in deltas]).norm() for i in range(N)]
+    stats = server.last_round_stats
+    assert stats["calibration_ratio_mean"] == pytest.approx(float((xi.norm(dim=0) / theta_g.norm()).mean()), rel=1e-5)
+    mean_update = sum(update_norms) / N
+    assert stats["calibration_to_update_ratio_mean"] == pytest.approx(
+        float((xi.norm(dim=0) / mean_update).mean()), rel=1e-5)
+
+
 def test_each_payload_holds_only_its_own_client_adapter():
     server = make_server()
     payloads = run_rounds(server, 3)[-1]

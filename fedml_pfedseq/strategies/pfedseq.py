@@ -123,7 +123,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
             adapters = {i: self.layout.column(self.calibrations, i) for i in order}  # variant A: theta_i = xi_i
             if self.args.global_aggregation:
                 adapters = {i: add(self.global_state["lora"], adapters[i]) for i in order}
-            stats.update(self._calibration_stats())
+            stats.update(self._calibration_stats(deltas, [i in uploads for i in order]))
         elif self.args.global_aggregation:
             self.calibrations, adapters = None, {i: self.global_state["lora"] for i in order}
         else:  # variant A's warm-up: nothing is shared, each client keeps its own trained adapter
@@ -187,12 +187,17 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         rms = (self.mean_square / (1 - beta**self.round)).sqrt().clamp_min(1e-12)
         self.history.append(RoundUpdates(self.round, deltas, rms.tolist(), present))
 
-    def _calibration_stats(self) -> dict[str, float]:
-        """||xi_i|| / ||theta_g|| over clients (how far personalization moves each adapter)."""
+    def _calibration_stats(self, deltas: list[torch.Tensor], present: list[bool]) -> dict[str, float]:
+        """||xi_i|| / ||theta_g|| over clients (how far personalization moves each adapter; theta_g holds LoRA's
+        random A, so this stays small), and ||xi_i|| over the mean norm of this round's reported updates (how many
+        rounds of local training a calibration is worth)."""
         base_norm = torch.cat(self.layout.flatten(self.global_state["lora"])).norm().clamp_min(1e-12)
-        ratios = torch.cat(self.calibrations).norm(dim=0) / base_norm  # [N]
+        norms = torch.cat(self.calibrations).norm(dim=0)  # [N]
+        update_norm = torch.cat(deltas)[:, torch.tensor(present)].norm(dim=0).mean().clamp_min(1e-12)
+        ratios = norms / base_norm
         return {"calibration_ratio_mean": float(ratios.mean()), "calibration_ratio_min": float(ratios.min()),
-                "calibration_ratio_max": float(ratios.max())}
+                "calibration_ratio_max": float(ratios.max()),
+                "calibration_to_update_ratio_mean": float((norms / update_norm).mean())}
 
     def save_artifacts(self, output_dir: Path) -> None:
         """The trained learner, loadable with ``SeqLearnerModel.from_pretrained``."""
