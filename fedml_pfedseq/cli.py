@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     party.add_argument("--rank", type=int, required=True, help="0: the server; k >= 1: client k-1")
     party.add_argument("--role", choices=["server", "client"], required=True)
     party.add_argument("--run-id", default="0")
+    party.add_argument("--resume", action="store_true", help="continue from this party's checkpoint "
+                       "(parties/<party>/checkpoint.safetensors): the server with the round in progress, a client "
+                       "with its saved state (fresh without one); needs comm_args.upload_timeout")
     for p in sub.choices.values():
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                        help="override a recipe key (repeatable), e.g. --set train_args.comm_round=3")
@@ -99,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
             deploy(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
         elif args.command == "party":
             recipe = load_recipe(args.path, args.overrides)
-            run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id)
+            run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id, args.resume)
         else:
             raw = load_yaml(args.path)
             if isinstance(raw, dict) and "methods" in raw:

@@ -66,7 +66,7 @@ class ModelArgs:
 class TrainArgs:
     federated_optimizer: str = "FedAvg"  # the method; see fedml_pfedseq.strategies.METHODS
     client_num_in_total: int | None = None  # None: as many as the partition makes
-    client_num_per_round: int | None = None  # K: clients sampled each round (None: all N; simulator only)
+    client_num_per_round: int | None = None  # K: clients sampled each round (None: all N)
     min_uploads_per_round: int = 1  # fewer valid uploads in a round (after rejecting bad ones) stop the run
     comm_round: int = 10
     epochs: int = 1
@@ -249,10 +249,6 @@ def _validate(recipe: Recipe, where: str) -> None:
     if t.client_num_in_total and t.client_num_per_round:
         require(t.client_num_per_round <= t.client_num_in_total, "train_args.client_num_per_round",
                 f"({t.client_num_per_round}) exceeds client_num_in_total ({t.client_num_in_total})")
-    require(c.training_type == "simulation" or t.client_num_per_round in (None, t.client_num_in_total),
-            "train_args.client_num_per_round", f"({t.client_num_per_round}) must be null or equal "
-            f"client_num_in_total ({t.client_num_in_total}) in a cross-silo deployment (client sampling is "
-            "simulator-only so far)")
     require(t.min_uploads_per_round >= 1, "train_args.min_uploads_per_round", "must be >= 1")
     require(t.client_num_per_round is None or t.min_uploads_per_round <= t.client_num_per_round,
             "train_args.min_uploads_per_round", f"({t.min_uploads_per_round}) exceeds client_num_per_round "
@@ -308,10 +304,6 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
     except KeyError as err:
         raise RecipeError(f"{where}: train_args.federated_optimizer {err.args[0]}") from None
     recipe.algorithm_args = build_section(method.Args, raw.get("algorithm_args"), f"{where}: algorithm_args")
-    t = recipe.train_args
-    if t.client_num_per_round not in (None, t.client_num_in_total) and not method.Server.partial_participation:
-        raise RecipeError(f"{where}: train_args.client_num_per_round: {method.name} needs every client's update "
-                          "each round (its server models all clients together); set it to null")
     _validate(recipe, where)
     check_with_other_sections = getattr(recipe.algorithm_args, "check_recipe", None)  # a method's cross-section rules
     if check_with_other_sections is not None:

@@ -22,7 +22,7 @@ from fedml_pfedseq.cross_silo.launcher import (DeploymentError, Party, deploy, d
 from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
 from fedml_pfedseq.cross_silo.party import check_party
 from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
-from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth
+from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, participants
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.strategies import METHODS
 from fedml_pfedseq.strategies.fedavg import FedAvgServer
@@ -255,9 +255,10 @@ def wire(message):
 
 def drive_like_fedml(recipe) -> list[dict]:
     """Every party of ``recipe`` in this process, each with its own model as ``run_party`` builds it, driven through
-    FedML's calls: the server manager's first ``get_model_params``, then per round each client's
-    ``set_model_params`` / ``train`` / ``get_model_params`` and the server's ``aggregate_round``, then the final
-    payloads; every message pickled on the way. Returns every client's evaluation rows."""
+    FedML's calls: the server manager's first ``get_model_params``, then per round each client sampled for it
+    (``participants``, as the server manager sends) ``set_model_params`` / ``train`` / ``get_model_params`` and the
+    server's ``aggregate_round``, then the final payloads to every client; every message pickled on the way. Returns
+    every client's evaluation rows."""
     data = build_data(recipe)
     n = len(data.clients)
     aggregator = StrategyAggregator(build_server(recipe, build_model(recipe, data.num_labels), n), args=None)
@@ -265,13 +266,14 @@ def drive_like_fedml(recipe) -> list[dict]:
                                              build_model(recipe, data.num_labels, client_depth(recipe, i))), args=None)
                 for i in range(n)]
     payloads = wire(aggregator.get_model_params())
-    for _ in range(recipe.train_args.comm_round):
+    for t in range(1, recipe.train_args.comm_round + 1):
         uploads = {}
-        for i, trainer in enumerate(trainers):
-            trainer.set_model_params(payloads[i])
-            trainer.train(None, None, None)
-            uploads[i] = wire(trainer.get_model_params())["upload"]  # the server manager unwraps {round, upload}
-        payloads = wire(aggregator.aggregate_round(uploads, {}, n))
+        sampled = participants(recipe, n, t)
+        for i in sampled:
+            trainers[i].set_model_params(payloads[i])
+            trainers[i].train(None, None, None)
+            uploads[i] = wire(trainers[i].get_model_params())["upload"]  # the server manager unwraps {round, upload}
+        payloads = wire(aggregator.aggregate_round(uploads, {}, len(sampled)))
     for i, trainer in enumerate(trainers):
         trainer.set_model_params(payloads[i])
     return sorted((row for trainer in trainers for row in trainer.log.rows), key=lambda r: (r["round"], r["client"]))

@@ -146,7 +146,7 @@ def test_pfedla_steps_only_the_sampled_clients_and_keeps_the_others_adapters(tin
     assert all(torch.equal(adapter[:, 1], k) for adapter, k in zip(server.adapters, kept))
 
 
-@pytest.mark.parametrize("method", ["pFedHN", "pFedLA", "APPLE"])
+@pytest.mark.parametrize("method", ["pFedHN", "pFedLA", "APPLE", "PeFLL"])
 def test_personalized_servers_run_with_two_of_three_clients(method, tiny_vit, tmp_path):
     log = run_federation(build_federation(three_clients(method, tiny_vit, tmp_path, rounds=3, per_round=2)),
                          progress=False)
@@ -154,15 +154,11 @@ def test_personalized_servers_run_with_two_of_three_clients(method, tiny_vit, tm
     assert sorted(r["client"] for r in log.rows if r["round"] == 3) == [0, 1, 2]
 
 
-def test_pefll_refuses_sampling(tiny_vit, tmp_path):
-    with pytest.raises(RecipeError, match="client_num_per_round: PeFLL needs every client's update"):
-        three_clients("PeFLL", tiny_vit, tmp_path, per_round=2)
-
-
-def test_sampling_is_simulator_only_and_the_minimum_fits_k(tiny_vit, tmp_path):
-    with pytest.raises(RecipeError, match="in a cross-silo deployment"):
-        small_recipe("FedAvg", tiny_vit, tmp_path, common_args={"training_type": "cross_silo"},
-                     train_args={"client_num_in_total": 3, "client_num_per_round": 2})
+def test_sampling_is_accepted_by_both_engines_and_the_minimum_fits_k(tiny_vit, tmp_path):
+    for engine in ("simulation", "cross_silo"):
+        recipe = small_recipe("FedAvg", tiny_vit, tmp_path, common_args={"training_type": engine},
+                              train_args={"client_num_in_total": 3, "client_num_per_round": 2})
+        assert recipe.train_args.client_num_per_round == 2
     with pytest.raises(RecipeError, match="min_uploads_per_round.*exceeds client_num_per_round"):
         small_recipe("FedAvg", tiny_vit, tmp_path, train_args={"client_num_in_total": 3, "client_num_per_round": 2,
                                                                "min_uploads_per_round": 3})

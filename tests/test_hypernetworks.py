@@ -173,11 +173,7 @@ def test_bad_uploads_are_refused_before_any_state_changes(method):
     bad[2]["lora"][next(iter(bad[2]["lora"]))][0, 0] = float("nan")
     with pytest.raises(ValueError, match="client 2 lora update"):
         server.aggregate(bad)
-    if method == "PeFLL":  # it keeps every client's descriptor: a missing client stops the round (pFedHN: sampled)
-        missing = uploads_for(server, 3)
-        del missing[1]
-        with pytest.raises(ValueError, match=r"missing clients \[1\]"):
-            server.aggregate(missing)
+    if method == "PeFLL":
         bad = uploads_for(server, 3)
         bad[0]["descriptor"][1] = float("inf")
         with pytest.raises(ValueError, match="client 0 descriptor"):
@@ -188,6 +184,30 @@ def test_bad_uploads_are_refused_before_any_state_changes(method):
             server.aggregate(bad)
     assert server.round == before[0] and torch.equal(server.generated, before[2])
     assert all(torch.equal(v, before[1][k]) for k, v in server.networks.state_dict().items())
+
+
+def test_pefll_keeps_an_absent_clients_descriptor_and_pending_update_until_it_reports():
+    server = make_server("PeFLL")
+    run_rounds(server, 2)  # every client has a round-2 descriptor and a pending update for its round-1 one
+    kept_descriptor, kept_update = server.descriptors[1].clone(), server.descriptor_updates[1]
+    uploads = uploads_for(server, 3)
+    del uploads[1]  # round 3 without client 1
+    names = [name for name, _ in server.embedding_net.named_parameters()]
+    expected = {n: sum(uploads[i]["embedding_grad"][n] for i in (0, 2, 3)) for n in names}
+    seen, step = {}, server.optimizer.step
+    server.optimizer.step = lambda: (seen.update({n: p.grad.clone() for n, p in
+                                                  server.embedding_net.named_parameters()}), step())
+    server.aggregate(uploads)
+    assert all(torch.allclose(seen[n], expected[n]) for n in names)  # psi: the reporting clients' gradients only
+    assert torch.equal(server.descriptors[1], kept_descriptor) and server.descriptor_rounds[1] == 2
+    assert server.descriptor_updates[1] is kept_update and kept_update["round"] == 1
+    for i in (0, 2, 3):  # the descriptor their round-3 adapter came from (round 2) gets the update; round 3's is new
+        assert server.descriptor_updates[i]["round"] == 2 and server.descriptor_rounds[i] == 3
+        assert torch.equal(server.descriptors[i], uploads[i]["descriptor"])
+    back = uploads_for(server, 4)  # client 1 reports again, answering its round-1 update
+    assert "embedding_grad" in back[1]
+    server.aggregate(back)
+    assert server.descriptor_updates[1]["round"] == 2 and server.descriptor_rounds[1] == 4
 
 
 def test_servers_are_reproducible_from_the_seed():

@@ -5,9 +5,13 @@ when a round closes. Both return a plain ``dict`` keyed by client index, which t
 payload per client and sends each client only its own entry (``send_message_diff_sync_model_to_client``). Each
 entry is ``{"round": k, "payload": ...}``: payload k starts round k (k = comm_round + 1: the final one), so a
 client knows its round after missing some, and its upload names the round it answers.
+
+``state`` / ``restore`` carry what a restarted server needs besides its strategy (party.py saves both after every
+round): the round, the payloads of the round in progress, the fingerprints sent and the metrics so far.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Callable
 
@@ -27,7 +31,20 @@ class StrategyAggregator(ServerAggregator):
         self.payloads: dict | None = None
         self.sent_fingerprints: list[list[str]] = []  # per payload sent (k = 1..comm_round + 1), per client
         self.round = 0
+        self.resumed = False  # restored from a checkpoint: the server manager resumes instead of starting
         self._round_started = 0.0
+
+    def state(self) -> dict:
+        """Plain state to checkpoint with the strategy after round ``round``."""
+        return {"round": self.round, "payloads": self.payloads, "sent_fingerprints": self.sent_fingerprints,
+                "log": dataclasses.asdict(self.log)}
+
+    def restore(self, state: dict) -> None:
+        """Go on from ``state`` (see ``state``): the round in progress is ``round + 1``, with the saved payloads."""
+        self.round, self.payloads = state["round"], state["payloads"]
+        self.sent_fingerprints, self.log = state["sent_fingerprints"], MetricsLog(**state["log"])
+        self.resumed = True
+        self._round_started = time.perf_counter()
 
     def _outgoing(self, payloads: dict) -> dict:
         for i, payload in payloads.items():
@@ -49,8 +66,7 @@ class StrategyAggregator(ServerAggregator):
 
     def aggregate_round(self, uploads: dict[int, dict], absent: dict[int, str], participants: int) -> dict:
         """Close the round with the ``uploads`` that arrived (by client index); ``absent`` says why each other
-        client sent none. Uploads are screened as in the simulator; a method that needs every client stops here
-        when one is missing."""
+        client sent none. Uploads are screened as in the simulator."""
         t = self.round + 1
         minimum = self.server.recipe.train_args.min_uploads_per_round
         if len(uploads) < minimum:
@@ -58,9 +74,6 @@ class StrategyAggregator(ServerAggregator):
                              f"train_args.min_uploads_per_round = {minimum}; missing: {absent}")
         uploads, rejected = screen(self.server, uploads, t, minimum)
         left_out = {**absent, **rejected}
-        if left_out and not self.server.partial_participation:
-            raise RoundError(f"round {t}: {self.server.recipe.train_args.federated_optimizer} needs every "
-                             f"client's update each round (no partial participation); left out: {left_out}")
         payloads = self.server.aggregate(uploads)
         self.round = t
         self.log.round_seconds.append(time.perf_counter() - self._round_started)

@@ -17,7 +17,7 @@ six work-arounds.
 6. FedML's client counts its rounds itself, so one the server skipped would train on the final payload, and a
    client whose payload was lost would wait for ever: its client manager is replaced by
    ``WaitingReportClientManager`` (client_manager.py: the round taken from the payload, a waiting report to the
-   server when no payload follows an upload).
+   server when nothing follows an upload or a "not sampled" notice).
 """
 from __future__ import annotations
 

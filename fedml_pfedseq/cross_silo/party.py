@@ -12,9 +12,17 @@ the server the global adapter and a manifest of what it knows, plus ``recipe.yam
 ``push_to_hub`` each then pushes only that share, in its own commit (hub/push.py). A push that fails once training
 is over does not undo the run: the party reports the PushError and exits with code 4, its files kept.
 
+**Checkpoints** (``common_args.checkpoint``, default true): the server saves ``parties/server/checkpoint.safetensors``
+after every round it closes (and when the first payloads go out), each client ``parties/client_<k>/...`` after every
+round it trained: the strategy (checkpoint.py: safetensors, JSON, no pickle, written atomically) and the
+aggregator's or trainer's plain state. ``--resume`` (needs ``comm_args.upload_timeout``) loads it: the server goes
+on with the round after its checkpoint's (server_manager.py), a client with its saved state (fresh without a
+checkpoint) and rejoins as a restarted client does. A checkpoint written with another recipe is refused.
+
 A watchdog stops the party with exit code 3 and an error naming the wait when the first round does not start within
 ``comm_args.startup_timeout`` seconds or a later round does not complete within ``comm_args.round_timeout``: a
-party whose peer died must not hang forever.
+party whose peer died must not hang forever. A client counts from its last payload, round trained or notice that it
+is not sampled for a round (client_manager.py), so waiting through rounds it is not sampled for never ends it.
 """
 from __future__ import annotations
 
@@ -28,12 +36,14 @@ from pathlib import Path
 
 import yaml
 
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_changes
 from fedml_pfedseq.data.federated import dataset_label_names
 from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, set_threads
 from fedml_pfedseq.hub.adapters import AdapterWriter
 from fedml_pfedseq.hub.push import PushError, push_client, push_run
 from fedml_pfedseq.results import write_csv
+from fedml_pfedseq.simulation import RESUMABLE_CHANGES
 from fedml_pfedseq.training import select_device
 
 EXIT_TIMEOUT = 3
@@ -68,7 +78,28 @@ class Watchdog(threading.Thread):
                 os._exit(EXIT_TIMEOUT)
 
 
-def check_party(recipe: Recipe, rank: int, role: str) -> int:
+def save_party(path: Path, name: str, strategy, state: dict, recipe: Recipe) -> None:
+    """One party's checkpoint: its strategy object as part ``name``, ``state`` and the recipe as plain extra."""
+    save_checkpoint(path, {name: strategy}, {**state, "recipe": recipe.to_dict()})
+
+
+def load_party(path: Path, name: str, strategy, recipe: Recipe) -> dict:
+    """Restore ``strategy`` from ``path`` and return the saved ``state``; a checkpoint written with another recipe
+    is refused (before anything is loaded), as ``pfedseq run --resume`` refuses one."""
+    skeleton, decode = read_checkpoint(path)
+    changes = recipe_changes(decode(skeleton["extra"]["recipe"]), recipe, ignore=RESUMABLE_CHANGES)
+    if changes:
+        raise CheckpointError(f"{path} was written by a party with another recipe ({'; '.join(changes)}); only "
+                              f"{', '.join(RESUMABLE_CHANGES)} may change on resume")
+    state = load_checkpoint(path, {name: strategy})
+    del state["recipe"]
+    if state["round"] > recipe.train_args.comm_round:
+        raise CheckpointError(f"{path} is at round {state['round']}, past train_args.comm_round "
+                              f"{recipe.train_args.comm_round}")
+    return state
+
+
+def check_party(recipe: Recipe, rank: int, role: str, resume: bool = False) -> int:
     """The number of clients; RecipeError when the recipe cannot run as this party."""
     n = recipe.train_args.client_num_in_total
     if n is None:
@@ -77,6 +108,9 @@ def check_party(recipe: Recipe, rank: int, role: str) -> int:
         raise RecipeError(f"--role must be 'server' or 'client', got {role!r}")
     if (role == "server") != (rank == 0) or not 0 <= rank <= n:
         raise RecipeError(f"--rank {rank} does not fit --role {role}: the server is rank 0, clients are ranks 1..{n}")
+    if resume and recipe.comm_args.upload_timeout is None:
+        raise RecipeError("--resume needs comm_args.upload_timeout: a resumed party reaches the others through the "
+                          "round deadline and the waiting reports")
     if not recipe.comm_args.grpc_ipconfig_path or not Path(recipe.comm_args.grpc_ipconfig_path).is_file():
         raise RecipeError(f"comm_args.grpc_ipconfig_path must name FedML's gRPC address CSV "
                           f"(eid,rank,grpc_server_ip,grpc_server_port), got {recipe.comm_args.grpc_ipconfig_path!r}")
@@ -121,13 +155,18 @@ def push_share(recipe: Recipe, output_dir: Path, client: int | None) -> None:
         raise SystemExit(EXIT_NOT_PUSHED) from None
 
 
-def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0") -> None:
-    """Run one party to the end of the deployment (blocks)."""
+def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0",
+              resume: bool = False) -> None:
+    """Run one party to the end of the deployment (blocks); ``resume``: from its checkpoint (see above)."""
     from fedml_pfedseq.cross_silo.fedml_runtime import fedml_args, init_fedml, isolate_home
 
-    num_clients = check_party(recipe, rank, role)
+    num_clients = check_party(recipe, rank, role, resume)
     output_dir = Path(output_dir)
     party_dir = output_dir / "parties" / party_name(rank)
+    checkpoint = party_dir / CHECKPOINT_FILE
+    if resume and role == "server" and not checkpoint.is_file():
+        raise CheckpointError(f"cannot resume the server: no {checkpoint} (was it run with common_args.checkpoint: "
+                              "true, and did it send the first payloads?)")
     isolate_home(party_dir / "fedml_home")
     args = init_fedml(fedml_args(recipe, rank, role, run_id), recipe.tracking_args.log_level)
     from fedml import FedMLRunner  # after init_fedml: FedML must start patched
@@ -146,11 +185,20 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         model = build_model(recipe, len(label_names))
         server = build_server(recipe, model, num_clients)
 
-        def on_round(t: int) -> None:
+        def write_progress(t: int) -> None:
             watchdog.kick()
             write_json(party_dir / "progress.json", {"round": t, "of": recipe.train_args.comm_round})
 
+        def on_round(t: int) -> None:
+            """Before round ``t + 1``'s payloads go out: a restart never misses a payload that was sent."""
+            if recipe.common_args.checkpoint:
+                save_party(checkpoint, "server", server, aggregator.state(), recipe)
+            write_progress(t)
+
         aggregator = StrategyAggregator(server, args, on_round=on_round)
+        if resume:
+            aggregator.restore(load_party(checkpoint, "server", server, recipe))
+            write_progress(aggregator.round)
         FedMLRunner(args, device, [0, 0, None, None, {}, {}, {}, len(label_names)], model,
                     server_aggregator=aggregator).run()
         server.save_artifacts(output_dir)
@@ -179,7 +227,15 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
             watchdog.kick()
             write_metrics()
 
-        trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_progress=on_progress)
+        def on_trained() -> None:
+            if recipe.common_args.checkpoint:
+                save_party(checkpoint, "client", trainer.client, trainer.state(), recipe)
+
+        trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_progress=on_progress,
+                                  on_trained=on_trained)
+        if resume and checkpoint.is_file():
+            trainer.restore(load_party(checkpoint, "client", trainer.client, recipe))
+            logging.warning("client %d resumed from %s, after round %d", i, checkpoint, trainer.round)
         n = len(own.train)
         FedMLRunner(args, device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},
                                    data.num_labels], model, client_trainer=trainer).run()

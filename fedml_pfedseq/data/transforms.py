@@ -1,4 +1,5 @@
-"""Image transforms applied lazily (``with_transform``): grey -> RGB, resize and normalise by the backbone's processor."""
+"""Image transforms applied lazily (``with_transform``): grey -> RGB, resize and normalise by the backbone's
+processor."""
 from __future__ import annotations
 
 from typing import Callable

@@ -33,7 +33,6 @@ class FedAvgServer:
 
     shared_parts: tuple[str, ...] = ("lora", "head")
     global_adapter = True  # global_state["lora"] is the clients' aggregate (saved and pushed as adapters/global)
-    partial_participation = True  # aggregates whichever clients reported (train_args.client_num_per_round < N)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         self.num_clients = num_clients
@@ -81,12 +80,6 @@ class FedAvgServer:
             self.check_upload(i, upload)
         return {i: {part: add(self.sent[i][part], upload[part]) for part in self.shared_parts}
                 for i, upload in uploads.items()}
-
-    def require_every_client(self, uploads: dict[int, Upload]) -> None:
-        """For methods without ``partial_participation``: every client's update, every round."""
-        missing = sorted(set(range(self.num_clients)) - set(uploads))
-        if missing and not self.partial_participation:
-            raise ValueError(f"{type(self).__name__} needs every client's update each round; missing clients {missing}")
 
     def lora_updates(self, uploads: dict[int, Upload]) -> list[StateDict]:
         """Every client's LoRA update in client order, zeros for a client that did not report: in the servers that

@@ -20,6 +20,9 @@ One round trip per round, pipelined (everything not said here is pFedHN's: Adam,
       one Adam step on phi and psi; theta_i^{t+1} = h_phi(d_i^t).
 So psi learns from the same feedback as phi, one round later, at the psi each descriptor was made with (the
 client keeps the last two). Round 1's adapters come from d = 0 (no descriptor exists yet) and get no update.
+With client sampling (K of N per round, as PeFLL samples), "the previous round" of a client is the last one it took
+part in: the server keeps each client's latest descriptor and its pending update until the client next reports;
+an absent client adds nothing to the step (a zero Delta) and its descriptor and pending update stay as they were.
 What travels: server -> client i {"client_id", "lora": theta_i, "embedding_net": psi, "descriptor_update":
 {"round", "update" [E]}}; client -> server {"client_id", "num_samples", "lora": Delta_i, "descriptor" [E],
 "embedding_grad": psi's gradient}. The server never sees a sample, only means of embeddings and gradients.
@@ -68,8 +71,6 @@ def embedding_network(feature_dim: int, num_labels: int, args: PeFLLArgs) -> nn.
 class PeFLLServer(PFedHNServer):
     """pFedHN's server with client descriptors as inputs and an embedding network trained from clients' gradients."""
 
-    partial_participation = False  # descriptors and their updates are kept for every client (not built for K < N)
-
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
         self.embedding_net: nn.Sequential = self.networks["embedding_net"]
@@ -112,18 +113,22 @@ class PeFLLServer(PFedHNServer):
                 check_finite(grad, f"client {i} embedding_grad")
 
     def _apply_input_gradient(self, input_grad: torch.Tensor, uploads: dict[int, Upload]) -> None:
-        """psi's gradient: the sum of the clients' (the same surrogate as phi's); then the descriptor updates
-        -dL/d(d_i) for the next payloads, for descriptors a client computed (not round 1's zeros)."""
-        answered = sorted(self.descriptor_updates)  # the clients asked for psi's gradient last round
+        """psi's gradient: the sum of the reporting clients' (the same surrogate as phi's); then, for each client
+        that reported, the update -dL/d(d_i) of the descriptor its adapter came from, for its next payload (none
+        for round 1's zeros). An absent client keeps its pending update: its zero Delta says nothing."""
+        answered = sorted(i for i in self.descriptor_updates if i in uploads)  # asked for psi's gradient, reported
         for name, p in self.embedding_net.named_parameters():
             p.grad = (torch.stack([uploads[i]["embedding_grad"][name] for i in answered]).sum(0).to(self.device)
                       if answered else None)
-        self.descriptor_updates = {i: {"round": r, "update": -input_grad[i].detach().cpu()}
-                                   for i, r in enumerate(self.descriptor_rounds) if r is not None}
+        for i in uploads:
+            if (computed := self.descriptor_rounds[i]) is not None:
+                self.descriptor_updates[i] = {"round": computed, "update": -input_grad[i].detach().cpu()}
 
     def _accept_inputs(self, uploads: dict[int, Upload]) -> None:
-        self.descriptors = torch.stack([uploads[i]["descriptor"] for i in range(self.num_clients)]).to(self.device)
-        self.descriptor_rounds = [self.round] * self.num_clients
+        """The reporting clients' new descriptors; the others' stay."""
+        for i, upload in uploads.items():
+            self.descriptors[i] = upload["descriptor"].to(self.device)
+            self.descriptor_rounds[i] = self.round
 
 
 class PeFLLClient(PFedHNClient):

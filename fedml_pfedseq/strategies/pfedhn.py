@@ -62,7 +62,6 @@ class PFedHNServer(FedAvgLocalHeadServer):
     """Generates each client's adapter from its input; one Adam step per round from all clients' updates."""
 
     global_adapter = False  # each client gets its own adapter; no global one exists
-    partial_participation = True  # sampled clients: absent ones add nothing to the step (pFedHN samples too)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
@@ -100,7 +99,6 @@ class PFedHNServer(FedAvgLocalHeadServer):
         return {i: {"lora": self.hypernetwork.unflatten(generated[i])} for i in range(self.num_clients)}
 
     def aggregate(self, uploads: dict[int, Upload]) -> dict[int, Payload]:
-        self.require_every_client(uploads)
         started = time.perf_counter()
         self.trained_states(uploads)  # refuses NaN/Inf, wrong keys or senders before any state changes
         self._check_uploads(uploads)

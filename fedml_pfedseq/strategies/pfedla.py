@@ -89,7 +89,6 @@ class PFedLAServer(FedAvgLocalHeadServer):
     """Per client, the layer-wise weighted aggregate of all clients' latest adapters, with learned weights."""
 
     global_adapter = False  # each client gets its own adapter; no global one exists
-    partial_participation = True  # sampled clients: only theirs step (zero updates) and refresh their adapters
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)  # initial_payloads: the initial adapter for all
