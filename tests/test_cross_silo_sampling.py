@@ -164,10 +164,10 @@ def test_a_client_that_only_had_notices_answers_a_restarted_server_with_its_wait
 
 # --- a real deployment ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("upload_timeout", [None, 10])
-def test_a_deployment_sampling_two_of_three_trains_the_sampled_clients_and_matches_the_simulator(
-        upload_timeout, tiny_vit, tmp_path):
-    recipe = sampled_recipe("FedAvg", tiny_vit, tmp_path, upload_timeout=upload_timeout, round_timeout=120)
+def test_a_deployment_sampling_two_of_three_trains_the_sampled_clients_and_matches_the_simulator(tiny_vit, tmp_path):
+    """With upload_timeout, the fault-tolerant configuration; the notices and waiting reports are checked in process
+    above, and the server manager sends notices the same way without it."""
+    recipe = sampled_recipe("FedAvg", tiny_vit, tmp_path, upload_timeout=10, round_timeout=120)
     summary = deploy(recipe, tmp_path / "cross_silo", progress=False)  # raises if a party fails
     assert summary["dead_parties"] == []
     run_recipe(recipe, tmp_path / "simulator", progress=False)
