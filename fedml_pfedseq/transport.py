@@ -35,7 +35,8 @@ def check_plain(obj, where: str) -> None:
 
 
 def pickled_bytes(obj) -> int:
-    """Size of ``obj`` serialised as FedML's gRPC transport does (``pickle.dumps``, default protocol)."""
+    """Size of ``obj`` serialised as FedML's gRPC transport does (``pickle.dumps``, default protocol); it varies by
+    a few bytes from run to run, as pickle writes each tensor storage's memory address in decimal."""
     return len(pickle.dumps(obj))
 
 
