@@ -283,13 +283,13 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
     grid, record = out.grid, {**out.record(), "scenarios": {}}
     text = [out.header("pFedSeq investigation: learner lr, output scale, W and L")]
     for scenario in grid.scenarios:
-        rows, result = [], {}
+        rows, result, servers = [], {}, {}
         control = out.stats(scenario, CONTROL)
         control_val = out.stats(scenario, CONTROL, "final_validation_accuracy_mean")
         for method in grid.names:
             test, val = out.stats(scenario, method), out.stats(scenario, method, "final_validation_accuracy_mean")
-            server = [row for cell in out.cells(scenario, method)
-                      for row in json.loads((cell.parent / "metrics.json").read_text())["server"]]
+            servers[method] = server = [row for cell in out.cells(scenario, method)
+                                        for row in json.loads((cell.parent / "metrics.json").read_text())["server"]]
             calibrated = [row for row in server if row.get("calibration_ratio_mean") is not None]
             last = max((row["round"] for row in server), default=None)
             final = [row for row in calibrated if row["round"] == last]  # the last round, one row per seed
@@ -317,19 +317,19 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
                               "share of rounds with surrogate < 0"], rows)
         text.append(f"\n## {scenario}\n\n{table}\n\n![calibrations and surrogate]"
                     f"(investigation_{scenario}.png)\n")
-        plot_learner(out, scenario, dest / f"investigation_{scenario}.png")
+        plot_learner(servers, scenario, dest / f"investigation_{scenario}.png")
     (dest / "investigation.md").write_text("".join(text))
     return record
 
 
-def plot_learner(out: GridOutput, scenario: str, path: Path) -> None:
-    """Per round, averaged over seeds: each variant's calibration size and surrogate loss."""
+def plot_learner(servers: dict[str, list[dict]], scenario: str, path: Path) -> None:
+    """Per round, averaged over seeds: each variant's calibration size and surrogate loss (``servers``: each
+    variant's server rows of every finished seed)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for method in out.grid.names:
+    for method, server in servers.items():
         by_round: dict[int, list[dict]] = {}
-        for cell in out.cells(scenario, method):
-            for row in json.loads((cell.parent / "metrics.json").read_text())["server"]:
-                by_round.setdefault(row["round"], []).append(row)
+        for row in server:
+            by_round.setdefault(row["round"], []).append(row)
         for ax, key in zip(axes, ["calibration_ratio_mean", "surrogate_loss"]):
             points = [(t, statistics.fmean(r[key] for r in rows)) for t, rows in sorted(by_round.items())
                       if all(r.get(key) is not None for r in rows)]

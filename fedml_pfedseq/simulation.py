@@ -52,14 +52,20 @@ def resume_federation(path: Path, fed: Federation) -> tuple[int, dict, MetricsLo
     """Restore a freshly built federation from ``path``: (the round to run next, its payloads, the metrics so far).
     Only the number of rounds (and what is saved or pushed) may differ from the run that wrote it."""
     extra = load_checkpoint(path, federation_parts(fed))
-    changes = recipe_changes(extra["recipe"], fed.recipe, ignore=RESUMABLE_CHANGES)
-    if changes:
-        raise CheckpointError(f"{path} was written by a run with another recipe ({'; '.join(changes)}); only "
-                              f"{', '.join(RESUMABLE_CHANGES)} may change on resume")
-    if extra["round"] > fed.recipe.train_args.comm_round:
-        raise CheckpointError(f"{path} is at round {extra['round']}, past train_args.comm_round "
-                              f"{fed.recipe.train_args.comm_round}")
+    check_resumable(path, extra["recipe"], extra["round"], fed.recipe)
     return extra["round"] + 1, extra["payloads"], MetricsLog(**extra["log"])
+
+
+def check_resumable(path: Path, saved_recipe: dict, saved_round: int, recipe: Recipe) -> None:
+    """CheckpointError unless a checkpoint saved after ``saved_round`` with ``saved_recipe`` can go on under
+    ``recipe`` (a run's or a cross-silo party's): only RESUMABLE_CHANGES may differ, and rounds must remain."""
+    changes = recipe_changes(saved_recipe, recipe, ignore=RESUMABLE_CHANGES)
+    if changes:
+        raise CheckpointError(f"{path} was written with another recipe ({'; '.join(changes)}); only "
+                              f"{', '.join(RESUMABLE_CHANGES)} may change on resume")
+    if saved_round > recipe.train_args.comm_round:
+        raise CheckpointError(f"{path} is at round {saved_round}, past train_args.comm_round "
+                              f"{recipe.train_args.comm_round}")
 
 
 def checked(payloads: dict) -> dict:

@@ -26,8 +26,6 @@ reporting when it waits too long for a payload, and outliving a server restart.
 from __future__ import annotations
 
 import logging
-import pickle
-import threading
 from typing import Callable
 
 import grpc
@@ -35,7 +33,8 @@ from fedml.core.distributed.communication.message import Message
 from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
 from fedml.cross_silo.client.message_define import MyMessage
 
-from fedml_pfedseq.cross_silo.server_manager import MSG_ARG_KEY_ROUND, MSG_TYPE_NOT_SAMPLED, MSG_TYPE_WAITING
+from fedml_pfedseq.cross_silo.server_manager import (MSG_ARG_KEY_ROUND, MSG_TYPE_NOT_SAMPLED, MSG_TYPE_WAITING,
+                                                     post_later)
 
 MSG_TYPE_WAIT_CHECK = "pfedseq_wait_check"  # posted by the client to itself upload_timeout after an upload or notice
 
@@ -113,10 +112,7 @@ class WaitingReportClientManager(ClientMasterManager):
             return
         message = Message(MSG_TYPE_WAIT_CHECK, self.client_real_id, self.client_real_id)
         message.add_params(MSG_ARG_KEY_ROUND, round_idx)
-        queue = self.com_manager.grpc_servicer.message_q
-        timer = threading.Timer(self.upload_timeout, queue.put, args=[pickle.dumps(message)])
-        timer.daemon = True
-        timer.start()
+        post_later(self, self.upload_timeout, message)
 
     def handle_wait_check(self, msg_params):
         round_idx = msg_params.get(MSG_ARG_KEY_ROUND)

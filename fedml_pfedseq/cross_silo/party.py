@@ -37,13 +37,13 @@ from pathlib import Path
 import yaml
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_changes
+from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import dataset_label_names
 from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, set_threads
 from fedml_pfedseq.hub.adapters import AdapterWriter
 from fedml_pfedseq.hub.push import PushError, push_client, push_run
 from fedml_pfedseq.results import write_csv
-from fedml_pfedseq.simulation import RESUMABLE_CHANGES
+from fedml_pfedseq.simulation import check_resumable
 from fedml_pfedseq.training import select_device
 
 EXIT_TIMEOUT = 3
@@ -84,18 +84,12 @@ def save_party(path: Path, name: str, strategy, state: dict, recipe: Recipe) -> 
 
 
 def load_party(path: Path, name: str, strategy, recipe: Recipe) -> dict:
-    """Restore ``strategy`` from ``path`` and return the saved ``state``; a checkpoint written with another recipe
-    is refused (before anything is loaded), as ``pfedseq run --resume`` refuses one."""
+    """Restore ``strategy`` from ``path`` and return the saved ``state``; a checkpoint that cannot go on under
+    ``recipe`` is refused before anything is loaded, as ``pfedseq run --resume`` refuses one."""
     skeleton, decode = read_checkpoint(path)
-    changes = recipe_changes(decode(skeleton["extra"]["recipe"]), recipe, ignore=RESUMABLE_CHANGES)
-    if changes:
-        raise CheckpointError(f"{path} was written by a party with another recipe ({'; '.join(changes)}); only "
-                              f"{', '.join(RESUMABLE_CHANGES)} may change on resume")
+    check_resumable(path, decode(skeleton["extra"]["recipe"]), decode(skeleton["extra"]["round"]), recipe)
     state = load_checkpoint(path, {name: strategy})
     del state["recipe"]
-    if state["round"] > recipe.train_args.comm_round:
-        raise CheckpointError(f"{path} is at round {state['round']}, past train_args.comm_round "
-                              f"{recipe.train_args.comm_round}")
     return state
 
 

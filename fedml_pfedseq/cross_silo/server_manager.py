@@ -61,6 +61,14 @@ MSG_ARG_KEY_DEADLINE = "pfedseq_deadline"
 NOT_HEARD = "not heard from since the server restarted"
 
 
+def post_later(manager, seconds: float, message: Message) -> None:
+    """Put ``message`` into ``manager``'s own receive queue in ``seconds``: it is then handled on FedML's message
+    thread like any message (the server's round deadline, a client's wait check)."""
+    timer = threading.Timer(seconds, manager.com_manager.grpc_servicer.message_q.put, args=[pickle.dumps(message)])
+    timer.daemon = True
+    timer.start()
+
+
 class RoundDeadlineServerManager(FedMLServerManager):
     unreached: frozenset[int] | set[int] = frozenset()  # after a restart: clients not yet sent the round in progress
     sample: Callable[[int, int], list[int]] = staticmethod(lambda n, t: list(range(n)))  # (N, round t) -> sampled
@@ -161,10 +169,7 @@ class RoundDeadlineServerManager(FedMLServerManager):
         self.deadline += 1
         message = Message(MSG_TYPE_DEADLINE, 0, 0)
         message.add_params(MSG_ARG_KEY_DEADLINE, self.deadline)
-        queue = self.com_manager.grpc_servicer.message_q
-        timer = threading.Timer(self.upload_timeout, queue.put, args=[pickle.dumps(message)])
-        timer.daemon = True
-        timer.start()
+        post_later(self, self.upload_timeout, message)
 
     def handle_message_receive_model_from_client(self, msg_params):
         i = self.index(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER))
