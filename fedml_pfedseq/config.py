@@ -268,8 +268,6 @@ def _validate(recipe: Recipe, where: str) -> None:
     h = recipe.hub_args
     require(h.hub_learner_init is None or t.federated_optimizer.lower() == "pfedseq", "hub_args.hub_learner_init",
             f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")
-    require(h.hub_learner_init is None or c.training_type == "simulation", "hub_args.hub_learner_init",
-            "is supported for simulator runs only (not wired into cross-silo parties yet)")
     require(h.hub_push_every is None or h.push_to_hub, "hub_args.hub_push_every", "needs push_to_hub: true")
     if h.push_to_hub:
         require(bool(h.hub_repo_id) and h.hub_repo_id.count("/") == 1 and all(h.hub_repo_id.split("/")),

@@ -57,10 +57,17 @@ def build_model(recipe: Recipe, num_labels: int, depth: int | None = None) -> Ad
 
 
 def build_server(recipe: Recipe, model: AdapterModel, num_clients: int):
-    """The method's server strategy, starting from the model's LoRA init and a seeded shared head."""
+    """The method's server strategy, starting from the model's LoRA init and a seeded shared head, and from a
+    pushed or saved SeqLearner where ``hub_args.hub_learner_init`` names one (the simulator's and a cross-silo
+    server's alike)."""
     initial = {"lora": model.get_lora_state(),
                "head": model.init_head_state(client_seed(recipe.common_args.random_seed, 0, purpose=4))}
-    return method_class(recipe.train_args.federated_optimizer).Server(num_clients, initial, recipe)
+    server = method_class(recipe.train_args.federated_optimizer).Server(num_clients, initial, recipe)
+    if recipe.hub_args.hub_learner_init:
+        from fedml_pfedseq.hub.warm_start import warm_start_learner  # the Hub client only where a recipe asks
+
+        warm_start_learner(server, recipe.hub_args.hub_learner_init)
+    return server
 
 
 def build_client(recipe: Recipe, client_id: int, data: ClientData, model: AdapterModel):

@@ -28,7 +28,6 @@ from fedml_pfedseq.federation import Federation, build_federation, participants
 from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
 from fedml_pfedseq.hub.push import push_run
 from fedml_pfedseq.hub.round_push import RoundPusher
-from fedml_pfedseq.hub.warm_start import warm_start_learner
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.round_close import round_record, screen
 from fedml_pfedseq.transport import check_plain
@@ -141,8 +140,6 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     started = time.perf_counter()
     fed = build_federation(recipe)
-    if recipe.hub_args.hub_learner_init:
-        warm_start_learner(fed.server, recipe.hub_args.hub_learner_init)
     writer = AdapterWriter(output_dir / "adapters", recipe) if recipe.hub_args.save_adapters else None
     if writer is None:
         remove_stale(output_dir / "adapters")

@@ -297,6 +297,29 @@ def test_every_methods_fedml_wrappers_reproduce_the_simulator(method, tiny_vit, 
                for a, b in zip(rows, simulated))
 
 
+def test_a_cross_silo_server_warm_starts_its_seq_learner_as_the_simulator_does(tiny_vit, tmp_path):
+    """hub_args.hub_learner_init in a deployment: ``build_server`` (what ``run_party`` calls) loads the saved
+    SeqLearner, and the clients' metrics equal the warm-started simulator's, not a cold start's."""
+    from hf_models.seq_learner import SeqLearnerModel
+
+    cold = silo_recipe(tiny_vit, tmp_path)
+    run_recipe(cold, tmp_path / "source", progress=False)  # writes seq_learner/
+    warm = small_recipe("pFedSeq", tiny_vit, tmp_path, **DEPLOYMENT, hub_args={"hub_learner_init": str(tmp_path /
+                                                                                                        "source")})
+    data = build_data(warm)
+    saved = SeqLearnerModel.from_pretrained(str(tmp_path / "source" / "seq_learner")).state_dict()
+    started = build_server(warm, build_model(warm, data.num_labels), len(data.clients)).learner.state_dict()
+    assert all(torch.equal(v, saved[k]) for k, v in started.items())
+    rows = drive_like_fedml(warm)
+    simulated = sorted(json.loads((tmp_path / "source" / "metrics.json").read_text())["eval"],
+                       key=lambda r: (r["round"], r["client"]))
+    run_recipe(warm, tmp_path / "warm", progress=False)
+    warm_simulated = sorted(json.loads((tmp_path / "warm" / "metrics.json").read_text())["eval"],
+                            key=lambda r: (r["round"], r["client"]))
+    assert [r["test_loss"] for r in rows] == pytest.approx([r["test_loss"] for r in warm_simulated], rel=1e-6)
+    assert [r["test_loss"] for r in rows] != pytest.approx([r["test_loss"] for r in simulated], rel=1e-6)
+
+
 # APPLE: the largest payloads (every client's core); pFedLoRA: parties of different depths; PeFLL: multi-part
 # payloads and uploads (embedding network, descriptor updates and gradients)
 @pytest.mark.parametrize("method", ["apple", "pfedlora", "pefll"])

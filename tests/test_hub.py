@@ -3,6 +3,7 @@
 logits and the reported accuracy; failures (endpoint down, refusing, a commit breaking off) keep everything intact."""
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import http.client
 import json
@@ -379,7 +380,8 @@ def test_a_run_warm_starts_its_seq_learner_from_the_pushed_repo(pushed, hub_env,
         "train_args.comm_round=1", f"hub_args.hub_learner_init={REPO}"))  # one round: the learner takes no step
     trained = pushed.fed.server.learner.state_dict()
     assert all(torch.equal(v, trained[k]) for k, v in fed.server.learner.state_dict().items())
-    fresh = build_federation(fed.recipe).server.learner.state_dict()  # its own seeded init differs
+    cold = dataclasses.replace(fed.recipe, hub_args=dataclasses.replace(fed.recipe.hub_args, hub_learner_init=None))
+    fresh = build_federation(cold).server.learner.state_dict()  # its own seeded init differs
     assert not all(torch.equal(v, trained[k]) for k, v in fresh.items())
 
 
