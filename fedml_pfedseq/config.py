@@ -279,9 +279,6 @@ def _validate(recipe: Recipe, where: str) -> None:
                 f"must be null or a multiple >= 1 of validation_args.frequency_of_the_test "
                 f"({v.frequency_of_the_test}): a checkpoint holds the models evaluated at its round, "
                 f"got {h.hub_push_every}")
-        require(h.hub_push_every is None or c.training_type == "simulation", "hub_args.hub_push_every",
-                "is supported for simulator runs only: in a cross-silo deployment each party pushes its own share "
-                "once the run ends")
 
 
 def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) -> Recipe:

@@ -166,8 +166,6 @@ def test_save_adapters_false_writes_no_adapters(tiny_vit, tmp_path):
     ({"push_to_hub": True}, {}, "hub_args.hub_repo_id must be 'owner/name'"),
     ({"push_to_hub": True, "hub_repo_id": "no-owner"}, {}, "hub_args.hub_repo_id must be 'owner/name'"),
     ({"push_to_hub": True, "hub_repo_id": "a/b", "save_adapters": False}, {}, "hub_args.save_adapters must be true"),
-    ({"push_to_hub": True, "hub_repo_id": "a/b", "hub_push_every": 1}, {"training_type": "cross_silo"},
-     "hub_args.hub_push_every is supported for simulator runs only"),
     ({"push_every": 2}, {}, "unknown key 'push_every'"),
     ({"hub_learner_init": "a/b"}, {}, "hub_args.hub_learner_init warm-starts pFedSeq's SeqLearner"),
     ({"hub_push_every": 2}, {}, "hub_args.hub_push_every needs push_to_hub: true"),

@@ -31,21 +31,21 @@ def silo_recipe(tiny_vit, tmp_path, rounds: int):
         data_args={"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 40},
         train_args={"client_num_in_total": CLIENTS, "comm_round": rounds, "learning_rate": 0.5},
         device_args={"num_threads": 1}, algorithm_args={"warmup_rounds": 1, "seq_len": 2},
-        hub_args={"push_to_hub": True, "hub_repo_id": REPO})
+        hub_args={"push_to_hub": True, "hub_repo_id": REPO, "hub_push_every": 1})
 
 
-def reported(run_dir: Path) -> dict[int, dict]:
-    """Each client party's final evaluation row, from its own metrics file."""
+def reported(run_dir: Path, round_idx: int = 2) -> dict[int, dict]:
+    """Each client party's evaluation row of ``round_idx`` (default: the final one), from its own metrics file."""
     rows = {}
     for k in range(CLIENTS):
         eval_rows = json.loads((run_dir / "parties" / f"client_{k}" / "metrics.json").read_text())["eval"]
-        rows[k] = max(eval_rows, key=lambda r: r["round"])
+        (rows[k],) = [r for r in eval_rows if r["round"] == round_idx]
     return rows
 
 
 @pytest.fixture(scope="module")
 def deployed(tiny_vit, tmp_path_factory):
-    """One 2-round deployment whose three parties push to a local endpoint."""
+    """One 2-round deployment whose three parties push to a local endpoint, after round 1 and at the end."""
     root = tmp_path_factory.mktemp("hub_cross_silo")
     server = LocalHubServer(root / "repos").start()
     with pytest.MonkeyPatch.context() as mp:
@@ -70,22 +70,33 @@ def touched(api: HfApi, commit: str, parent: str) -> set[str]:
     return {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
 
 
-def test_each_party_pushes_only_its_own_share_in_its_own_commit(deployed, hub_env):
-    api = HfApi()
-    commits = api.list_repo_commits(REPO)[::-1]  # oldest first: the repo's creation, then one per party
-    assert len(commits) == 1 + 1 + CLIENTS
-    by_title = {c.title: touched(api, c.commit_id, parent.commit_id) for parent, c in zip(commits, commits[1:])}
+def party_commits(api: HfApi) -> list[tuple[str, str, set[str]]]:
+    """(title, commit id, paths it touched) of every commit after the repo's creation, oldest first."""
+    commits = api.list_repo_commits(REPO)[::-1]
+    return [(c.title, c.commit_id, touched(api, c.commit_id, parent.commit_id))
+            for parent, c in zip(commits, commits[1:])]
+
+
+@pytest.mark.parametrize("when", ["checkpoint after round 1", "final"])
+def test_each_party_pushes_only_its_own_share_in_its_own_commit(deployed, hub_env, when):
+    commits = party_commits(HfApi())
+    assert len(commits) == 2 * (1 + CLIENTS)  # per party: its checkpoint after round 1, then its final push
+    checkpoints = 1 + CLIENTS
+    assert all("checkpoint after round 1" in title for title, _, _ in commits[:checkpoints])  # then the final ones
+    by_title = {t: paths for t, _, paths in (commits[checkpoints:] if when == "final" else commits[:checkpoints])}
     for k in range(CLIENTS):
-        (title,) = [t for t in by_title if f"cross-silo client {k}:" in t]
-        assert by_title[title] == {f"adapters/client_{k}/{name}" for name in CLIENT_FILES}
+        (title,) = [t for t in by_title if f"cross-silo client {k}" in t]
+        own = {f"adapters/client_{k}/{name}" for name in CLIENT_FILES}
+        changed = {f"adapters/client_{k}/{name}" for name in ("adapter_model.safetensors", "head.safetensors",
+                                                              "client.json")}  # the config stays as it was
+        assert by_title[title] == own if when != "final" else changed <= by_title[title] <= own
     (server_title,) = [t for t in by_title if "cross-silo server" in t]
     server_paths = by_title[server_title]
-    assert not [p for p in server_paths if p.startswith("adapters/client_")]
-    assert {"README.md", "recipe.yaml", "server_metrics.csv", "adapters/manifest.json",
-            "adapters/global/adapter_model.safetensors", "seq_learner/model.safetensors",
-            "backbone/model.safetensors"} <= server_paths
+    assert not [p for p in server_paths if p.startswith(("adapters/client_", "parties/", "logs/", "hub_checkpoint/"))]
     assert not server_paths & {"metrics.json", "summary.json", "grpc_ipconfig.csv"}
-    assert not [p for p in server_paths if p.startswith(("parties/", "logs/"))]
+    trained = {"server_metrics.csv", "adapters/global/adapter_model.safetensors", "seq_learner/model.safetensors"}
+    first = {"README.md", "recipe.yaml", "adapters/manifest.json", "backbone/model.safetensors"}  # then unchanged
+    assert server_paths >= (trained if when == "final" else trained | first)
 
 
 def test_the_deploy_folder_is_the_simulators_run_folder_with_each_clients_accuracy(deployed):
@@ -98,18 +109,21 @@ def test_the_deploy_folder_is_the_simulators_run_folder_with_each_clients_accura
         assert {p.name for p in (deployed.run_dir / "adapters" / f"client_{k}").iterdir()} == CLIENT_FILES
 
 
-def test_a_fresh_process_reloads_each_client_with_the_accuracy_it_reported(deployed, hub_env):
+@pytest.mark.parametrize("round_idx", [1, 2])
+def test_a_fresh_process_reloads_each_client_with_the_accuracy_it_reported(deployed, hub_env, round_idx):
+    """Round 2: the repo's head; round 1: the revision once every party's checkpoint after round 1 has landed."""
+    revision = party_commits(HfApi())[CLIENTS][1] if round_idx == 1 else None
     code = f"""
 import json
 from fedml_pfedseq.hub.load import evaluate_client, recipe_from_repo
-recipe = recipe_from_repo("{REPO}", ["device_args.num_threads=1"])
-print(json.dumps([evaluate_client("{REPO}", k, recipe) for k in range({CLIENTS})]))
+recipe = recipe_from_repo("{REPO}", ["device_args.num_threads=1"], revision={revision!r})
+print(json.dumps([evaluate_client("{REPO}", k, recipe, revision={revision!r}) for k in range({CLIENTS})]))
 """
     done = subprocess.run([sys.executable, "-c", code], env=hub_env, capture_output=True, text=True, timeout=300,
                           cwd=SRC)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
-    for k, row in reported(deployed.run_dir).items():
+    for k, row in reported(deployed.run_dir, round_idx).items():
         assert results[k]["accuracy"] == results[k]["reported_accuracy"] == row["test_accuracy"]
         assert (results[k]["loss"], results[k]["samples"]) == (row["test_loss"], row["test_samples"])
 
@@ -137,7 +151,7 @@ def test_an_endpoint_that_is_down_is_a_clear_error_and_keeps_every_partys_files(
     assert down in message and REPO in message and f"pfedseq push {run_dir} --repo-id {REPO}" in message
     manifest = json.loads((run_dir / "adapters" / "manifest.json").read_text())
     assert [c["test_accuracy"] for c in manifest["clients"]] == \
-        [r["test_accuracy"] for r in reported(run_dir).values()]
+        [r["test_accuracy"] for r in reported(run_dir, round_idx=1).values()]
     for k in range(CLIENTS):
         assert {p.name for p in (run_dir / "adapters" / f"client_{k}").iterdir()} == CLIENT_FILES
     assert (run_dir / "summary.json").is_file() and (run_dir / "seq_learner" / "model.safetensors").is_file()

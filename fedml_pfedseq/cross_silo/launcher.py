@@ -29,7 +29,8 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, parse_recipe
-from fedml_pfedseq.cross_silo.party import EXIT_NOT_PUSHED, party_name
+from fedml_pfedseq.cross_silo.hub_share import EXIT_NOT_PUSHED
+from fedml_pfedseq.cross_silo.party import party_name
 from fedml_pfedseq.hub.adapters import complete_manifest, remove_stale
 from fedml_pfedseq.hub.push import PushError
 from fedml_pfedseq.results import MetricsLog, write_run_outputs

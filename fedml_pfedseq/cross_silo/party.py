@@ -9,8 +9,9 @@ The server also saves its method's artifacts (pFedSeq: ``seq_learner/``) in ``<o
 With ``hub_args.save_adapters`` each party also writes its share of ``<output_dir>/adapters/`` (hub/adapters.py):
 client k the model its final evaluation loaded, in ``adapters/client_<k>/`` with its accuracies in ``client.json``;
 the server the global adapter and a manifest of what it knows, plus ``recipe.yaml`` and ``server_metrics.csv``. With
-``push_to_hub`` each then pushes only that share, in its own commit (hub/push.py). A push that fails once training
-is over does not undo the run: the party reports the PushError and exits with code 4, its files kept.
+``push_to_hub`` each then pushes only that share, in its own commit (hub_share.py), and with ``hub_push_every: K``
+also its share of a checkpoint every K rounds. A push that fails once training is over does not undo the run: the
+party reports the PushError and exits with code 4, its files kept.
 
 **Checkpoints** (``common_args.checkpoint``, default true): the server saves ``parties/server/checkpoint.safetensors``
 after every round it closes (and when the first payloads go out), each client ``parties/client_<k>/...`` after every
@@ -29,25 +30,21 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import threading
 import time
 from pathlib import Path
 
-import yaml
-
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import dataset_label_names
+from fedml_pfedseq.cross_silo.hub_share import (push_client_checkpoint, push_server_checkpoint, push_share,
+                                                save_client_share, save_server_share)
 from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, set_threads
-from fedml_pfedseq.hub.adapters import AdapterWriter
-from fedml_pfedseq.hub.push import PushError, push_client, push_run
-from fedml_pfedseq.results import write_csv
+from fedml_pfedseq.hub.round_push import checkpoint_due
 from fedml_pfedseq.simulation import check_resumable
 from fedml_pfedseq.training import select_device
 
 EXIT_TIMEOUT = 3
-EXIT_NOT_PUSHED = 4  # the party's run is complete and written; only its push to the Hub failed
 
 
 def party_name(rank: int) -> str:
@@ -123,32 +120,6 @@ def process_times(started: tuple[float, float]) -> dict[str, float]:
     return {"wall_seconds": time.perf_counter() - started[0], "cpu_seconds": time.process_time() - started[1]}
 
 
-def save_server_share(recipe: Recipe, output_dir: Path, server, model, label_names: list[str],
-                      num_clients: int, server_rows: list[dict]) -> None:
-    """The server's share of the run folder: the recipe, its metrics and, with save_adapters, its part of
-    ``adapters/`` (the global adapter, a manifest listing the clients' folders)."""
-    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    write_csv(output_dir / "server_metrics.csv", server_rows)
-    if recipe.hub_args.save_adapters:
-        AdapterWriter(output_dir / "adapters", recipe, fresh=False).finish(
-            server, model, [], label_names, party_clients=num_clients)
-
-
-def push_share(recipe: Recipe, output_dir: Path, client: int | None) -> None:
-    """Push this party's share (``client`` None: the server's); a failure is reported and ends the party with
-    EXIT_NOT_PUSHED, its files kept."""
-    hub = recipe.hub_args
-    try:
-        if client is None:
-            push_run(output_dir, hub.hub_repo_id, private=hub.hub_private)
-        else:
-            push_client(output_dir, client, hub.hub_repo_id, private=hub.hub_private)
-    except PushError as err:
-        print(f"pfedseq: error: training finished and this party's files are written, but its push failed: {err}",
-              file=sys.stderr, flush=True)
-        raise SystemExit(EXIT_NOT_PUSHED) from None
-
-
 def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0",
               resume: bool = False) -> None:
     """Run one party to the end of the deployment (blocks); ``resume``: from its checkpoint (see above)."""
@@ -187,6 +158,9 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
             """Before round ``t + 1``'s payloads go out: a restart never misses a payload that was sent."""
             if recipe.common_args.checkpoint:
                 save_party(checkpoint, "server", server, aggregator.state(), recipe)
+            if checkpoint_due(recipe, t):
+                push_server_checkpoint(recipe, output_dir, server, model, label_names, num_clients,
+                                       aggregator.log.server_rows, t)
             write_progress(t)
 
         aggregator = StrategyAggregator(server, args, on_round=on_round)
@@ -225,8 +199,12 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
             if recipe.common_args.checkpoint:
                 save_party(checkpoint, "client", trainer.client, trainer.state(), recipe)
 
+        def on_evaluated(row: dict) -> None:
+            if checkpoint_due(recipe, row["round"]):
+                push_client_checkpoint(recipe, output_dir, i, model, row)
+
         trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_progress=on_progress,
-                                  on_trained=on_trained)
+                                  on_trained=on_trained, on_evaluated=on_evaluated)
         if resume and checkpoint.is_file():
             trainer.restore(load_party(checkpoint, "client", trainer.client, recipe))
             logging.warning("client %d resumed from %s, after round %d", i, checkpoint, trainer.round)
@@ -236,8 +214,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         write_metrics()
         log = trainer.log
         if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
-            AdapterWriter(output_dir / "adapters", recipe, fresh=False).save_client(
-                i, model, report=log.at(recipe.train_args.comm_round)[0])
+            save_client_share(recipe, output_dir, i, model, log.at(recipe.train_args.comm_round)[0])
     watchdog.stopped.set()
     if recipe.hub_args.push_to_hub:
         push_share(recipe, output_dir, None if role == "server" else rank - 1)

@@ -40,11 +40,14 @@ def set_round(seconds: list[float], t: int, value: float) -> None:
 
 class StrategyTrainer(ClientTrainer):
     def __init__(self, client, args, on_progress: Callable[[], None] = lambda: None,
-                 on_trained: Callable[[], None] = lambda: None):
+                 on_trained: Callable[[], None] = lambda: None,
+                 on_evaluated: Callable[[dict], None] = lambda row: None):
         super().__init__(model=client.model, args=args)
         self.client = client  # the method's client strategy: the simulator's class, unchanged
         self.on_progress = on_progress  # called after each payload received and each round trained
         self.on_trained = on_trained  # called after each round trained, once its rows are in the log
+        self.on_evaluated = on_evaluated  # called with the row of each evaluation before training, the model as
+        # the evaluation loaded it
         recipe = client.recipe
         self.rounds = recipe.train_args.comm_round
         self.every = recipe.validation_args.frequency_of_the_test
@@ -79,7 +82,9 @@ class StrategyTrainer(ClientTrainer):
         t = self.round
         started = time.perf_counter()
         if (t - 1) % self.every == 0:
-            keep_latest(self.log.rows, dict(round=t - 1, client=self.client.client_id, **self.client.evaluate()))
+            row = dict(round=t - 1, client=self.client.client_id, **self.client.evaluate())
+            keep_latest(self.log.rows, row)
+            self.on_evaluated(row)
         trained = time.perf_counter()
         upload = self.client.train(t)
         check_plain(upload, f"upload of client {self.client.client_id}")

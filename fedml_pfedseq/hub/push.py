@@ -145,7 +145,7 @@ def commit(run_dir: Path, repo_id: str, files: dict[str, Path | bytes], skipped:
 
 
 def push_client(run_dir: str | Path, client: int, repo_id: str, private: bool = True, endpoint: str | None = None,
-                token: str | None = None) -> PushResult:
+                token: str | None = None, commit_message: str | None = None) -> PushResult:
     """A cross-silo client party's push: its ``adapters/client_<k>/`` alone (with ``client.json``, its reported
     accuracies), in a commit of its own naming the party."""
     run_dir, folder = Path(run_dir), f"adapters/{client_dir_name(client)}"
@@ -156,9 +156,9 @@ def push_client(run_dir: str | Path, client: int, repo_id: str, private: bool = 
     entry = json.loads(entry_path.read_text())
     owns = lambda path: path.startswith(folder + "/")  # noqa: E731
     files, skipped = run_files(run_dir, folder, owns)
-    return commit(run_dir, repo_id, files, skipped, owns,
-                  f"pfedseq: cross-silo client {client}: its adapter and head, test accuracy "
-                  f"{entry['test_accuracy']:.4f}", private, endpoint, token)
+    message = commit_message or f"pfedseq: cross-silo client {client}: its adapter and head"
+    return commit(run_dir, repo_id, files, skipped, owns, f"{message}, test accuracy {entry['test_accuracy']:.4f}",
+                  private, endpoint, token)
 
 
 def push_run(run_dir: str | Path, repo_id: str, private: bool = True, endpoint: str | None = None,

@@ -20,6 +20,12 @@ from fedml_pfedseq.hub.push import CHECKPOINT_DIR, PushError, push_run
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 
 
+def checkpoint_due(recipe, round_idx: int) -> bool:
+    """Whether a checkpoint is pushed after round ``round_idx``: every ``hub_push_every`` rounds, not the last."""
+    every = recipe.hub_args.hub_push_every
+    return bool(every) and 0 < round_idx < recipe.train_args.comm_round and round_idx % every == 0
+
+
 class RoundPusher:
     """Saves the evaluated client models of each due round, then pushes them before the server aggregates again."""
 
@@ -31,12 +37,8 @@ class RoundPusher:
         self.started = time.perf_counter()
         self.pushed: list[int] = []  # rounds whose checkpoint landed
 
-    def due(self, round_idx: int) -> bool:
-        every = self.recipe.hub_args.hub_push_every
-        return 0 < round_idx < self.recipe.train_args.comm_round and round_idx % every == 0
-
     def after_evaluation(self, round_idx: int, client_id: int, client) -> None:
-        if not self.due(round_idx):
+        if not checkpoint_due(self.recipe, round_idx):
             return
         if self.writer_round != round_idx:  # a fresh folder per checkpoint
             self.writer = AdapterWriter(self.directory / "adapters", self.recipe)
@@ -44,7 +46,7 @@ class RoundPusher:
         self.writer.save_client(client_id, client.model)
 
     def before_aggregation(self, round_idx: int, log: MetricsLog) -> None:
-        if not self.due(round_idx) or self.writer_round != round_idx:
+        if not checkpoint_due(self.recipe, round_idx) or self.writer_round != round_idx:
             return
         directory, recipe, hub = self.directory, self.recipe, self.recipe.hub_args
         (directory / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
