@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
                            "folder (an interrupted run, or a finished one given a larger comm_round)")
             p.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_REPO",
                            help="continue the run whose checkpoint is in this folder or Hub repo ($HF_ENDPOINT)")
+        if name == "grid":
+            p.add_argument("--workers", type=int, default=1, help="cells run at once, one process each (several "
+                           "`pfedseq grid` processes may also share the output folder)")
     party = sub.add_parser("party", help="run one FedML cross-silo party (what each silo runs)")
     party.add_argument("--cf", dest="path", type=Path, required=True, help="the recipe (FedML's --cf)")
     party.add_argument("--rank", type=int, required=True, help="0: the server; k >= 1: client k-1")
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "suite":
             run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
         elif args.command == "grid":
-            print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress)["markdown"])
+            print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress,
+                           workers=args.workers)["markdown"])
         elif args.command == "deploy":
             deploy(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
         elif args.command == "party":

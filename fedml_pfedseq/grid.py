@@ -28,16 +28,29 @@ values. A cell is done when its ``summary.json`` exists, so an interrupted grid 
 cells that are not; a done cell whose saved recipe differs from the grid's is an error, never mixed into a table.
 A method's row name is its entry's ``name``, else its method (``train_args.federated_optimizer``); an entry's own
 ``set`` overrides are applied last, so they win over scenarios and tuning.
+
+Cells run in parallel with ``workers`` > 1 (one process per cell, ``cores // workers`` torch threads each where
+the recipe does not set ``device_args.num_threads``), and several ``pfedseq grid`` processes may share one output
+folder, on one machine or on several with a shared file system: a process claims a cell by creating its
+``.grid_lock`` (host and pid) before running it, leaves a cell another live process holds to that process and waits
+for it, and takes over the cell of a process that died on this host (it resumes from the cell's checkpoint).
+Remove a lock by hand only when its process on another host is gone.
 """
 from __future__ import annotations
 
 import csv
 import itertools
 import json
+import multiprocessing
+import os
+import socket
 import statistics
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 import yaml
 from tqdm.auto import tqdm
 
@@ -50,6 +63,7 @@ from fedml_pfedseq.suite import load_entry
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
 TUNING_KEYS = {"rounds", "seed", "grid", "grid_chosen_by", "methods"}
 OUTPUT_ONLY = ("hub_args", "tracking_args", "common_args.checkpoint", "common_args.output_dir")
+LOCK_FILE = ".grid_lock"  # in a cell's folder while a process runs it: {"host": ..., "pid": ...}
 
 
 @dataclass
@@ -241,36 +255,138 @@ def load_grid(path: str | Path, extra_overrides: list[str] | None = None, output
     return grid
 
 
-def _run(cells: list[Cell], desc: str, progress: bool) -> None:
+def holder_is_alive(lock: Path) -> bool:
+    """Whether the process named in ``lock`` may still run its cell: on another host it is assumed so; on this
+    host, while its pid lives. A lock that cannot be read (its writer died writing it) holds nothing."""
+    try:
+        holder = json.loads(lock.read_text())
+        host, pid = holder["host"], int(holder["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    if host != socket.gethostname():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def claim(cell: Cell) -> bool:
+    """Take ``cell`` for this process: create its lock (atomically), replacing a lock whose process died on this
+    host; False when another live process holds it or it finished meanwhile."""
+    lock = cell.output_dir / LOCK_FILE
+    cell.output_dir.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            if holder_is_alive(lock):
+                return False
+            lock.unlink(missing_ok=True)  # its process is gone: the cell resumes from its checkpoint
+            continue
+        with os.fdopen(fd, "w") as f:
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, f)
+        if cell.done:
+            release(cell)
+            return False
+        return True
+    return False
+
+
+def release(cell: Cell) -> None:
+    (cell.output_dir / LOCK_FILE).unlink(missing_ok=True)
+
+
+def run_cell(recipe: Recipe, output_dir: Path, threads: int | None = None) -> None:
+    """Run one cell, from its checkpoint if it was cut short; the summary is what the grid keeps."""
+    if threads and not recipe.device_args.num_threads:
+        torch.set_num_threads(threads)
+    checkpoint = output_dir / CHECKPOINT_FILE
+    run_recipe(recipe, output_dir, progress=False, resume=checkpoint.is_file())
+    checkpoint.unlink(missing_ok=True)
+
+
+def wait_for_others(seconds: float) -> None:
+    """Pause while other processes run the cells that remain."""
+    time.sleep(seconds)
+
+
+def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_seconds: float = 10.0) -> None:
+    """Run every cell that is not done, ``workers`` at a time, claiming each first; wait for the cells other
+    processes hold. The first cell that fails ends the grid with its error, once the running cells are done."""
     for cell in cells:
         if cell.done:
             cell.check_unchanged()
-    for cell in tqdm([c for c in cells if not c.done], desc=desc, disable=not progress):
-        checkpoint = cell.output_dir / CHECKPOINT_FILE  # a cell cut short resumes from its last round
-        run_recipe(cell.recipe, cell.output_dir, progress=False, resume=checkpoint.is_file())
-        checkpoint.unlink(missing_ok=True)  # the summary is what the grid keeps
+    bar = tqdm(total=sum(not c.done for c in cells), desc=desc, disable=not progress)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
+    threads = max(1, (os.cpu_count() or 1) // workers) if pool else None
+    running: dict[Future, Cell] = {}
+    try:
+        while True:
+            busy = {id(c) for c in running.values()}
+            waiting = [c for c in cells if not c.done and id(c) not in busy]
+            for cell in waiting:
+                if len(running) >= workers:
+                    break
+                if claim(cell):
+                    running[start(pool, cell, threads)] = cell
+            if not running:
+                if not waiting:
+                    break
+                bar.set_postfix_str(f"waiting for {len(waiting)} cell(s) other processes run")
+                wait_for_others(poll_seconds)
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                release(running.pop(future))
+                future.result()  # a failed cell raises here
+                bar.update()
+    finally:
+        if pool:
+            pool.shutdown(wait=True, cancel_futures=True)
+        for cell in running.values():
+            release(cell)
+        bar.close()
+
+
+def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None) -> Future:
+    """Run ``cell`` in ``pool``, or here and now without one (a future already done)."""
+    if pool is not None:
+        return pool.submit(run_cell, cell.recipe, cell.output_dir, threads)
+    future = Future()
+    try:
+        run_cell(cell.recipe, cell.output_dir)
+        future.set_result(None)
+    except BaseException as err:  # noqa: BLE001 - handed to _run, which raises it once the lock is released
+        future.set_exception(err)
+    return future
 
 
 def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
-             progress: bool = True) -> dict:
-    """Tune (if the grid says so), run every seed cell that is not done yet, then write the summary (see
-    ``summarize``) and return it."""
+             progress: bool = True, workers: int = 1) -> dict:
+    """Tune (if the grid says so), run every seed cell that is not done yet (``workers`` at once), then write the
+    summary (see ``summarize``) and return it."""
+    if workers < 1:
+        raise RecipeError(f"workers must be >= 1, got {workers}")
     grid = load_grid(path, extra_overrides, output_dir)
     chooser = (grid.tuning or {}).get("grid_chosen_by")
     shared = None
     if chooser is not None:  # first the chooser's runs pick the grid's values per scenario
         first = grid.tuning_cells(only=chooser)
-        _run(first, f"tune {grid.path.stem} ({chooser}: {', '.join(grid.tuning['grid'])})", progress)
+        _run(first, f"tune {grid.path.stem} ({chooser}: {', '.join(grid.tuning['grid'])})", progress, workers)
         picked, _ = choose(first)
         shared = {scenario: picked[(scenario, chooser)] for scenario in grid.scenarios}
     tuning = grid.tuning_cells(shared=shared)
-    _run(tuning, f"tune {grid.path.stem}", progress)
+    _run(tuning, f"tune {grid.path.stem}", progress, workers)
     chosen, candidates = choose(tuning)
     for scenario in grid.scenarios:  # methods with a single candidate run with it
         for name in grid.names:
             chosen.setdefault((scenario, name), grid.candidates(name, (shared or {}).get(scenario))[0])
     cells = grid.seed_cells(chosen)
-    _run(cells, f"grid {grid.path.stem}", progress)
+    _run(cells, f"grid {grid.path.stem}", progress, workers)
     return summarize(cells, grid.root, candidates)
 
 

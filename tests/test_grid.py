@@ -4,7 +4,11 @@ and tuning keeps each method's candidate with the best validation accuracy."""
 from __future__ import annotations
 
 import json
+import os
+import socket
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -91,6 +95,79 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     with pytest.raises(RecipeError, match="different recipe"):
         grid.run_grid(changed, progress=False)
     assert ran == []
+
+
+# --- parallel cells and several processes on one folder -----------------------------------------------------
+
+def one_scenario_grid(tmp_path, tiny_vit, **changes) -> Path:
+    return write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, **changes)
+
+
+def lock(cell: Path, host: str, pid: int | str) -> None:
+    cell.mkdir(parents=True, exist_ok=True)
+    (cell / grid.LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid}))
+
+
+def test_two_workers_give_the_one_worker_table_and_leave_no_lock(tiny_vit, tmp_path):
+    path = one_scenario_grid(tmp_path, tiny_vit)
+    parallel = grid.run_grid(path, progress=False, workers=2)  # 4 cells, 2 processes at a time
+    serial = grid.run_grid(path, progress=False, output_dir=tmp_path / "serial")
+    assert parallel["table"] == serial["table"] and parallel["table"]["FedAvg"]["small"]["seeds"] == 2
+    assert not list((tmp_path / "grid").rglob(grid.LOCK_FILE))
+    with pytest.raises(RecipeError, match="workers must be >= 1"):
+        grid.run_grid(path, progress=False, workers=0)
+
+
+def test_a_cell_another_live_process_holds_is_left_to_it_and_waited_for(tiny_vit, tmp_path, monkeypatch):
+    path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
+    held = tmp_path / "grid/small/FedAvg/seed_0"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    lock(held, socket.gethostname(), holder.pid)
+    ran, waits = [], []
+    real_run_cell = grid.run_cell
+    monkeypatch.setattr(grid, "run_cell", lambda recipe, out, threads=None: ran.append(out) or
+                        real_run_cell(recipe, out, threads))
+
+    def other_process_finishes(seconds):  # what the holder does while this process waits: run the cell, exit
+        waits.append(seconds)
+        recipe = grid.load_grid(path).seed_cells({})[0].recipe
+        assert recipe.label == "small_FedAvg_seed0"
+        real_run_cell(recipe, held)
+        holder.kill()
+        holder.wait()
+        (held / grid.LOCK_FILE).unlink()
+
+    monkeypatch.setattr(grid, "wait_for_others", other_process_finishes)
+    try:
+        result = grid.run_grid(path, progress=False)
+    finally:
+        holder.kill()
+    assert ran == [tmp_path / "grid/small/local_heads/seed_0"] and len(waits) == 1
+    assert result["table"]["FedAvg"]["small"]["seeds"] == 1  # the holder's cell is in the table
+
+
+def test_the_cell_of_a_process_that_died_on_this_host_is_taken_over(tiny_vit, tmp_path):
+    path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    lock(tmp_path / "grid/small/FedAvg/seed_0", socket.gethostname(), dead.pid)
+    (tmp_path / "grid/small/local_heads/seed_0").mkdir(parents=True)
+    (tmp_path / "grid/small/local_heads/seed_0" / grid.LOCK_FILE).write_text('{"host": ')  # died writing it
+    result = grid.run_grid(path, progress=False)
+    assert result["table"]["FedAvg"]["small"]["seeds"] == result["table"]["local_heads"]["small"]["seeds"] == 1
+    assert not list((tmp_path / "grid").rglob(grid.LOCK_FILE))
+
+
+def test_a_lock_from_another_host_is_never_taken_over(tiny_vit, tmp_path):
+    cell = grid.load_grid(one_scenario_grid(tmp_path, tiny_vit, seeds=[0])).seed_cells({})[0]
+    lock(cell.output_dir, "another-host", 1)
+    assert not grid.claim(cell)
+    (cell.output_dir / grid.LOCK_FILE).unlink()
+    assert grid.claim(cell) and json.loads((cell.output_dir / grid.LOCK_FILE).read_text()) == {
+        "host": socket.gethostname(), "pid": os.getpid()}
+    assert not grid.claim(cell)  # this process holds it now
+    grid.release(cell)
+    assert not (cell.output_dir / grid.LOCK_FILE).exists()
 
 
 def run_tuned_grid(tiny_vit, tmp_path, monkeypatch, **tuning) -> tuple[dict, list[Path]]:
