@@ -26,6 +26,7 @@ from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy, read_prog
 from fedml_pfedseq.cross_silo.server_manager import (MSG_ARG_KEY_DEADLINE, MSG_ARG_KEY_ROUND, MSG_TYPE_WAITING,
                                                      RoundDeadlineServerManager)
 from fedml_pfedseq.federation import build_federation
+from fedml_pfedseq.hub import HubLoadError, build_card, load_client_classifier
 
 from conftest import small_recipe
 from test_cross_silo import alive
@@ -129,6 +130,18 @@ def test_a_client_killed_mid_run_is_left_out_and_the_others_finish(tiny_vit, tmp
     for row in metrics["eval"]:  # the survivors trained on the aggregates of the two of them, as simulated
         for key in ["test_accuracy", "validation_accuracy", "test_loss"]:
             assert row[key] == pytest.approx(expected[row["round"], row["client"]][key], rel=1e-5, abs=1e-6), row
+
+    # the run folder's manifest names the dead client instead of pointing at a folder it never wrote
+    manifest = json.loads((out / "adapters" / "manifest.json").read_text())
+    survivors = sorted(set(range(CLIENTS)) - {DEAD})
+    assert [c["client"] for c in manifest["clients"]] == survivors and "party" not in manifest
+    assert [m["client"] for m in manifest["missing_clients"]] == [DEAD]
+    with pytest.raises(HubLoadError, match=f"no adapter for client {DEAD}: .*did not finish the deployment"):
+        load_client_classifier(out, DEAD)
+    assert load_client_classifier(out, survivors[0], base_model=tiny_vit).info["test_accuracy"] == next(
+        r["test_accuracy"] for r in metrics["eval"] if r["client"] == survivors[0] and r["round"] == ROUNDS)
+    card = build_card(out, "local-user/dead-client", backbone_pushed=True)
+    assert f"Client(s) {DEAD} did not finish the run" in card.text and f"{CLIENTS} clients tuned" in card.text
 
 
 def test_too_few_uploads_within_the_deadline_stop_the_run_naming_the_round_and_the_minimum(tiny_vit, tmp_path):

@@ -221,11 +221,12 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     summary.update(engine="fedml cross-silo (gRPC)", dead_parties=dead)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    if recipe.hub_args.save_adapters and dead:  # the manifest still lists them (hub/adapters.py)
-        tqdm.write(f"pfedseq: warning: {output_dir / 'adapters'} lacks the adapters of "
-                   f"{', '.join(d['party'] for d in dead)}; its manifest.json stays the server's", file=sys.stderr)
-    elif recipe.hub_args.save_adapters:
-        complete_manifest(output_dir / "adapters")
+    if recipe.hub_args.save_adapters:
+        missing = complete_manifest(output_dir / "adapters").get("missing_clients", [])
+        if missing:
+            tqdm.write(f"pfedseq: warning: {output_dir / 'adapters'} has no adapter of client(s) "
+                       f"{', '.join(str(m['client']) for m in missing)}; manifest.json lists them under "
+                       "missing_clients", file=sys.stderr)
     not_pushed = [p for p in parties if p.process.returncode == EXIT_NOT_PUSHED]
     if not_pushed:
         raise PushError(f"the deployment finished and {output_dir} holds the whole run, but "

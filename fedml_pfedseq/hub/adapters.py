@@ -176,17 +176,22 @@ class AdapterWriter:
 
 def complete_manifest(directory: Path) -> dict:
     """A cross-silo server's manifest with each client's own entry (``client_<k>/client.json``) in place of its
-    path, as the simulator writes it; where a client's entry is missing, the error names its folder."""
+    path, as the simulator writes it. A client that wrote none (its party died) moves to ``missing_clients``, so
+    loaders and cards name it instead of reaching for a folder that is not there."""
     directory = Path(directory)
     manifest = json.loads((directory / MANIFEST).read_text())
-    clients = []
+    clients, missing = [], []
     for entry in manifest["clients"]:
         own = directory / client_dir_name(entry["client"]) / CLIENT_FILE
-        if not own.is_file():
-            raise FileNotFoundError(f"client {entry['client']} wrote no {own}: its adapter is missing")
-        clients.append(json.loads(own.read_text()))
+        if own.is_file():
+            clients.append(json.loads(own.read_text()))
+        else:
+            missing.append({"client": entry["client"], "reason": f"its party wrote no {entry['path']}/{CLIENT_FILE}: "
+                                                                 "it did not finish the deployment"})
     manifest.pop("party", None)
     manifest["clients"] = clients
+    if missing:
+        manifest["missing_clients"] = missing
     (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return manifest
 

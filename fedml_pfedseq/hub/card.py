@@ -97,7 +97,9 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
     card = ModelCard.from_template(
         card_data, template_path=str(TEMPLATE), repo_id=repo_id,
         model_name=repo_id.split("/")[-1], method=manifest["method"], recipe_name=manifest["recipe"],
-        rounds=manifest["round"], num_clients=len(clients), base_model=base_display,
+        rounds=manifest["round"], num_clients=len(clients) + len(manifest.get("missing_clients", [])),
+        missing_clients=", ".join(str(m["client"]) for m in manifest.get("missing_clients", [])),
+        base_model=base_display,
         backbone_pushed=backbone_pushed,
         base_load_args='repo, subfolder="backbone"' if backbone_pushed else f'"{base_hub_id}"',
         has_global=manifest.get("global") is not None,

@@ -77,6 +77,9 @@ def client_entry(root: Path, manifest: dict, client: int, where: str) -> dict:
         if entry["client"] == client:
             own = root / entry["path"] / CLIENT_FILE
             return json.loads(own.read_text()) if own.is_file() else entry
+    for entry in manifest.get("missing_clients", []):
+        if entry["client"] == client:
+            raise HubLoadError(f"{where} has no adapter for client {client}: {entry['reason']}")
     raise HubLoadError(f"{where} has no adapter for client {client}; it has clients "
                        f"{[e['client'] for e in manifest['clients']]}")
 
