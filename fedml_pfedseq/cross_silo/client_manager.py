@@ -29,12 +29,11 @@ import logging
 from typing import Callable
 
 import grpc
-from fedml.core.distributed.communication.message import Message
 from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
 from fedml.cross_silo.client.message_define import MyMessage
 
 from fedml_pfedseq.cross_silo.server_manager import (MSG_ARG_KEY_ROUND, MSG_TYPE_NOT_SAMPLED, MSG_TYPE_WAITING,
-                                                     post_later)
+                                                     message, post_later)
 
 MSG_TYPE_WAIT_CHECK = "pfedseq_wait_check"  # posted by the client to itself upload_timeout after an upload or notice
 
@@ -60,28 +59,29 @@ class WaitingReportClientManager(ClientMasterManager):
         """The round of the last payload or notice received (0: none yet)."""
         return max(self.payload_round, self.notice_round)
 
+    def receive_message(self, msg_type, msg_params) -> None:
+        if msg_params.get_sender_id() == 0:  # whatever the server sends, it is there
+            self.server_lost = False
+        super().receive_message(msg_type, msg_params)
+
     def handle_message_init(self, msg_params):
         self.payload_round = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)["round"]
-        self.server_lost = False
         super().handle_message_init(msg_params)
 
     def handle_message_receive_model_from_server(self, msg_params):
         self.payload_round = msg_params.get(MyMessage.MSG_ARG_KEY_MODEL_PARAMS)["round"]
         self.round_idx = self.payload_round - 1  # FedML trains on a payload while round_idx < comm_round
-        self.server_lost = False
         super().handle_message_receive_model_from_server(msg_params)
 
     def handle_not_sampled(self, msg_params):
         """Not sampled for this round: the federation is alive, so the watchdog's count restarts; if nothing follows
         within ``upload_timeout``, the client reports that it waits (``handle_wait_check``)."""
         self.notice_round = msg_params.get(MSG_ARG_KEY_ROUND)
-        self.server_lost = False
         self.kick_watchdog()
         self.check_later(self.notice_round)
 
     def handle_message_check_status(self, msg_params):
         """The server asks who is there: at its start (FedML's handshake) or after a restart."""
-        self.server_lost = False
         if self.heard_round == 0:
             super().handle_message_check_status(msg_params)  # ONLINE, as in FedML
             return
@@ -110,9 +110,8 @@ class WaitingReportClientManager(ClientMasterManager):
         or notice."""
         if self.upload_timeout is None:
             return
-        message = Message(MSG_TYPE_WAIT_CHECK, self.client_real_id, self.client_real_id)
-        message.add_params(MSG_ARG_KEY_ROUND, round_idx)
-        post_later(self, self.upload_timeout, message)
+        post_later(self, self.upload_timeout, message(MSG_TYPE_WAIT_CHECK, self.client_real_id, self.client_real_id,
+                                                      MSG_ARG_KEY_ROUND, round_idx))
 
     def handle_wait_check(self, msg_params):
         round_idx = msg_params.get(MSG_ARG_KEY_ROUND)
@@ -124,10 +123,8 @@ class WaitingReportClientManager(ClientMasterManager):
         self.check_later(round_idx)
 
     def report_waiting(self, round_idx: int) -> None:
-        report = Message(MSG_TYPE_WAITING, self.client_real_id, 0)
-        report.add_params(MSG_ARG_KEY_ROUND, round_idx)
         try:
-            self.send_message(report)
+            self.send_message(message(MSG_TYPE_WAITING, self.client_real_id, 0, MSG_ARG_KEY_ROUND, round_idx))
         except grpc.RpcError as err:  # the server may be busy or restarting: the next check reports again
             self.lose_server("the waiting report", err)
 

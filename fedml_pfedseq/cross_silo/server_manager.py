@@ -61,6 +61,13 @@ MSG_ARG_KEY_DEADLINE = "pfedseq_deadline"
 NOT_HEARD = "not heard from since the server restarted"
 
 
+def message(msg_type: str, sender: int, receiver: int, key: str, value) -> Message:
+    """One of this plugin's messages: a type and one parameter."""
+    built = Message(msg_type, sender, receiver)
+    built.add_params(key, value)
+    return built
+
+
 def post_later(manager, seconds: float, message: Message) -> None:
     """Put ``message`` into ``manager``'s own receive queue in ``seconds``: it is then handled on FedML's message
     thread like any message (the server's round deadline, a client's wait check)."""
@@ -167,9 +174,7 @@ class RoundDeadlineServerManager(FedMLServerManager):
         if self.upload_timeout is None:
             return
         self.deadline += 1
-        message = Message(MSG_TYPE_DEADLINE, 0, 0)
-        message.add_params(MSG_ARG_KEY_DEADLINE, self.deadline)
-        post_later(self, self.upload_timeout, message)
+        post_later(self, self.upload_timeout, message(MSG_TYPE_DEADLINE, 0, 0, MSG_ARG_KEY_DEADLINE, self.deadline))
 
     def handle_message_receive_model_from_client(self, msg_params):
         i = self.index(msg_params.get(MyMessage.MSG_ARG_KEY_SENDER))
@@ -217,9 +222,7 @@ class RoundDeadlineServerManager(FedMLServerManager):
         return self.reach(client_id, f"its round {t} notice", self.send_message_not_sampled, client_id, t)
 
     def send_message_not_sampled(self, client_id, t: int) -> None:
-        message = Message(MSG_TYPE_NOT_SAMPLED, self.get_sender_id(), client_id)
-        message.add_params(MSG_ARG_KEY_ROUND, t)
-        self.send_message(message)
+        self.send_message(message(MSG_TYPE_NOT_SAMPLED, self.get_sender_id(), client_id, MSG_ARG_KEY_ROUND, t))
 
     def reach(self, client_id, what: str, send: Callable, *args) -> bool:
         """``send(*args)``; with ``upload_timeout`` a failed send leaves the client out (True: sent)."""
