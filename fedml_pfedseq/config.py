@@ -41,13 +41,16 @@ class DataArgs:
     data_dir: str | None = None  # None: $PFEDSEQ_DATA_DIR, else ../shared/data, then the embedded data/
     hub_id: str | None = None  # a Hub dataset id, for machines with a network
     label_column: str | None = None  # None: the dataset's own label column
-    partition_method: str = "column"  # "column" or "dirichlet"
+    partition_method: str = "column"  # "column", "dirichlet", or "silo": each client's data is its own file
     partition_column: str | None = "drawer"
     partition_alpha: float = 0.1
     partition_min_size: int = 10
     partition_max_retries: int = 100
     split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train / validation / test
     samples_per_client: int | None = None  # keep a seeded random subset of each client's data (fast runs)
+    data_files: list[str] | None = None  # "silo": client k's own parquet file (image + integer label columns), on
+    # the machine of client k's party; a party reads only its own
+    label_names: list[str] | None = None  # "silo": the label space every client's integer labels index
 
 
 @dataclass
@@ -217,8 +220,18 @@ def _validate(recipe: Recipe, where: str) -> None:
 
     require(c.training_type in ("simulation", "cross_silo"), "common_args.training_type",
             f"must be 'simulation' or 'cross_silo', got {c.training_type!r}")
-    require(d.partition_method in ("column", "dirichlet"), "data_args.partition_method",
-            f"must be 'column' or 'dirichlet', got {d.partition_method!r}")
+    require(d.partition_method in ("column", "dirichlet", "silo"), "data_args.partition_method",
+            f"must be 'column', 'dirichlet' or 'silo', got {d.partition_method!r}")
+    silo = d.partition_method == "silo"
+    require(not silo or (bool(d.data_files) and all(bool(f) for f in d.data_files)), "data_args.data_files",
+            "must list one parquet file per client when partition_method is 'silo'")
+    require(silo or d.data_files is None, "data_args.data_files", "is only read with partition_method 'silo'")
+    require(not silo or (bool(d.label_names) and len(set(d.label_names)) == len(d.label_names)),
+            "data_args.label_names", "must list the distinct label names every silo's integer labels index when "
+            "partition_method is 'silo' (the server holds no data to read them from)")
+    require(not silo or t.client_num_in_total in (None, len(d.data_files or [])), "train_args.client_num_in_total",
+            f"is {t.client_num_in_total} but data_args.data_files lists {len(d.data_files or [])} silos")
+    require(not silo or d.hub_id is None, "data_args.hub_id", "cannot be combined with partition_method 'silo'")
     require(d.partition_method != "column" or bool(d.partition_column), "data_args.partition_column",
             "is required when partition_method is 'column'")
     require(d.partition_alpha > 0, "data_args.partition_alpha", f"must be > 0, got {d.partition_alpha}")

@@ -13,7 +13,8 @@ import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
 from fedml_pfedseq.config import Recipe
-from fedml_pfedseq.data.federated import ClientData, FederatedData, build_federated_data, client_seed
+from fedml_pfedseq.data.federated import (ClientData, FederatedData, build_client_data, build_federated_data,
+                                           client_seed)
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import select_device
 
@@ -28,6 +29,13 @@ def build_data(recipe: Recipe) -> FederatedData:
     processor = load_image_processor(recipe.model_args.model)
     return build_federated_data(recipe.data_args, processor, recipe.train_args.client_num_in_total,
                                 recipe.common_args.random_seed)
+
+
+def build_party_data(recipe: Recipe, client: int) -> tuple[ClientData, list[str]]:
+    """Client ``client``'s splits (as ``build_data`` makes them) and the label space: what its party loads."""
+    processor = load_image_processor(recipe.model_args.model)
+    return build_client_data(recipe.data_args, processor, recipe.train_args.client_num_in_total,
+                               recipe.common_args.random_seed, client)
 
 
 def client_depth(recipe: Recipe, client_id: int) -> int | None:

@@ -39,7 +39,8 @@ from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import dataset_label_names
 from fedml_pfedseq.cross_silo.hub_share import (push_client_checkpoint, push_server_checkpoint, push_share,
                                                 save_client_share, save_server_share)
-from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, set_threads
+from fedml_pfedseq.federation import (build_client, build_model, build_party_data, build_server, client_depth,
+                                      set_threads)
 from fedml_pfedseq.hub.round_push import checkpoint_due
 from fedml_pfedseq.simulation import check_resumable
 from fedml_pfedseq.training import select_device
@@ -178,9 +179,8 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
                           log.server_rows)
     else:
         i = rank - 1
-        data = build_data(recipe)
-        own = data.clients[i]
-        model = build_model(recipe, data.num_labels, client_depth(recipe, i))
+        own, label_names = build_party_data(recipe, i)  # its own partition (its own file with "silo") only
+        model = build_model(recipe, len(label_names), client_depth(recipe, i))
 
         def write_metrics() -> None:
             """After every payload and round too, so a client that dies mid-run leaves its rows up to then."""
@@ -210,7 +210,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
             logging.warning("client %d resumed from %s, after round %d", i, checkpoint, trainer.round)
         n = len(own.train)
         FedMLRunner(args, device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},
-                                   data.num_labels], model, client_trainer=trainer).run()
+                                   len(label_names)], model, client_trainer=trainer).run()
         write_metrics()
         log = trainer.log
         if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import datasets
 import numpy as np
@@ -55,11 +56,16 @@ def partition_indices(dataset: datasets.Dataset, args: DataArgs, label_column: s
                                args.partition_min_size, args.partition_max_retries)
 
 
+def columns(args: DataArgs) -> tuple[str, str]:
+    """The (image, label) columns: the recipe's label column, else the known dataset's, else "label"."""
+    info = KNOWN_DATASETS.get(args.dataset)
+    return (info.image_column if info else "image"), args.label_column or (info.label_column if info else "label")
+
+
 def _load_labelled(args: DataArgs) -> tuple[datasets.Dataset, str, list[str]]:
     """The dataset, its label column and its label names (ClassLabel names, else the sorted distinct values)."""
     dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir, hub_id=args.hub_id)
-    info = KNOWN_DATASETS.get(args.dataset)
-    label_column = args.label_column or (info.label_column if info else "label")
+    label_column = columns(args)[1]
     if label_column not in dataset.column_names:
         raise RecipeError(f"data_args.label_column {label_column!r} is not a column of {args.dataset!r}; "
                           f"columns: {dataset.column_names}")
@@ -69,24 +75,73 @@ def _load_labelled(args: DataArgs) -> tuple[datasets.Dataset, str, list[str]]:
     return dataset, label_column, label_names
 
 
+def load_silo(args: DataArgs, client: int) -> datasets.Dataset:
+    """Client ``client``'s own file (partition_method "silo"), its labels checked against ``label_names``."""
+    path = Path(args.data_files[client])
+    if not path.is_file():
+        raise FileNotFoundError(f"data_args.data_files[{client}]: client {client}'s data {path} does not exist (with "
+                                "partition_method 'silo' each client's party reads its own file on its machine)")
+    dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
+    image_column, label_column = columns(args)
+    missing = {image_column, label_column} - set(dataset.column_names)
+    if missing:
+        raise RecipeError(f"data_args.data_files[{client}]: {path} lacks column(s) {sorted(missing)} (columns: "
+                          f"{dataset.column_names}; set data_args.label_column)")
+    labels = dataset.data.column(label_column).to_numpy()
+    if len(labels) == 0 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(args.label_names):
+        raise RecipeError(f"data_args.data_files[{client}]: {path}'s {label_column!r} must hold integer labels in "
+                          f"[0, {len(args.label_names)}) indexing data_args.label_names, and at least one row")
+    return dataset
+
+
 def dataset_label_names(args: DataArgs) -> list[str]:
     """The task's label space: what a server needs to build a shared head, without any client's samples."""
-    return _load_labelled(args)[2]
+    return list(args.label_names) if args.partition_method == "silo" else _load_labelled(args)[2]
+
+
+def client_splits(dataset: datasets.Dataset, rows: np.ndarray, labels: np.ndarray, args: DataArgs, transform,
+                  client: int, seed: int) -> ClientData:
+    """Client ``client``'s rows of ``dataset``, subsampled (``samples_per_client``) and split train/val/test."""
+    if args.samples_per_client is not None and len(rows) > args.samples_per_client:
+        rng = np.random.default_rng(client_seed(seed, client, purpose=1))
+        rows = np.sort(rng.choice(rows, size=args.samples_per_client, replace=False))
+    train, val, test = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, client, 2))
+    return ClientData(*(dataset.select(rows[part]).with_transform(transform) for part in (train, val, test)))
+
+
+def silo_client(args: DataArgs, processor, client: int, seed: int) -> ClientData:
+    dataset = load_silo(args, client)
+    image_column, label_column = columns(args)
+    labels = dataset.data.column(label_column).to_numpy()
+    return client_splits(dataset, np.arange(len(dataset)), labels, args,
+                         image_classification_transform(processor, image_column, label_column), client, seed)
 
 
 def build_federated_data(args: DataArgs, processor, num_clients: int | None, seed: int) -> FederatedData:
-    """Load ``args.dataset``, partition it, split each client and attach the backbone's image transform."""
+    """Load ``args.dataset``, partition it, split each client and attach the backbone's image transform; with
+    partition_method "silo", each client's own file instead."""
+    if args.partition_method == "silo":
+        return FederatedData([silo_client(args, processor, i, seed) for i in range(len(args.data_files))],
+                             list(args.label_names))
     dataset, label_column, label_names = _load_labelled(args)
-    info = KNOWN_DATASETS.get(args.dataset)
-    image_column = info.image_column if info else "image"
-    transform = image_classification_transform(processor, image_column, label_column)
+    transform = image_classification_transform(processor, columns(args)[0], label_column)
     labels = dataset.data.column(label_column).to_numpy()
-    clients = []
-    for i, rows in enumerate(partition_indices(dataset, args, label_column, num_clients, seed)):
-        if args.samples_per_client is not None and len(rows) > args.samples_per_client:
-            rng = np.random.default_rng(client_seed(seed, i, purpose=1))
-            rows = np.sort(rng.choice(rows, size=args.samples_per_client, replace=False))
-        train, val, test = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, i, 2))
-        clients.append(ClientData(*(dataset.select(rows[part]).with_transform(transform)
-                                    for part in (train, val, test))))
+    clients = [client_splits(dataset, rows, labels, args, transform, i, seed)
+               for i, rows in enumerate(partition_indices(dataset, args, label_column, num_clients, seed))]
     return FederatedData(clients=clients, label_names=label_names)
+
+
+def build_client_data(args: DataArgs, processor, num_clients: int | None, seed: int,
+                      client: int) -> tuple[ClientData, list[str]]:
+    """One client's splits and the label space, as ``build_federated_data`` makes them: what a client party needs.
+    With partition_method "silo" only that client's own file is read."""
+    def check(count: int) -> None:
+        if not 0 <= client < count:
+            raise RecipeError(f"the recipe's partition has {count} clients; there is no client {client}")
+
+    if args.partition_method == "silo":
+        check(len(args.data_files))
+        return silo_client(args, processor, client, seed), list(args.label_names)
+    data = build_federated_data(args, processor, num_clients, seed)
+    check(len(data.clients))
+    return data.clients[client], data.label_names

@@ -44,6 +44,8 @@ def read_run(run_dir: Path) -> tuple[dict, dict]:
 def partition_text(data: dict) -> str:
     if data["partition_method"] == "column":
         return f"one client per value of the column `{data['partition_column']}` (natural, real-world split)"
+    if data["partition_method"] == "silo":
+        return "each client's own data, kept on its silo (one file per client; not in this repo)"
     return f"Dirichlet label skew, alpha = {data['partition_alpha']}"
 
 

@@ -123,16 +123,13 @@ def evaluate_client(repo_or_dir: str | Path, client: int, recipe, split: str = "
     """Client ``client``'s pushed classifier on its ``split`` of the recipe's data (partitioned as in the run).
 
     Returns the metrics beside the accuracy the run reported for that client."""
-    from fedml_pfedseq.federation import build_data, set_threads
+    from fedml_pfedseq.federation import build_party_data, set_threads
     from fedml_pfedseq.training import evaluate_model, make_loader
 
     set_threads(recipe)
     model = load_client_classifier(repo_or_dir, client, revision, endpoint)
-    data = build_data(recipe)
-    if not 0 <= client < len(data.clients):
-        raise HubLoadError(f"the recipe's partition has {len(data.clients)} clients; there is no client {client}")
-    loader = make_loader(getattr(data.clients[client], split), recipe.validation_args.eval_batch_size,
-                         shuffle=False)
+    own, _ = build_party_data(recipe, client)  # with "silo" data, only its own file
+    loader = make_loader(getattr(own, split), recipe.validation_args.eval_batch_size, shuffle=False)
     metrics = evaluate_model(model, loader)
     return {"client": client, "split": split, **metrics,
             "reported_accuracy": model.info.get(f"{split}_accuracy")}
