@@ -202,11 +202,13 @@ def plot_curves(out: GridOutput, scenario: str, path: Path) -> None:
         return
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for method, rows in curves.items():
-        ax.plot(*mean_test_curve(rows), marker="o", markersize=3, label=method)
+        rounds, accuracy = mean_test_curve(rows)
+        ax.plot(rounds, [100 * a for a in accuracy], marker="o", markersize=3, label=method)  # %, as the tables
     if FULL in curves:
         warmup = out.grid.recipe(scenario, out.grid.names.index(FULL), []).algorithm_args.warmup_rounds
         ax.axvline(warmup, color="black", linestyle=":", label=f"{FULL} warm-up ends (W={warmup})")
-    save_accuracy_plot(ax, fig, f"{scenario}: mean over clients and seeds", path)
+    save_accuracy_plot(ax, fig, f"{scenario}: mean over clients and seeds", path,
+                       ylabel="local test accuracy (%, mean over clients)")
 
 
 def table2_3_report(out: GridOutput, dest: Path) -> dict:

@@ -63,9 +63,10 @@ def mean_test_curve(rows: list[dict]) -> tuple[list[int], list[float]]:
     return log.rounds, [log.mean_at(t, "test_accuracy") for t in log.rounds]
 
 
-def save_accuracy_plot(ax, fig, title: str, path: Path) -> None:
+def save_accuracy_plot(ax, fig, title: str, path: Path,
+                       ylabel: str = "local test accuracy (mean over clients)") -> None:
     ax.set_xlabel("round (aggregations completed)")
-    ax.set_ylabel("local test accuracy (mean over clients)")
+    ax.set_ylabel(ylabel)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(alpha=0.3)
