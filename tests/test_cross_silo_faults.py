@@ -266,6 +266,24 @@ def test_a_client_whose_payload_was_lost_is_readmitted_by_its_waiting_report():
     assert list(missing) == [1]  # round 3 closed without it, as it was left out when it began
 
 
+def test_a_client_whose_first_payload_was_lost_reports_after_its_online_answer_and_is_readmitted():
+    client = bare_client_manager(payload_round=0)
+    with mock.patch("fedml.cross_silo.client.fedml_client_master_manager.ClientMasterManager."
+                    "handle_message_check_status") as online:
+        client.handle_message_check_status(None)  # FedML's handshake: it answers ONLINE...
+    online.assert_called_once()
+    assert client.checks == [0]  # ...and checks in upload_timeout seconds whether its first payload came
+    client.handle_wait_check(message(2, **{MSG_ARG_KEY_ROUND: 0}))
+    assert client.reports == [(MSG_TYPE_WAITING, 0)] and client.checks == [0, 0]
+
+    server = bare_server_manager(round_idx=0)  # round 1's payload to client 1 (id 2) could not be sent
+    server.absent = {1: "its payload could not be sent (DEADLINE_EXCEEDED)"}
+    server.handle_waiting(message(2, **{MSG_ARG_KEY_ROUND: 0}))
+    assert server.absent == {}  # back from the next round
+    server.handle_waiting(message(2, **{MSG_ARG_KEY_ROUND: 0}))  # a report during the handshake: nothing to do
+    assert server.sent == [] and server.absent == {}
+
+
 def test_a_waiting_report_from_a_client_in_the_round_changes_nothing():
     manager = bare_server_manager(round_idx=2)
     manager.handle_waiting(message(2, **{MSG_ARG_KEY_ROUND: 2}))  # its payload is on the way: the round is open

@@ -9,8 +9,9 @@ reporting when it waits too long for a payload, and outliving a server restart.
 - With ``comm_args.upload_timeout`` the server stops sending payloads to a client that missed a deadline or whose
   payload or notice could not be sent (server_manager.py). A client that missed the deadline is back when its late
   upload arrives, but one whose payload or notice was lost has nothing to upload. So when ``upload_timeout`` seconds
-  pass after an upload or a notice without a later payload or notice, the client sends the server a small waiting
-  report (that round), and again every ``upload_timeout`` seconds until one comes; the server answers a client it
+  pass after an upload, a notice or its ONLINE answer (round 0: its first payload may be the one lost) without a
+  later payload or notice, the client sends the server a small waiting report (that round), and again every
+  ``upload_timeout`` seconds until one comes; the server answers a client it
   had left out with its next payload or notice (its final payload when the run is over) and ignores the report
   otherwise (the round may simply still be open). A timer posts the check into the client's own receive queue, so
   it runs on FedML's message thread like any message.
@@ -84,6 +85,7 @@ class WaitingReportClientManager(ClientMasterManager):
         """The server asks who is there: at its start (FedML's handshake) or after a restart."""
         if self.heard_round == 0:
             super().handle_message_check_status(msg_params)  # ONLINE, as in FedML
+            self.check_later(0)  # the first payload or notice may be lost too
             return
         self.kick_watchdog()
         self.report_waiting(self.heard_round)
@@ -117,8 +119,8 @@ class WaitingReportClientManager(ClientMasterManager):
         round_idx = msg_params.get(MSG_ARG_KEY_ROUND)
         if self.heard_round > round_idx:
             return  # a later payload or notice came
-        logging.warning("nothing from the server %s s after round %d's upload or notice; reporting that it waits",
-                        self.upload_timeout, round_idx)
+        logging.warning("nothing from the server %s s after %s; reporting that it waits", self.upload_timeout,
+                        f"round {round_idx}'s upload or notice" if round_idx else "it said it is online")
         self.report_waiting(round_idx)
         self.check_later(round_idx)
 

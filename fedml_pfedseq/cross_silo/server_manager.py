@@ -196,7 +196,8 @@ class RoundDeadlineServerManager(FedMLServerManager):
         round it was not sampled for is still open), nothing to do."""
         i = self.index(msg_params.get_sender_id())
         since = msg_params.get(MSG_ARG_KEY_ROUND)
-        how = f"waits for a payload since its round {since} {'upload' if i in self.sampled(since) else 'notice'}"
+        how = (f"waits for a payload since its round {since} {'upload' if i in self.sampled(since) else 'notice'}"
+               if since else "waits for its first payload")
         if not self.admit(i, how):
             self.readmit(i, how)
 
