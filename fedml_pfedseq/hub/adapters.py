@@ -24,6 +24,7 @@ only. ``complete_manifest`` merges the clients' own entries into it where one ma
 """
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -88,6 +89,14 @@ def reported(entry: dict, row: dict) -> dict:
     return {**entry, **{key: row.get(key) for key in ACCURACY_KEYS}}
 
 
+@functools.lru_cache(maxsize=1)
+def pretrained_weights(model: str) -> dict[str, torch.Tensor]:
+    """The backbone's pretrained weights without its classifier, read once per process (every writer, e.g. one per
+    checkpoint pushed every K rounds, compares against them); callers must not modify them."""
+    vit = ViTForImageClassification.from_pretrained(resolve_backbone(model))
+    return {k: v for k, v in vit.state_dict().items() if not k.startswith("classifier.")}
+
+
 class AdapterWriter:
     """Writes ``adapters/``: each client's model right after its final evaluation (``save_client``), then the
     global adapter and the manifest once the run's final metrics are known (``finish``).
@@ -103,16 +112,9 @@ class AdapterWriter:
         self.base_name = recipe.model_args.model if is_hub_id(recipe.model_args.model) \
             else Path(recipe.model_args.model).name
         self.clients: dict[int, dict] = {}
-        self._pretrained: dict[str, torch.Tensor] | None = None
-
-    def pretrained_weights(self) -> dict[str, torch.Tensor]:
-        if self._pretrained is None:
-            vit = ViTForImageClassification.from_pretrained(resolve_backbone(self.recipe.model_args.model))
-            self._pretrained = {k: v for k, v in vit.state_dict().items() if not k.startswith("classifier.")}
-        return self._pretrained
 
     def backbone_is_pretrained(self, weights: dict[str, torch.Tensor]) -> bool:
-        reference = self.pretrained_weights()
+        reference = pretrained_weights(self.recipe.model_args.model)
         return weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
 
     def save_client(self, client_id: int, model: AdapterModel, report: dict | None = None) -> None:
