@@ -50,7 +50,8 @@ def test_overrides_reach_the_recipe():
     (lambda r: r["data_args"].update(split_fractions=[0.5, 0.1, 0.1]), "split_fractions must be three"),
     (lambda r: r["train_args"].update(client_num_per_round=30), "exceeds client_num_in_total"),
     (lambda r: r["train_args"].update(federated_optimizer="FedAwg"), "unknown method 'FedAwg'"),
-    (lambda r: r["data_args"].update(partition_method="random"), "partition_method must be 'column' or"),
+    (lambda r: r["data_args"].update(partition_method="random"),
+     "partition_method must be 'column', 'dirichlet' or 'silo'"),
     (lambda r: r.update(algorithm_args={"beta": 1}), "algorithm_args: unknown key 'beta'"),
 ])
 def test_bad_recipes_fail_with_the_key_named(tmp_path, mutate, message):
