@@ -109,10 +109,10 @@ def lock(cell: Path, host: str, pid: int | str) -> None:
 
 
 def test_two_workers_give_the_one_worker_table_and_leave_no_lock(tiny_vit, tmp_path):
-    path = one_scenario_grid(tmp_path, tiny_vit)
-    parallel = grid.run_grid(path, progress=False, workers=2)  # 4 cells, 2 processes at a time
+    path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
+    parallel = grid.run_grid(path, progress=False, workers=2)  # 2 cells, one process each
     serial = grid.run_grid(path, progress=False, output_dir=tmp_path / "serial")
-    assert parallel["table"] == serial["table"] and parallel["table"]["FedAvg"]["small"]["seeds"] == 2
+    assert parallel["table"] == serial["table"] and set(parallel["table"]) == {"FedAvg", "local_heads"}
     assert not list((tmp_path / "grid").rglob(grid.LOCK_FILE))
     with pytest.raises(RecipeError, match="workers must be >= 1"):
         grid.run_grid(path, progress=False, workers=0)
