@@ -200,7 +200,8 @@ def plot_curves(out: GridOutput, scenario: str, path: Path) -> None:
               for method in out.grid.names if out.cells(scenario, method)}
     if not curves:
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors[0::2] + plt.cm.tab20.colors[1::2])  # 13 methods, 20 colours
     for method, rows in curves.items():
         rounds, accuracy = mean_test_curve(rows)
         ax.plot(rounds, [100 * a for a in accuracy], marker="o", markersize=3, label=method)  # %, as the tables

@@ -70,7 +70,10 @@ def save_accuracy_plot(ax, fig, title: str, path: Path,
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(ax.get_lines()) > 6:  # many curves: the legend beside the plot, not over it
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
+    else:
+        ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
