@@ -35,7 +35,7 @@ def build_party_data(recipe: Recipe, client: int) -> tuple[ClientData, list[str]
     """Client ``client``'s splits (as ``build_data`` makes them) and the label space: what its party loads."""
     processor = load_image_processor(recipe.model_args.model)
     return build_client_data(recipe.data_args, processor, recipe.train_args.client_num_in_total,
-                               recipe.common_args.random_seed, client)
+                             recipe.common_args.random_seed, client)
 
 
 def client_depth(recipe: Recipe, client_id: int) -> int | None:

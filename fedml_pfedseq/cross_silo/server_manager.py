@@ -68,10 +68,10 @@ def message(msg_type: str, sender: int, receiver: int, key: str, value) -> Messa
     return built
 
 
-def post_later(manager, seconds: float, message: Message) -> None:
-    """Put ``message`` into ``manager``'s own receive queue in ``seconds``: it is then handled on FedML's message
+def post_later(manager, seconds: float, msg: Message) -> None:
+    """Put ``msg`` into ``manager``'s own receive queue in ``seconds``: it is then handled on FedML's message
     thread like any message (the server's round deadline, a client's wait check)."""
-    timer = threading.Timer(seconds, manager.com_manager.grpc_servicer.message_q.put, args=[pickle.dumps(message)])
+    timer = threading.Timer(seconds, manager.com_manager.grpc_servicer.message_q.put, args=[pickle.dumps(msg)])
     timer.daemon = True
     timer.start()
 

@@ -75,8 +75,8 @@ def _load_labelled(args: DataArgs) -> tuple[datasets.Dataset, str, list[str]]:
     return dataset, label_column, label_names
 
 
-def load_silo(args: DataArgs, client: int) -> datasets.Dataset:
-    """Client ``client``'s own file (partition_method "silo"), its labels checked against ``label_names``."""
+def load_silo(args: DataArgs, client: int) -> tuple[datasets.Dataset, np.ndarray]:
+    """Client ``client``'s own file (partition_method "silo") and its labels, checked against ``label_names``."""
     path = Path(args.data_files[client])
     if not path.is_file():
         raise FileNotFoundError(f"data_args.data_files[{client}]: client {client}'s data {path} does not exist (with "
@@ -91,7 +91,7 @@ def load_silo(args: DataArgs, client: int) -> datasets.Dataset:
     if len(labels) == 0 or labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(args.label_names):
         raise RecipeError(f"data_args.data_files[{client}]: {path}'s {label_column!r} must hold integer labels in "
                           f"[0, {len(args.label_names)}) indexing data_args.label_names, and at least one row")
-    return dataset
+    return dataset, labels
 
 
 def dataset_label_names(args: DataArgs) -> list[str]:
@@ -110,11 +110,9 @@ def client_splits(dataset: datasets.Dataset, rows: np.ndarray, labels: np.ndarra
 
 
 def silo_client(args: DataArgs, processor, client: int, seed: int) -> ClientData:
-    dataset = load_silo(args, client)
-    image_column, label_column = columns(args)
-    labels = dataset.data.column(label_column).to_numpy()
+    dataset, labels = load_silo(args, client)
     return client_splits(dataset, np.arange(len(dataset)), labels, args,
-                         image_classification_transform(processor, image_column, label_column), client, seed)
+                         image_classification_transform(processor, *columns(args)), client, seed)
 
 
 def build_federated_data(args: DataArgs, processor, num_clients: int | None, seed: int) -> FederatedData:
