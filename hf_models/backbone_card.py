@@ -26,6 +26,10 @@ def backbone_card(model_dir: Path) -> ModelCard:
         model_name=model_dir.name,
     )
     tokens = (config["image_size"] // config["patch_size"]) ** 2
+    size = config["image_size"]
+    shape = ", ".join(str(config[k]) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                                               "intermediate_size"))
+    lora = 4 * 8 * config["hidden_size"]
     history = report["history"]
     content = f"""---
 {data.to_yaml()}
@@ -41,10 +45,10 @@ the project trains its own; where a network exists, recipes can name any Hub ViT
 ## Architecture
 | | |
 |---|---|
-| input | {config["image_size"]}x{config["image_size"]} RGB, patch {config["patch_size"]} ({tokens} tokens + [CLS]) |
-| hidden size, layers, heads, MLP | {config["hidden_size"]}, {config["num_hidden_layers"]}, {config["num_attention_heads"]}, {config["intermediate_size"]} |
+| input | {size}x{size} RGB, patch {config["patch_size"]} ({tokens} tokens + [CLS]) |
+| hidden size, layers, heads, MLP | {shape} |
 | parameters | {report["parameters"]:,} |
-| LoRA (q_proj, v_proj, r=8) per layer | D = 4 * 8 * {config["hidden_size"]} = {4 * 8 * config["hidden_size"]:,} parameters |
+| LoRA (q_proj, v_proj, r=8) per layer | D = 4 * 8 * {config["hidden_size"]} = {lora:,} parameters |
 
 ## What it saw
 - Training: CIFAR-10's official train split, all {report["train_images"]:,} images (JPEG copies, ../shared/data),

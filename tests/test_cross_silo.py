@@ -68,40 +68,47 @@ def test_patched_grpc_servicer_receives_into_a_waiting_queue():
 
 
 OFFLINE_PROBE = """
-import json, sys
+import json, os, sys
 from pathlib import Path
 attempts = []
-sys.addaudithook(lambda event, args: attempts.append(event) if event in ("socket.connect", "socket.getaddrinfo") else None)
+network = ("socket.connect", "socket.getaddrinfo")
+sys.addaudithook(lambda event, args: attempts.append(event) if event in network else None)
 from fedml_pfedseq.config import parse_recipe
 from fedml_pfedseq.cross_silo import fedml_runtime
 fedml_home = Path(sys.argv[1])
 recipe = parse_recipe({"train_args": {"client_num_in_total": 2}, "comm_args": {"grpc_ipconfig_path": "x.csv"}})
 if sys.argv[2] == "patched":
-    fedml_runtime.isolate_home(fedml_home)
+    fedml_runtime.isolate_fedml_files(fedml_home)
     fedml_runtime.init_fedml(fedml_runtime.fedml_args(recipe, 0, "server", "0"), "WARNING")
 else:
     import fedml
     fedml.init(fedml_runtime.fedml_args(recipe, 0, "server", "0"), check_env=False, should_init_logs=False)
 from fedml import FedMLRunner
 FedMLRunner.log_runner_result()  # one of FedML's writes under ~/.fedml
-print(json.dumps(attempts))
+print(json.dumps(attempts), flush=True)
+os._exit(0)  # as a killed party ends: no clean-up of temporary folders
 """
 
 
 @pytest.mark.parametrize("mode", ["patched", "unpatched"])
 def test_fedml_init_makes_no_network_attempt_and_writes_under_the_run(tmp_path, mode):
-    """The unpatched run is the control: it shows the probe does see FedML's config fetch."""
-    home, fedml_home = tmp_path / "home", tmp_path / "run" / "fedml_home"
+    """The unpatched run is the control: it shows the probe does see FedML's config fetch, and that a killed
+    party's temporary folders (wandb's, made when FedML imports it) stay behind in the system's TMPDIR."""
+    home, system_tmp, fedml_home = tmp_path / "home", tmp_path / "tmp", tmp_path / "run" / "fedml_home"
     home.mkdir()
+    system_tmp.mkdir()
     result = subprocess.run([sys.executable, "-c", OFFLINE_PROBE, str(fedml_home), mode], capture_output=True,
-                            text=True, env={**os.environ, "HOME": str(home)}, timeout=120)
+                            text=True, env={**os.environ, "HOME": str(home), "TMPDIR": str(system_tmp)},
+                            timeout=120)
     assert result.returncode == 0, result.stderr
     attempts = json.loads(result.stdout.strip().splitlines()[-1])
     if mode == "patched":
         assert attempts == []
         assert not (home / ".fedml").exists() and (fedml_home / ".fedml" / "fedml_trace").is_dir()
+        assert not list(system_tmp.iterdir()) and list((fedml_home / "tmp").glob("*wandb*"))
     else:
         assert attempts and (home / ".fedml").exists()
+        assert list(system_tmp.glob("*wandb*"))
 
 
 # --- what travels ---------------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@ six work-arounds.
 
 1. ``fedml.init`` POSTs five times to the hosted platform's config endpoint, even with MLOps off:
    ``fetch_config`` is replaced by a function that sets the same local fields without any network call.
-2. FedML writes logs, traces and an ``.env`` under ``~/.fedml``: a party points ``HOME`` at its own folder in
-   the run's output directory before FedML starts (``isolate_home``).
+2. FedML writes logs, traces and an ``.env`` under ``~/.fedml``, and the wandb it imports makes temporary
+   folders that a killed party never removes: before FedML starts, a party points ``HOME`` and ``TMPDIR`` at its
+   own folder in the run's output directory (``isolate_fedml_files``).
 3. FedML's gRPC receive loop polls ``message_q.qsize() > 0`` without sleeping, pinning a core per idle party:
    the servicer's queue is replaced by one whose ``qsize`` waits for an item (``WaitingQueue``).
 4. FedML's server waits for every client's upload: its server manager is replaced by
@@ -27,6 +28,7 @@ import logging
 import os
 import platform
 import queue
+import tempfile
 from pathlib import Path
 
 from fedml_pfedseq.config import Recipe
@@ -45,12 +47,14 @@ class WaitingQueue(queue.Queue):
             return self._qsize()
 
 
-def isolate_home(fedml_home: Path) -> None:
-    """Send FedML's ``~/.fedml`` files to ``fedml_home``; the Hugging Face caches keep the user's real home."""
+def isolate_fedml_files(fedml_home: Path) -> None:
+    """Send FedML's ``~/.fedml`` files to ``fedml_home`` and temporary files to ``fedml_home / "tmp"``; the
+    Hugging Face caches keep the user's real home."""
     real_home = Path.home()
     os.environ.setdefault("HF_HOME", str(real_home / ".cache" / "huggingface"))
-    fedml_home.mkdir(parents=True, exist_ok=True)
-    os.environ["HOME"] = str(fedml_home)
+    (fedml_home / "tmp").mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"], os.environ["TMPDIR"] = str(fedml_home), str(fedml_home / "tmp")
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
 def _offline_fetch_config(args, version: str = "release") -> bool:

@@ -124,7 +124,7 @@ def process_times(started: tuple[float, float]) -> dict[str, float]:
 def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0",
               resume: bool = False) -> None:
     """Run one party to the end of the deployment (blocks); ``resume``: from its checkpoint (see above)."""
-    from fedml_pfedseq.cross_silo.fedml_runtime import fedml_args, init_fedml, isolate_home
+    from fedml_pfedseq.cross_silo.fedml_runtime import fedml_args, init_fedml, isolate_fedml_files
 
     num_clients = check_party(recipe, rank, role, resume)
     output_dir = Path(output_dir)
@@ -133,7 +133,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
     if resume and role == "server" and not checkpoint.is_file():
         raise CheckpointError(f"cannot resume the server: no {checkpoint} (was it run with common_args.checkpoint: "
                               "true, and did it send the first payloads?)")
-    isolate_home(party_dir / "fedml_home")
+    isolate_fedml_files(party_dir / "fedml_home")
     args = init_fedml(fedml_args(recipe, rank, role, run_id), recipe.tracking_args.log_level)
     from fedml import FedMLRunner  # after init_fedml: FedML must start patched
 
