@@ -64,14 +64,15 @@ def build_model(recipe: Recipe, num_labels: int, depth: int | None = None) -> Ad
     return model.to(select_device(recipe.device_args.using_gpu))
 
 
-def build_server(recipe: Recipe, model: AdapterModel, num_clients: int):
+def build_server(recipe: Recipe, model: AdapterModel, num_clients: int, resuming: bool = False):
     """The method's server strategy, starting from the model's LoRA init and a seeded shared head, and from a
     pushed or saved SeqLearner where ``hub_args.hub_learner_init`` names one (the simulator's and a cross-silo
-    server's alike)."""
+    server's alike). ``resuming``: a checkpoint will replace the learner, so its source is not read (it may be
+    gone or offline)."""
     initial = {"lora": model.get_lora_state(),
                "head": model.init_head_state(client_seed(recipe.common_args.random_seed, 0, purpose=4))}
     server = method_class(recipe.train_args.federated_optimizer).Server(num_clients, initial, recipe)
-    if recipe.hub_args.hub_learner_init:
+    if recipe.hub_args.hub_learner_init and not resuming:
         from fedml_pfedseq.hub.warm_start import warm_start_learner  # the Hub client only where a recipe asks
 
         warm_start_learner(server, recipe.hub_args.hub_learner_init)
@@ -98,7 +99,8 @@ class Federation:
         return self.models[None]
 
 
-def build_federation(recipe: Recipe) -> Federation:
+def build_federation(recipe: Recipe, resuming: bool = False) -> Federation:
+    """Data, models, server and clients of ``recipe``; ``resuming``: as ``build_server``'s."""
     set_threads(recipe)
     data = build_data(recipe)
     models = {None: build_model(recipe, data.num_labels)}
@@ -106,7 +108,7 @@ def build_federation(recipe: Recipe) -> Federation:
         depth = client_depth(recipe, i)
         if depth not in models:
             models[depth] = build_model(recipe, data.num_labels, depth)
-    server = build_server(recipe, models[None], len(data.clients))
+    server = build_server(recipe, models[None], len(data.clients), resuming)
     clients = [build_client(recipe, i, client_data, models[client_depth(recipe, i)])
                for i, client_data in enumerate(data.clients)]
     return Federation(recipe, data, models, server, clients)

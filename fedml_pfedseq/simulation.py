@@ -139,7 +139,7 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     started = time.perf_counter()
-    fed = build_federation(recipe)
+    fed = build_federation(recipe, resuming=resume)
     writer = AdapterWriter(output_dir / "adapters", recipe) if recipe.hub_args.save_adapters else None
     if writer is None:
         remove_stale(output_dir / "adapters")

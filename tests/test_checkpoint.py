@@ -2,7 +2,9 @@
 the file is written atomically, holds no pickle, and a checkpoint from another run is refused."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 from unittest import mock
 
@@ -127,6 +129,30 @@ def test_run_recipe_resume_writes_the_same_outputs(tiny_vit, tmp_path):
         assert extended[key] == expected[key]
     metrics = json.loads((tmp_path / "extended" / "metrics.json").read_text())
     assert sorted({r["round"] for r in metrics["eval"]}) == [0, 1, 2, 3]
+
+
+def test_a_resumed_run_does_not_read_the_learners_warm_start_source_again(tiny_vit, tmp_path):
+    """The checkpoint holds the learner, so a run warm-started by ``hub_args.hub_learner_init`` resumes after its
+    source is gone (a deleted folder, an offline Hub) and gives the uninterrupted run's outputs."""
+    source = tmp_path / "source"
+    run_recipe(small("pFedSeq", tiny_vit, tmp_path, rounds=1), source, progress=False)  # writes seq_learner/
+
+    def warm(rounds: int):
+        recipe = small("pFedSeq", tiny_vit, tmp_path, rounds=rounds)
+        return dataclasses.replace(recipe, hub_args=dataclasses.replace(recipe.hub_args,
+                                                                        hub_learner_init=str(source)))
+
+    expected = run_recipe(warm(3), tmp_path / "straight", progress=False)
+    run_recipe(warm(2), tmp_path / "extended", progress=False)
+    shutil.rmtree(source)
+    extended = run_recipe(warm(3), tmp_path / "extended", progress=False, resume=True)
+    assert extended["final_test_accuracy_mean"] == expected["final_test_accuracy_mean"]
+
+    def final_losses(run: str) -> list[float]:
+        rows = json.loads((tmp_path / run / "metrics.json").read_text())["eval"]
+        return [r["test_loss"] for r in rows if r["round"] == 3]
+
+    assert final_losses("extended") == final_losses("straight")
 
 
 def test_cli_resume(tiny_vit, tmp_path, capsys):

@@ -149,7 +149,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
     if role == "server":
         label_names = dataset_label_names(recipe.data_args)
         model = build_model(recipe, len(label_names))
-        server = build_server(recipe, model, num_clients)
+        server = build_server(recipe, model, num_clients, resuming=resume)
 
         def write_progress(t: int) -> None:
             watchdog.kick()
