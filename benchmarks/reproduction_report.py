@@ -49,14 +49,15 @@ class GridOutput:
         return [cell for seed in self.grid.seeds
                 if (cell := self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()]
 
+    def by_seed(self, scenario: str, method: str, key: str = "final_test_accuracy_mean") -> dict[int, float]:
+        """The final mean test (or ``key``) accuracy (%) of each finished seed."""
+        return {seed: 100 * json.loads(path.read_text())[key] for seed in self.grid.seeds
+                if (path := self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()}
+
     def stats(self, scenario: str, method: str, key: str = "final_test_accuracy_mean") -> dict | None:
         """Mean and std (%) over the finished seeds of the final mean test (or ``key``) accuracy; None if none
         finished."""
-        values = [100 * json.loads(path.read_text())[key] for path in self.cells(scenario, method)]
-        if not values:
-            return None
-        return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
-                "seeds": len(values)}
+        return describe(list(self.by_seed(scenario, method, key).values()))
 
     @property
     def missing(self) -> list[str]:
@@ -78,10 +79,26 @@ class GridOutput:
         return {"folder": str(self.root), "definition": str(self.definition), "missing_cells": self.missing}
 
 
-def fmt(stat: dict | None) -> str:
+def describe(values: list[float]) -> dict | None:
+    """Mean, sample std (None for one value) and count; None for no values."""
+    if not values:
+        return None
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "seeds": len(values)}
+
+
+def paired(a: dict[int, float], b: dict[int, float]) -> dict | None:
+    """``a`` minus ``b`` seed by seed, over the seeds both finished. A seed fixes the data partition (and the
+    initial adapter and head) for every method, so this difference is free of the spread between partitions that
+    the stds hold."""
+    return describe([a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())])
+
+
+def fmt(stat: dict | None, sign: str = "") -> str:
+    """``mean ± std``; ``sign="+"`` for a difference."""
     if stat is None:
         return "missing"
-    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat.get("std") is not None else "")
+    return f"{stat['mean']:{sign}.2f}" + (f" ± {stat['std']:.2f}" if stat.get("std") is not None else "")
 
 
 def signed(value: float | None) -> str:
@@ -136,20 +153,25 @@ def table1_report(out: GridOutput, dest: Path) -> dict:
         shared = [m for m in our_scores if m in paper_scores]
         our_rank, paper_rank = ranks(our_scores), ranks(paper_scores)  # among what we have; among all 13
         above = [m for m in our_scores if FULL in our_scores and m != FULL and our_scores[m] > our_scores[FULL]]
+        full = out.by_seed(scenario, FULL)
+        minus = {m: paired(full, out.by_seed(scenario, m)) for m in grid.names if m != FULL}
         result = {"paper_dataset": column, "ours": ours, "paper": {m: paper[m] for m in grid.names if m in paper},
                   "rank_ours": our_rank, "rank_paper": paper_rank,
                   "spearman": spearman(our_scores, paper_scores),
                   "margin_ours": margin(our_scores), "margin_paper": margin(paper_scores),
-                  "baselines_above_pfedseq_ours": above}
+                  "baselines_above_pfedseq_ours": above, "pfedseq_minus_paired": minus}
         record["scenarios"][scenario] = result
         rank = lambda r, m: f"{r[m]:g}" if m in r else ""  # noqa: E731
-        rows = [[m, fmt(ours.get(m)), ours[m]["seeds"] if m in ours else 0, rank(our_rank, m), fmt(paper.get(m)),
-                 rank(paper_rank, m)] for m in grid.names]
-        table = format_table(["method", f"ours: {scenario}", "seeds", "rank", f"paper: {column}", "rank"], rows)
+        rows = [[m, fmt(ours.get(m)), ours[m]["seeds"] if m in ours else 0, rank(our_rank, m),
+                 fmt(minus[m], "+") if m in minus else "", fmt(paper.get(m)), rank(paper_rank, m)] for m in grid.names]
+        table = format_table(["method", f"ours: {scenario}", "seeds", "rank", f"ours: {FULL} minus it, by seed",
+                              f"paper: {column}", "rank"], rows)
         mine, theirs, rho = result["margin_ours"], result["margin_paper"], result["spearman"]
         text.append(
             f"\n## {scenario} (paper: {column}, {PAPER['table1']['scenarios'][column]})\n\n{table}\n\n"
             f"- rank: ours among the methods that have a result, the paper's among its 13\n"
+            f"- {FULL} minus it, by seed: the difference within each seed (same data partition), "
+            f"mean ± std over the seeds both finished\n"
             f"- Spearman rank correlation, ours vs paper, over the {len(shared)} methods we have: "
             f"{'n/a' if rho is None else f'{rho:.2f}'}\n"
             f"- {FULL} minus the best baseline (ours: of those we have; paper: of all 12): ours {margin_text(mine)}, "

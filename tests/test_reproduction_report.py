@@ -105,6 +105,11 @@ def test_table1_from_a_real_grid_then_with_a_cell_missing(tiny_vit, tmp_path):
     assert result["margin_ours"]["margin"] == pytest.approx(100 * (means["pFedSeq"] - means["FedAvg"]))
     assert result["baselines_above_pfedseq_ours"] == (["FedAvg"] if means["FedAvg"] > means["pFedSeq"] else [])
     assert result["rank_paper"]["pFedSeq"] == 1 and result["rank_paper"]["FedAvg"] == 13
+    differences = [100 * (test["pFedSeq"][k] - test["FedAvg"][k]) for k in (0, 1)]  # seed by seed
+    assert result["pfedseq_minus_paired"]["FedAvg"] == {"mean": pytest.approx(statistics.fmean(differences)),
+                                                        "std": pytest.approx(statistics.stdev(differences)),
+                                                        "seeds": 2}
+    assert "pFedSeq" not in result["pfedseq_minus_paired"]
     assert summary["table1"]["missing_cells"] == [] and summary["table2_3"] is None
     assert (out / "curves_omniglot.png").stat().st_size > 0
 
@@ -117,6 +122,8 @@ def test_table1_from_a_real_grid_then_with_a_cell_missing(tiny_vit, tmp_path):
         "mean": pytest.approx(100 * test["pFedSeq"][0]), "std": None, "seeds": 1}
     markdown = (out / "table1.md").read_text()
     assert "- omniglot/pFedSeq: seed_1" in markdown
+    assert summary["table1"]["scenarios"]["omniglot"]["pfedseq_minus_paired"]["FedAvg"] == {  # seed 0 only
+        "mean": pytest.approx(100 * (test["pFedSeq"][0] - test["FedAvg"][0])), "std": None, "seeds": 1}
     assert f"| pFedSeq | {100 * test['pFedSeq'][0]:.2f} " in markdown
 
 
