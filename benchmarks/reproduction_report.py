@@ -44,15 +44,18 @@ class GridOutput:
             raise SystemExit(f"{root} is not an output of the grid {definition}: it has none of its scenario folders "
                              f"{list(self.grid.scenarios)}")
 
+    def summary_path(self, scenario: str, method: str, seed: int) -> Path:
+        """Where a seed cell's summary.json is once the cell finished."""
+        return self.root / scenario / method / f"seed_{seed}" / "summary.json"
+
     def cells(self, scenario: str, method: str) -> list[Path]:
         """The seed cells that finished (have summary.json)."""
-        return [cell for seed in self.grid.seeds
-                if (cell := self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()]
+        return [cell for seed in self.grid.seeds if (cell := self.summary_path(scenario, method, seed)).is_file()]
 
     def by_seed(self, scenario: str, method: str, key: str = "final_test_accuracy_mean") -> dict[int, float]:
         """The final mean test (or ``key``) accuracy (%) of each finished seed."""
         return {seed: 100 * json.loads(path.read_text())[key] for seed in self.grid.seeds
-                if (path := self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()}
+                if (path := self.summary_path(scenario, method, seed)).is_file()}
 
     def stats(self, scenario: str, method: str, key: str = "final_test_accuracy_mean") -> dict | None:
         """Mean and std (%) over the finished seeds of the final mean test (or ``key``) accuracy; None if none
@@ -63,7 +66,7 @@ class GridOutput:
     def missing(self) -> list[str]:
         return [f"{scenario}/{method}/seed_{seed}" for scenario in self.grid.scenarios for method in self.grid.names
                 for seed in self.grid.seeds
-                if not (self.root / scenario / method / f"seed_{seed}" / "summary.json").is_file()]
+                if not self.summary_path(scenario, method, seed).is_file()]
 
     def header(self, title: str) -> str:
         missing, seeds = self.missing, {}

@@ -76,7 +76,11 @@ def run_shipped_recipe(name: str, tiny_vit: str, tmp_path, out: str = "out", ove
         f"common_args.output_dir={tmp_path}", "device_args.num_threads=1", "device_args.using_gpu=false",
         *overrides])
     built = []
-    keep = lambda *args, **kwargs: built.append(build_federation(*args, **kwargs)) or built[-1]  # noqa: E731
+
+    def keep(*args, **kwargs):
+        built.append(build_federation(*args, **kwargs))
+        return built[-1]
+
     with mock.patch.object(simulation, "build_federation", keep):
         summary = simulation.run_recipe(recipe, tmp_path / out, progress=False)
     return built[0], summary, json.loads((tmp_path / out / "metrics.json").read_text())

@@ -52,8 +52,9 @@ def isolate_fedml_files(fedml_home: Path) -> None:
     Hugging Face caches keep the user's real home."""
     real_home = Path.home()
     os.environ.setdefault("HF_HOME", str(real_home / ".cache" / "huggingface"))
-    (fedml_home / "tmp").mkdir(parents=True, exist_ok=True)
-    os.environ["HOME"], os.environ["TMPDIR"] = str(fedml_home), str(fedml_home / "tmp")
+    tmp = fedml_home / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    os.environ["HOME"], os.environ["TMPDIR"] = str(fedml_home), str(tmp)
     tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
