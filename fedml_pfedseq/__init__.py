@@ -1,19 +1,43 @@
-"""fedml-pfedseq: personalized federated adapter tuning (pFedSeq) as a FedML plugin around Hugging Face models."""
-from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError, load_recipe
-from fedml_pfedseq.cross_silo.launcher import deploy
-from fedml_pfedseq.data.federated import build_federated_data
-from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
-from fedml_pfedseq.federation import build_federation
-from fedml_pfedseq.hub import LocalHubServer, PushError, evaluate_client, load_client_classifier, push_run
-from fedml_pfedseq.lora_state import LayerLayout
-from fedml_pfedseq.simulation import run_federation, run_recipe
-from fedml_pfedseq.strategies import METHODS, method_class
-from fedml_pfedseq.suite import run_suite
+"""fedml-pfedseq: personalized federated adapter tuning (pFedSeq) as a FedML plugin around Hugging Face models.
 
-__all__ = [
-    "AdapterModel", "LayerLayout", "LocalHubServer", "METHODS", "PushError", "Recipe", "RecipeError",
-    "build_federated_data", "build_federation", "deploy", "evaluate_client", "load_client_classifier", "load_recipe",
-    "method_class", "partition_by_column", "partition_dirichlet", "push_run", "run_federation", "run_recipe",
-    "run_suite", "split_train_val_test",
-]
+The public names below are imported on first use (PEP 562), so ``import fedml_pfedseq`` and the ``pfedseq`` command
+do not pay for torch, PEFT and FedML until something needs them.
+"""
+import importlib
+
+_PUBLIC = {
+    "AdapterModel": "fedml_pfedseq.adapter_model",
+    "LayerLayout": "fedml_pfedseq.lora_state",
+    "LocalHubServer": "fedml_pfedseq.hub.local_endpoint",
+    "METHODS": "fedml_pfedseq.strategies",
+    "PushError": "fedml_pfedseq.hub.push",
+    "Recipe": "fedml_pfedseq.config",
+    "RecipeError": "fedml_pfedseq.config",
+    "build_federated_data": "fedml_pfedseq.data.federated",
+    "build_federation": "fedml_pfedseq.federation",
+    "deploy": "fedml_pfedseq.cross_silo.launcher",
+    "evaluate_client": "fedml_pfedseq.hub.load",
+    "load_client_classifier": "fedml_pfedseq.hub.load",
+    "load_recipe": "fedml_pfedseq.config",
+    "method_class": "fedml_pfedseq.strategies",
+    "partition_by_column": "fedml_pfedseq.data.partition",
+    "partition_dirichlet": "fedml_pfedseq.data.partition",
+    "push_run": "fedml_pfedseq.hub.push",
+    "run_federation": "fedml_pfedseq.simulation",
+    "run_recipe": "fedml_pfedseq.simulation",
+    "run_suite": "fedml_pfedseq.suite",
+    "split_train_val_test": "fedml_pfedseq.data.partition",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'fedml_pfedseq' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_PUBLIC[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

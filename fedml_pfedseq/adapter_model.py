@@ -11,6 +11,7 @@ depth carry an adapter of one shape (the same tensor names, and the same init fo
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -77,7 +78,9 @@ class AdapterModel(nn.Module):
                           target_modules=list(target_modules),
                           layers_to_transform=list(range(lora_layers)) if lora_layers else None,
                           layers_pattern="layers" if lora_layers else None)
-        self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
+        with warnings.catch_warnings():  # PEFT 0.21 still calls a name transformers 5 deprecated: nothing to act on
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
         self.head = nn.Linear(vit.config.hidden_size, num_labels)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -20,18 +20,21 @@ import os
 import random
 from collections import deque
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from fedml_pfedseq.errors import UserError
+
 FORMAT = "pfedseq-checkpoint/1"
 CHECKPOINT_FILE = "checkpoint.safetensors"  # in a run's output folder
 REBUILT = frozenset({"recipe", "data", "model", "args", "layout", "device", "client_id", "num_clients"})
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is missing, damaged, or does not belong to this run."""
 
 
@@ -183,12 +186,16 @@ def read_checkpoint(path: Path) -> tuple[dict, _Decoder]:
     return json.loads(metadata["skeleton"]), _Decoder(tensors)
 
 
-def load_checkpoint(path: Path, parts: dict[str, object]) -> dict:
-    """Restore every part of ``parts`` from ``path`` and the RNGs; return the checkpoint's ``extra``."""
+def load_checkpoint(path: Path, parts: dict[str, object], check: Callable[[dict], None] | None = None) -> dict:
+    """Restore every part of ``parts`` from ``path`` and the RNGs; return the checkpoint's ``extra``.
+    ``check(extra)`` runs before anything is restored: a checkpoint it refuses leaves ``parts`` untouched."""
     skeleton, decode = read_checkpoint(path)
+    extra = decode(skeleton["extra"])
+    if check is not None:
+        check(extra)
     if set(skeleton["parts"]) != set(parts):
         raise CheckpointError(f"{path} holds parts {sorted(skeleton['parts'])}, this run has {sorted(parts)}")
     for name, obj in parts.items():
         restore(obj, skeleton["parts"][name], decode, name)
     set_rng_state(decode(skeleton["rng"]))
-    return decode(skeleton["extra"])
+    return extra

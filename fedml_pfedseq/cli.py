@@ -1,128 +1,255 @@
 """The ``pfedseq`` command: run a recipe or a suite in the simulator, deploy it with FedML, run one FedML party,
-check a recipe without running it, push a run to the Hub, evaluate a pushed adapter, or serve a local Hub."""
+check a recipe without running it, list the recipe keys, push a run to the Hub, evaluate a pushed adapter, or serve a
+local Hub.
+
+Each command imports what it needs when it runs (torch, PEFT and FedML take seconds to import), so ``--help`` and
+``keys`` answer at once. A user's mistake (a bad recipe, a missing file, a refused checkpoint) ends with one line
+``pfedseq: error: ...`` and exit code 2, never a traceback.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 
-from fedml_pfedseq.config import RecipeError, load_recipe, load_yaml
-from fedml_pfedseq.data.partition import PartitionError
+from fedml_pfedseq.errors import UserError
+
+EXAMPLES = """\
+start here (about a minute on a laptop CPU, on the Omniglot data shipped in data/):
+  pfedseq run recipes/omniglot_pfedseq.yaml --output-dir runs/first --set train_args.comm_round=3 \\
+      --set data_args.samples_per_client=40 --set algorithm_args.warmup_rounds=1
+
+more:
+  pfedseq check recipes/omniglot_pfedseq.yaml        validate a recipe (or suite, or grid) without running it
+  pfedseq keys --method pFedSeq                      every recipe key with its default and meaning
+  pfedseq run runs/first/recipe.yaml --resume --set train_args.comm_round=5    extend a run in place
+  pfedseq suite recipes/suites/default.yaml          the default comparison (what `make run` runs)
+  pfedseq deploy recipes/omniglot_pfedseq.yaml       the same recipe as real FedML processes on 127.0.0.1
+  pfedseq push runs/first --repo-id me/first         share the run's adapters and card ($HF_ENDPOINT, $HF_TOKEN)
+
+`pfedseq COMMAND --help` describes each command's options."""
+
+COMMANDS = {
+    "run": "run one recipe in the in-process simulator",
+    "suite": "run every recipe of a suite file and compare them in one table and plot",
+    "grid": "run a grid of methods x scenarios x seeds (tuned on validation first if it says so); resumes an "
+            "interrupted grid; writes mean +- std tables",
+    "deploy": "run a recipe as a FedML cross-silo deployment on this machine (server + one process per client, gRPC "
+              "on 127.0.0.1)",
+    "party": "run one FedML cross-silo party (what each silo runs)",
+    "check": "load and validate a recipe (or suite, or grid) and say what it would run; runs nothing",
+    "keys": "print every recipe key with its default and meaning (from the config dataclasses)",
+    "push": "push a finished run (adapters, learners, recipe, metrics, card) to a Hub repo in one commit "
+            "($HF_ENDPOINT, $HF_TOKEN)",
+    "hub-eval": "evaluate client K's pushed adapter on its split of the data",
+    "hub-serve": "serve a Hub-compatible endpoint on this machine (offline rehearsal of push and load)",
+}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="pfedseq", description="Personalized federated adapter tuning.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    for name, help_text in [("run", "run one recipe in the in-process simulator"),
-                            ("suite", "run every recipe of a suite file and compare them"),
-                            ("grid", "run a grid of methods x scenarios x seeds (tuned on validation first if it "
-                                     "says so); resumes an interrupted grid; writes mean +- std tables"),
-                            ("deploy", "run a recipe as a FedML cross-silo deployment on this machine "
-                                       "(server + one process per client, gRPC on 127.0.0.1)"),
-                            ("check", "load and validate a recipe (or suite, or grid), run nothing")]:
-        p = sub.add_parser(name, help=help_text)
-        p.add_argument("path", type=Path)
-        if name != "check":
-            p.add_argument("--no-progress", action="store_true")
-        if name == "run":
-            p.add_argument("--resume", action="store_true", help="continue from the checkpoint in the output "
-                           "folder (an interrupted run, or a finished one given a larger comm_round)")
-            p.add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_REPO",
-                           help="continue the run whose checkpoint is in this folder or Hub repo ($HF_ENDPOINT)")
-        if name == "grid":
-            p.add_argument("--workers", type=int, default=1, help="cells run at once, one process each (several "
+def add_recipe_options(p: argparse.ArgumentParser, output: bool = True, progress: bool = True) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a recipe key (repeatable; values are YAML), e.g. --set train_args.comm_round=3")
+    if output:
+        p.add_argument("--output-dir", type=Path, default=None,
+                       help="where the run writes (default: the recipe's common_args.output_dir)")
+    if progress:
+        p.add_argument("--no-progress", action="store_true", help="no progress bars (logs and CI)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pfedseq", description="Personalized federated adapter tuning (pFedSeq and "
+                                     "12 baselines) on Hugging Face ViT + PEFT LoRA, simulated or deployed with FedML.",
+                                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = {name: sub.add_parser(name, help=text, description=text) for name, text in COMMANDS.items()}
+
+    p["run"].add_argument("path", type=Path, help="the recipe (YAML, FedML's config format)")
+    p["run"].add_argument("--resume", action="store_true", help="continue from the checkpoint in the output folder "
+                          "(an interrupted run, or a finished one given a larger comm_round)")
+    p["run"].add_argument("--resume-from", default=None, metavar="RUN_DIR_OR_REPO",
+                          help="continue the run whose checkpoint is in this folder or Hub repo ($HF_ENDPOINT)")
+    p["suite"].add_argument("path", type=Path, help="the suite file (a list of recipes)")
+    p["grid"].add_argument("path", type=Path, help="the grid file (methods x scenarios x seeds)")
+    p["grid"].add_argument("--workers", type=int, default=1, help="cells run at once, one process each (several "
                            "`pfedseq grid` processes may also share the output folder)")
-    party = sub.add_parser("party", help="run one FedML cross-silo party (what each silo runs)")
+    p["deploy"].add_argument("path", type=Path, help="the recipe")
+    p["check"].add_argument("path", type=Path, help="a recipe, suite or grid file")
+    for name in ("run", "suite", "grid", "deploy"):
+        add_recipe_options(p[name])
+    add_recipe_options(p["check"], output=False, progress=False)
+
+    party = p["party"]
     party.add_argument("--cf", dest="path", type=Path, required=True, help="the recipe (FedML's --cf)")
     party.add_argument("--rank", type=int, required=True, help="0: the server; k >= 1: client k-1")
-    party.add_argument("--role", choices=["server", "client"], required=True)
-    party.add_argument("--run-id", default="0")
+    party.add_argument("--role", choices=["server", "client"], required=True, help="this party's role")
+    party.add_argument("--run-id", default="0", help="FedML's run id (the same for every party of a deployment)")
     party.add_argument("--resume", action="store_true", help="continue from this party's checkpoint "
                        "(parties/<party>/checkpoint.safetensors): the server with the round in progress, a client "
                        "with its saved state (fresh without one); needs comm_args.upload_timeout")
-    for p in sub.choices.values():
-        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override a recipe key (repeatable), e.g. --set train_args.comm_round=3")
-        if p is not sub.choices["check"]:
-            p.add_argument("--output-dir", type=Path, default=None)
-    push = sub.add_parser("push", help="push a finished run (adapters, learners, recipe, metrics, card) to a Hub "
-                                       "repo in one commit ($HF_ENDPOINT, $HF_TOKEN)")
+    add_recipe_options(party, progress=False)
+
+    p["keys"].add_argument("--method", default=None, help="only this method's algorithm_args (default: every method)")
+    p["keys"].add_argument("--markdown", action="store_true", help="as Markdown tables (the docs' recipe reference)")
+
+    push = p["push"]
     push.add_argument("path", type=Path, help="the run's output folder")
     push.add_argument("--repo-id", required=True, help="owner/name of the model repo")
     push.add_argument("--public", action="store_true", help="create the repo public (default: private)")
     push.add_argument("--endpoint", default=None, help="the Hub endpoint (default: $HF_ENDPOINT, else the Hub)")
     push.add_argument("--with-checkpoint", action="store_true", help="also push checkpoint.safetensors (every "
                       "client's state), so that `pfedseq run --resume-from REPO` continues the run")
-    hub_eval = sub.add_parser("hub-eval", help="evaluate client K's pushed adapter on its split of the data")
+
+    hub_eval = p["hub-eval"]
     hub_eval.add_argument("repo", help="a Hub repo id (or a local run folder)")
-    hub_eval.add_argument("--client", type=int, required=True)
+    hub_eval.add_argument("--client", type=int, required=True, help="the client index k (0-based)")
     hub_eval.add_argument("--recipe", type=Path, default=None, help="default: the recipe.yaml pushed with the run")
-    hub_eval.add_argument("--split", choices=["test", "validation", "train"], default="test")
+    hub_eval.add_argument("--split", choices=["test", "validation", "train"], default="test",
+                          help="which of the client's splits to evaluate")
     hub_eval.add_argument("--revision", default=None, help="a branch or commit id (default: main)")
-    hub_eval.add_argument("--endpoint", default=None)
-    hub_eval.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    serve = sub.add_parser("hub-serve", help="serve a Hub-compatible endpoint on this machine (offline rehearsal)")
+    hub_eval.add_argument("--endpoint", default=None, help="the Hub endpoint (default: $HF_ENDPOINT, else the Hub)")
+    add_recipe_options(hub_eval, output=False, progress=False)
+
+    serve = p["hub-serve"]
     serve.add_argument("--root", type=Path, required=True, help="folder that holds the repos")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8808)
-    serve.add_argument("--token", default=None, help="require this token (default: accept any)")
-    args = parser.parse_args(argv)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8808, help="port to listen on")
+    serve.add_argument("--token", default=None, help="require this token (Authorization: Bearer) on every request "
+                       "(default: accept any)")
+    return parser
 
-    from fedml_pfedseq.checkpoint import CheckpointError
-    from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy
+
+def run(args) -> None:
+    from fedml_pfedseq.config import load_recipe
+    from fedml_pfedseq.simulation import run_folder_of, run_recipe
+
+    recipe = load_recipe(args.path, args.overrides)
+    resume_from = None
+    if args.resume_from:
+        from fedml_pfedseq.hub.warm_start import find_checkpoint
+
+        resume_from = find_checkpoint(args.resume_from)
+    run_recipe(recipe, args.output_dir or run_folder_of(args.path), progress=not args.no_progress,
+               resume=args.resume, resume_from=resume_from)
+
+
+def suite(args) -> None:
+    from fedml_pfedseq.suite import run_suite
+
+    run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
+
+
+def grid(args) -> None:
+    from fedml_pfedseq.grid import run_grid
+
+    print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress,
+                   workers=args.workers)["markdown"])
+
+
+def deploy(args) -> None:
+    from fedml_pfedseq.config import load_recipe
+    from fedml_pfedseq.cross_silo.launcher import deploy as deploy_recipe
+
+    deploy_recipe(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
+
+
+def party(args) -> None:
+    from fedml_pfedseq.config import load_recipe
     from fedml_pfedseq.cross_silo.party import run_party
-    from fedml_pfedseq.hub import HubLoadError, PushError, evaluate_client, push_run
-    from fedml_pfedseq.hub.load import recipe_from_repo
-    from fedml_pfedseq.hub.warm_start import fetch_checkpoint
-    from fedml_pfedseq.hub.local_endpoint import serve as serve_hub
-    from fedml_pfedseq.simulation import run_recipe
-    from fedml_pfedseq.grid import load_grid, run_grid
-    from fedml_pfedseq.suite import load_suite, run_suite
 
+    recipe = load_recipe(args.path, args.overrides)
+    run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id, args.resume)
+
+
+def check(args) -> None:
+    from fedml_pfedseq.config import load_recipe, load_yaml, recipe_warnings
+
+    raw = load_yaml(args.path)
+    if isinstance(raw, dict) and "methods" in raw:
+        from fedml_pfedseq.grid import load_grid
+
+        loaded = load_grid(args.path, args.overrides)
+        recipes = [cell.recipe for cell in loaded.seed_cells({})]
+        summary = (f"grid of {len(recipes)} seed cell(s) and {len(loaded.planned_tuning_cells())} tuning run(s) over "
+                   f"scenarios {list(loaded.scenarios)}")
+    elif isinstance(raw, dict) and "recipes" in raw:
+        from fedml_pfedseq.suite import load_suite
+
+        recipes = load_suite(args.path, args.overrides)[0]
+        summary = f"{len(recipes)} recipe(s): {', '.join(r.name for r in recipes)}"
+    else:
+        recipes = [load_recipe(args.path, args.overrides)]
+        summary = f"1 recipe(s): {recipes[0].name}"
+    for message in dict.fromkeys(m for recipe in recipes for m in recipe_warnings(recipe)):
+        print(f"pfedseq: warning: {message}", file=sys.stderr)
+    print(f"ok: {summary}")
+
+
+def keys(args) -> None:
+    from fedml_pfedseq.config import recipe_key_reference
+
+    print(recipe_key_reference(args.method, markdown=args.markdown), end="")
+
+
+def push(args) -> None:
+    from fedml_pfedseq.hub.push import push_run
+
+    push_run(args.path, args.repo_id, private=not args.public, endpoint=args.endpoint,
+             with_checkpoint=args.with_checkpoint)
+
+
+def hub_eval(args) -> None:
+    from fedml_pfedseq.config import load_recipe
+    from fedml_pfedseq.hub.load import evaluate_client, recipe_from_repo
+
+    recipe = load_recipe(args.recipe, args.overrides) if args.recipe else \
+        recipe_from_repo(args.repo, args.overrides, args.revision, args.endpoint)
+    print(json.dumps(evaluate_client(args.repo, args.client, recipe, args.split, args.revision, args.endpoint)))
+
+
+def hub_serve(args) -> None:
+    from fedml_pfedseq.hub.local_endpoint import serve
+
+    serve(args.root, args.host, args.port, args.token)
+
+
+HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "check": check, "keys": keys,
+            "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve}
+
+
+def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A recipe warning as one line, like the errors; any other warning as Python shows it."""
+    if category.__name__ == "RecipeWarning":
+        print(f"pfedseq: warning: {message}", file=file or sys.stderr)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.showwarning = show_warning
+    if args.command not in ("check", "keys", "hub-serve"):
+        from fedml_pfedseq.console import quiet_libraries
+
+        quiet_libraries()
     try:
-        if args.command == "push":
-            push_run(args.path, args.repo_id, private=not args.public, endpoint=args.endpoint,
-                     with_checkpoint=args.with_checkpoint)
-        elif args.command == "hub-eval":
-            recipe = load_recipe(args.recipe, args.overrides) if args.recipe else \
-                recipe_from_repo(args.repo, args.overrides, args.revision, args.endpoint)
-            result = evaluate_client(args.repo, args.client, recipe, args.split, args.revision, args.endpoint)
-            print(json.dumps(result))
-        elif args.command == "hub-serve":
-            serve_hub(args.root, args.host, args.port, args.token)
-        elif args.command == "run":
-            recipe = load_recipe(args.path, args.overrides)
-            if args.resume_from:
-                fetch_checkpoint(args.resume_from, args.output_dir or recipe.output_dir)
-            run_recipe(recipe, args.output_dir, progress=not args.no_progress,
-                       resume=args.resume or bool(args.resume_from))
-        elif args.command == "suite":
-            run_suite(args.path, args.overrides, args.output_dir, progress=not args.no_progress)
-        elif args.command == "grid":
-            print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress,
-                           workers=args.workers)["markdown"])
-        elif args.command == "deploy":
-            deploy(load_recipe(args.path, args.overrides), args.output_dir, progress=not args.no_progress)
-        elif args.command == "party":
-            recipe = load_recipe(args.path, args.overrides)
-            run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id, args.resume)
-        else:
-            raw = load_yaml(args.path)
-            if isinstance(raw, dict) and "methods" in raw:
-                grid = load_grid(args.path, args.overrides)
-                seeds, tuning = len(grid.seed_cells({})), len(grid.planned_tuning_cells())
-                print(f"ok: grid of {seeds} seed cell(s) and {tuning} tuning run(s) over scenarios "
-                      f"{list(grid.scenarios)}")
-                return 0
-            is_suite = isinstance(raw, dict) and "recipes" in raw
-            loaded = load_suite(args.path, args.overrides)[0] if is_suite else [load_recipe(args.path, args.overrides)]
-            print(f"ok: {len(loaded)} recipe(s): {', '.join(r.name for r in loaded)}")
-    except (RecipeError, PartitionError, FileNotFoundError, DeploymentError, PushError, HubLoadError,
-            CheckpointError) as err:
-        print(f"pfedseq: error: {err}", file=sys.stderr)
+        HANDLERS[args.command](args)
+    except (UserError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"pfedseq: error: {one_line(err)}", file=sys.stderr)
         return 2
     return 0
+
+
+def one_line(err: Exception) -> str:
+    """The message on one line (a FileNotFoundError from the OS names its file in ``filename``)."""
+    text = str(err) if str(err) else type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {text}"
+    return " ".join(text.split())
 
 
 if __name__ == "__main__":

@@ -10,119 +10,145 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from fedml_pfedseq.errors import UserError
 
-class RecipeError(ValueError):
+
+class RecipeError(UserError, ValueError):
     """A recipe that cannot run; the message names the file, the key and what is wrong."""
+
+
+def recipe_key(default: Any, meaning: str):
+    """A recipe key: its default and what it means, which ``pfedseq keys`` prints (a list default is copied per
+    recipe, as ``default_factory`` does)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": meaning})
+    return field(default=default, metadata={"help": meaning})
 
 
 @dataclass
 class CommonArgs:
-    training_type: str = "simulation"  # "simulation" (our in-process simulator) or "cross_silo" (FedML)
-    random_seed: int = 0
-    output_dir: str = "runs/{recipe}"  # {recipe} is replaced by the recipe's file stem
-    checkpoint: bool = True  # save the whole federation after every round (<output_dir>/checkpoint.safetensors),
-    # so `pfedseq run --resume` continues an interrupted run, or extends a finished one (a larger comm_round)
-    federated_scenario: str = ""  # free text for reports, e.g. "real-world (Omniglot drawers)"; FedML keeps
-    # "scenario" for its own horizontal|hierarchical switch
+    training_type: str = recipe_key("simulation", "'simulation' (our in-process simulator) or 'cross_silo' (FedML)")
+    random_seed: int = recipe_key(0, "seeds the partition, the splits, the initial adapter and every client's training")
+    output_dir: str = recipe_key("runs/{recipe}", "{recipe} is replaced by the recipe's file stem")
+    checkpoint: bool = recipe_key(True, "save the whole federation after every round "
+                                        "(<output_dir>/checkpoint.safetensors), so `pfedseq run --resume` continues an "
+                                        "interrupted run, or extends a finished one (a larger comm_round)")
+    federated_scenario: str = recipe_key("", "free text for reports, e.g. 'real-world (Omniglot drawers)'; FedML keeps "
+                                             "'scenario' for its own horizontal|hierarchical switch")
 
 
 @dataclass
 class DataArgs:
-    dataset: str = "omniglot"
-    dataset_split: str = "train"  # the split federated (CIFAR-10: "test", the images the backbone never saw)
-    data_dir: str | None = None  # None: $PFEDSEQ_DATA_DIR, else ../shared/data, then the embedded data/
-    hub_id: str | None = None  # a Hub dataset id, for machines with a network
-    label_column: str | None = None  # None: the dataset's own label column
-    partition_method: str = "column"  # "column", "dirichlet", or "silo": each client's data is its own file
-    partition_column: str | None = "drawer"
-    partition_alpha: float = 0.1
-    partition_min_size: int = 10
-    partition_max_retries: int = 100
-    split_fractions: list[float] = field(default_factory=lambda: [0.7, 0.1, 0.2])  # train / validation / test
-    samples_per_client: int | None = None  # keep a seeded random subset of each client's data (fast runs)
-    data_files: list[str] | None = None  # "silo": client k's own parquet file (image + integer label columns), on
-    # the machine of client k's party; a party reads only its own
-    label_names: list[str] | None = None  # "silo": the label space every client's integer labels index
+    dataset: str = recipe_key("omniglot", "a known dataset (omniglot, cifar10, pacs) read from parquet; see data_dir "
+                                          "and hub_id")
+    dataset_split: str = recipe_key("train", "the split federated (CIFAR-10: 'test', the images the backbone never "
+                                             "saw)")
+    data_dir: str | None = recipe_key(None, "None: $PFEDSEQ_DATA_DIR, else ../shared/data, then the embedded data/")
+    hub_id: str | None = recipe_key(None, "a Hub dataset id, for machines with a network")
+    label_column: str | None = recipe_key(None, "None: the dataset's own label column")
+    partition_method: str = recipe_key("column", "'column', 'dirichlet', or 'silo': each client's data is its own file")
+    partition_column: str | None = recipe_key("drawer", "'column': one client per value of this column (Omniglot's "
+                                                        "drawer, PACS's domain)")
+    partition_alpha: float = recipe_key(0.1, "'dirichlet': the concentration of each client's label distribution "
+                                             "(smaller: more skew)")
+    partition_min_size: int = recipe_key(10, "'dirichlet': redraw until every client holds at least this many samples")
+    partition_max_retries: int = recipe_key(100, "'dirichlet': draws tried before the partition is refused")
+    split_fractions: list[float] = recipe_key([0.7, 0.1, 0.2], "train / validation / test")
+    samples_per_client: int | None = recipe_key(None, "keep a seeded random subset of each client's data (fast runs)")
+    data_files: list[str] | None = recipe_key(None, "'silo': client k's own parquet file (image + integer label "
+                                                    "columns), on the machine of client k's party; a party reads only "
+                                                    "its own")
+    label_names: list[str] | None = recipe_key(None, "'silo': the label space every client's integer labels index")
 
 
 @dataclass
 class ModelArgs:
-    model: str = "vit-small-cifar10"  # a directory, a name under hf_models/, or a Hub ViT id
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    lora_target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    client_depths: list[int] | None = None  # model heterogeneity (pFedLoRA): client i keeps the first
-    # client_depths[i % len] encoder layers, and LoRA goes on the first min(client_depths) layers (one adapter
-    # shape for all); null: every client has the whole backbone, with LoRA on every layer
+    model: str = recipe_key("vit-small-cifar10", "a directory, a name under hf_models/, or a Hub ViT id")
+    lora_r: int = recipe_key(8, "LoRA rank r of every adapted projection")
+    lora_alpha: int = recipe_key(16, "LoRA scaling alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = recipe_key(0.0, "dropout on LoRA's input")
+    lora_target_modules: list[str] = recipe_key(["q_proj", "v_proj"], "the attention projections that carry LoRA "
+                                                                      "(PEFT target_modules)")
+    client_depths: list[int] | None = recipe_key(None, "model heterogeneity (pFedLoRA): client i keeps the first "
+                                                       "client_depths[i % len] encoder layers, and LoRA goes on the "
+                                                       "first min(client_depths) layers (one adapter shape for all); "
+                                                       "null: every client has the whole backbone, with LoRA on every "
+                                                       "layer")
 
 
 @dataclass
 class TrainArgs:
-    federated_optimizer: str = "FedAvg"  # the method; see fedml_pfedseq.strategies.METHODS
-    client_num_in_total: int | None = None  # None: as many as the partition makes
-    client_num_per_round: int | None = None  # K: clients sampled each round (None: all N)
-    min_uploads_per_round: int = 1  # fewer valid uploads in a round (after rejecting bad ones) stop the run
-    comm_round: int = 10
-    epochs: int = 1
-    batch_size: int = 32
-    learning_rate: float = 0.05
-    client_optimizer: str = "sgd"
-    momentum: float = 0.0
-    weight_decay: float = 0.0
+    federated_optimizer: str = recipe_key("FedAvg", "the method; see fedml_pfedseq.strategies.METHODS")
+    client_num_in_total: int | None = recipe_key(None, "None: as many as the partition makes")
+    client_num_per_round: int | None = recipe_key(None, "K: clients sampled each round (None: all N)")
+    min_uploads_per_round: int = recipe_key(1, "fewer valid uploads in a round (after rejecting bad ones) stop the run")
+    comm_round: int = recipe_key(10, "communication rounds T")
+    epochs: int = recipe_key(1, "local epochs per round")
+    batch_size: int = recipe_key(32, "local training batch size")
+    learning_rate: float = recipe_key(0.05, "the clients' SGD learning rate")
+    client_optimizer: str = recipe_key("sgd", "the clients' optimiser (only 'sgd', the paper's)")
+    momentum: float = recipe_key(0.0, "the clients' SGD momentum")
+    weight_decay: float = recipe_key(0.0, "the clients' SGD weight decay")
 
 
 @dataclass
 class ValidationArgs:
-    frequency_of_the_test: int = 1  # evaluate every k rounds (the final round is always evaluated)
-    eval_batch_size: int = 256
+    frequency_of_the_test: int = recipe_key(1, "evaluate every k rounds (the final round is always evaluated)")
+    eval_batch_size: int = recipe_key(256, "batch size of evaluation")
 
 
 @dataclass
 class DeviceArgs:
-    using_gpu: bool = True  # use an accelerator when accelerate finds one
-    num_threads: int | None = None  # torch threads; None: torch's default
+    using_gpu: bool = recipe_key(True, "use an accelerator when accelerate finds one")
+    num_threads: int | None = recipe_key(None, "torch threads; None: torch's default")
 
 
 @dataclass
 class CommArgs:
     """Cross-silo deployments only (``pfedseq party`` / ``pfedseq deploy``); the simulator ignores them."""
 
-    backend: str = "GRPC"  # FedML's transport; GRPC is the one patched (no busy-wait) and tested
-    grpc_ipconfig_path: str | None = None  # FedML's CSV: eid,rank,grpc_server_ip,grpc_server_port (deploy writes one)
-    round_timeout: float = 900.0  # seconds a party waits for a round before stopping with an error
-    startup_timeout: float = 300.0  # seconds for the server to listen, then for every client to connect
-    upload_timeout: float | None = None  # seconds after a round's payloads go out until the server aggregates the
-    # uploads that arrived (at least train_args.min_uploads_per_round); None: wait for every client
+    backend: str = recipe_key("GRPC", "FedML's transport; GRPC is the one patched (no busy-wait) and tested")
+    grpc_ipconfig_path: str | None = recipe_key(None, "FedML's CSV: eid,rank,grpc_server_ip,grpc_server_port (deploy "
+                                                      "writes one)")
+    round_timeout: float = recipe_key(900.0, "seconds a party waits for a round before stopping with an error")
+    startup_timeout: float = recipe_key(300.0, "seconds for the server to listen, then for every client to connect")
+    upload_timeout: float | None = recipe_key(None, "seconds after a round's payloads go out until the server "
+                                                    "aggregates the uploads that arrived (at least "
+                                                    "train_args.min_uploads_per_round); None: wait for every client")
 
 
 @dataclass
 class TrackingArgs:
-    enable_tracking: bool = False
-    log_level: str = "INFO"
+    enable_tracking: bool = recipe_key(False, "FedML's experiment tracking (off: nothing leaves the machine)")
+    log_level: str = recipe_key("INFO", "logging level of cross-silo parties")
 
 
 @dataclass
 class HubArgs:
     """Sharing a run: its personalized adapters on disk, and (opt-in) the run pushed to a Hugging Face Hub repo."""
 
-    save_adapters: bool = True  # write <output_dir>/adapters/ (PEFT format) at the end of a simulator run
-    push_to_hub: bool = False  # push the run folder to hub_repo_id once the run ends (HF_ENDPOINT, HF_TOKEN)
-    hub_repo_id: str | None = None  # "owner/name" of the model repo to push to
-    hub_private: bool = True  # create the repo private (ignored if it already exists)
-    hub_push_every: int | None = None  # also push a checkpoint every K rounds during the run (null: only at the end)
-    push_checkpoint: bool = False  # also push checkpoint.safetensors (every client's state), so that
-    # `pfedseq run --resume-from REPO` continues the run elsewhere
-    hub_learner_init: str | None = None  # pFedSeq: a repo id or run folder whose seq_learner/ the learner starts
-    # from (its weights only, for a new run; `pfedseq run --resume-from` continues a run exactly)
+    save_adapters: bool = recipe_key(True, "write <output_dir>/adapters/ (PEFT format) at the end of a simulator run")
+    push_to_hub: bool = recipe_key(False, "push the run folder to hub_repo_id once the run ends (HF_ENDPOINT, "
+                                          "HF_TOKEN)")
+    hub_repo_id: str | None = recipe_key(None, "'owner/name' of the model repo to push to")
+    hub_private: bool = recipe_key(True, "create the repo private (ignored if it already exists)")
+    hub_push_every: int | None = recipe_key(None, "also push a checkpoint every K rounds during the run (null: only at "
+                                                  "the end)")
+    push_checkpoint: bool = recipe_key(False, "also push checkpoint.safetensors (every client's state), so that "
+                                              "`pfedseq run --resume-from REPO` continues the run elsewhere")
+    hub_learner_init: str | None = recipe_key(None, "pFedSeq: a repo id or run folder whose seq_learner/ the learner "
+                                                    "starts from (its weights only, for a new run; `pfedseq run "
+                                                    "--resume-from` continues a run exactly)")
 
 
 SECTIONS: dict[str, type] = {
@@ -166,6 +192,42 @@ class Recipe:
         out = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
         out["algorithm_args"] = dataclasses.asdict(self.algorithm_args) if self.algorithm_args else {}
         return out
+
+
+def recipe_key_reference(method: str | None = None, markdown: bool = False) -> str:
+    """Every recipe key with its type, default and meaning, read from the dataclasses (``pfedseq keys``): the
+    sections, then ``algorithm_args`` of ``method`` (default: of every method)."""
+    from fedml_pfedseq.strategies import METHODS, method_class
+
+    try:
+        methods = [method_class(method)] if method else list(METHODS.values())
+    except KeyError as err:
+        raise RecipeError(f"--method {err.args[0]}") from None
+    groups = [(name, cls) for name, cls in SECTIONS.items()] + [
+        (f"algorithm_args ({m.name})", m.Args) for m in methods if dataclasses.fields(m.Args)]
+    hints = {cls: typing.get_type_hints(cls) for _, cls in groups}
+    out = ["# Recipe keys", "", "Every key of a recipe, with its type, default and meaning. Generated from the config "
+           "dataclasses by `pfedseq keys --markdown > docs/recipe-keys.md` (a test fails when it is stale).", ""] \
+        if markdown else []
+    for title, cls in groups:
+        rows = [(f.name, _type_name(hints[cls][f.name]), json.dumps(_default(f)), f.metadata.get("help", ""))
+                for f in dataclasses.fields(cls)]
+        if markdown:
+            out += [f"## {title}", "", "| key | type | default | meaning |", "|---|---|---|---|"]
+            out += [f"| `{k}` | `{t.replace('|', '&#124;')}` | `{d}` | {m.replace('|', '&#124;')} |"
+                    for k, t, d, m in rows] + [""]
+        else:
+            out.append(f"{title}:")
+            out += [f"  {k}: {t} = {d}\n      {m}" for k, t, d, m in rows] + [""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _default(f: dataclasses.Field) -> Any:
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "") if typing.get_origin(annotation) else annotation.__name__
 
 
 def _suggest(key: str, known: typing.Iterable[str]) -> str:
@@ -296,8 +358,6 @@ def _validate(recipe: Recipe, where: str) -> None:
 
 def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) -> Recipe:
     """Build and validate a :class:`Recipe` from an already-parsed YAML mapping."""
-    from fedml_pfedseq.strategies import method_class  # strategies declare their own algorithm_args
-
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: a recipe is a mapping of sections, got {type(raw).__name__}")
     allowed = set(SECTIONS) | {"algorithm_args"}
@@ -307,6 +367,8 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
                               f"allowed: {sorted(allowed)}")
     recipe = Recipe(source=source, **{
         name: build_section(cls, raw.get(name), f"{where}: {name}") for name, cls in SECTIONS.items()})
+    from fedml_pfedseq.strategies import method_class  # (torch) only once the sections are valid
+
     try:
         method = method_class(recipe.train_args.federated_optimizer)
     except KeyError as err:
@@ -320,6 +382,21 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
         except RecipeError as err:
             raise RecipeError(f"{where}: {err}") from None
     return recipe
+
+
+class RecipeWarning(UserWarning):
+    """A recipe that runs but will not do what its method is for (``pfedseq check`` prints these too)."""
+
+
+def recipe_warnings(recipe: Recipe) -> list[str]:
+    """What a method says of a valid recipe that will not do what the method is for (``Args.recipe_warnings``)."""
+    method_warnings = getattr(recipe.algorithm_args, "recipe_warnings", None)
+    return [f"{recipe.name}: {message}" for message in (method_warnings(recipe) if method_warnings else [])]
+
+
+def warn_about(recipe: Recipe) -> None:
+    for message in recipe_warnings(recipe):
+        warnings.warn(message, RecipeWarning, stacklevel=2)
 
 
 def recipe_changes(saved: dict, current: Recipe, ignore: tuple[str, ...] = ()) -> list[str]:

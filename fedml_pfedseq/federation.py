@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
 from fedml_pfedseq.config import Recipe
@@ -99,16 +100,24 @@ class Federation:
         return self.models[None]
 
 
-def build_federation(recipe: Recipe, resuming: bool = False) -> Federation:
-    """Data, models, server and clients of ``recipe``; ``resuming``: as ``build_server``'s."""
+def build_federation(recipe: Recipe, resuming: bool = False, progress: bool = False) -> Federation:
+    """Data, models, server and clients of ``recipe``; ``resuming``: as ``build_server``'s. ``progress``: one bar
+    for the whole build (the libraries' own bars are for ``console.quiet_libraries`` to turn off)."""
     set_threads(recipe)
-    data = build_data(recipe)
-    models = {None: build_model(recipe, data.num_labels)}
-    for i in range(len(data.clients)):
-        depth = client_depth(recipe, i)
-        if depth not in models:
-            models[depth] = build_model(recipe, data.num_labels, depth)
-    server = build_server(recipe, models[None], len(data.clients), resuming)
-    clients = [build_client(recipe, i, client_data, models[client_depth(recipe, i)])
-               for i, client_data in enumerate(data.clients)]
+    with tqdm(total=3, desc=f"{recipe.name}: loading", disable=not progress, leave=False) as bar:
+        bar.set_postfix_str("data")
+        data = build_data(recipe)
+        bar.update()
+        bar.set_postfix_str("backbone")
+        models = {None: build_model(recipe, data.num_labels)}
+        for i in range(len(data.clients)):
+            depth = client_depth(recipe, i)
+            if depth not in models:
+                models[depth] = build_model(recipe, data.num_labels, depth)
+        bar.update()
+        bar.set_postfix_str("strategies")
+        server = build_server(recipe, models[None], len(data.clients), resuming)
+        clients = [build_client(recipe, i, client_data, models[client_depth(recipe, i)])
+                   for i, client_data in enumerate(data.clients)]
+        bar.update()
     return Federation(recipe, data, models, server, clients)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import time
 from pathlib import Path
 from typing import Callable
@@ -23,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
-from fedml_pfedseq.config import Recipe, recipe_changes
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_changes, warn_about
 from fedml_pfedseq.federation import Federation, build_federation, participants
 from fedml_pfedseq.hub.adapters import AdapterWriter, remove_stale
 from fedml_pfedseq.hub.push import push_run
@@ -32,6 +33,7 @@ from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.round_close import round_record, screen
 from fedml_pfedseq.transport import check_plain
 
+RECIPE_FILE, SUMMARY_FILE = "recipe.yaml", "summary.json"  # what a run writes beside its checkpoint
 RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir")
 
 
@@ -49,9 +51,10 @@ def save_federation(path: Path, fed: Federation, round_idx: int, payloads: dict,
 
 def resume_federation(path: Path, fed: Federation) -> tuple[int, dict, MetricsLog]:
     """Restore a freshly built federation from ``path``: (the round to run next, its payloads, the metrics so far).
-    Only the number of rounds (and what is saved or pushed) may differ from the run that wrote it."""
-    extra = load_checkpoint(path, federation_parts(fed))
-    check_resumable(path, extra["recipe"], extra["round"], fed.recipe)
+    Only the number of rounds (and what is saved or pushed) may differ from the run that wrote it; that is checked
+    before anything is restored, so a refused checkpoint names the recipe keys that differ."""
+    extra = load_checkpoint(path, federation_parts(fed),
+                            check=lambda saved: check_resumable(path, saved["recipe"], saved["round"], fed.recipe))
     return extra["round"] + 1, extra["payloads"], MetricsLog(**extra["log"])
 
 
@@ -77,22 +80,20 @@ def checked(payloads: dict) -> dict:
 def run_federation(fed: Federation, progress: bool = True,
                    after_evaluation: Callable[[int, int, object], None] | None = None,
                    before_aggregation: Callable[[int, MetricsLog], None] | None = None,
-                   checkpoint: Path | None = None, resume: bool = False) -> MetricsLog:
+                   checkpoint: Path | None = None,
+                   resumed: tuple[int, dict, MetricsLog] | None = None) -> MetricsLog:
     """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end.
-    With ``checkpoint``, save the federation there after every round; with ``resume``, start from it.
+    With ``checkpoint``, save the federation there after every round; ``resumed``: go on from what
+    ``resume_federation`` restored.
 
     ``after_evaluation(round, i, client)`` is called right after client i is evaluated at ``round``, while its
     evaluated model is still in ``client.model`` (to save exactly what was reported); ``before_aggregation(t - 1,
     log)`` once every client of round t has trained, while the server still holds the state after round t - 1."""
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
-    if resume:
-        start, payloads, log = resume_federation(checkpoint, fed)
-    else:
-        start, payloads, log = 1, checked(fed.server.initial_payloads()), MetricsLog()
-    bar = tqdm(range(start, rounds + 1), desc=f"{fed.recipe.name}", disable=not progress, initial=start - 1,
-               total=rounds)
-    for t in bar:
+    start, payloads, log = resumed or (1, checked(fed.server.initial_payloads()), MetricsLog())
+    bar = tqdm(desc=f"{fed.recipe.name}", disable=not progress, initial=start - 1, total=rounds, unit="round")
+    for t in range(start, rounds + 1):
         started = time.perf_counter()
         uploads, train_s, eval_s = {}, 0.0, 0.0
         sampled = participants(fed.recipe, len(fed.clients), t)
@@ -118,28 +119,67 @@ def run_federation(fed: Federation, progress: bool = True,
         log.eval_seconds.append(eval_s)
         if checkpoint is not None:
             save_federation(checkpoint, fed, t, payloads, log)
-        if log.rows:
-            bar.set_postfix(test_acc=f"{log.mean_at(log.rows[-1]['round'], 'test_accuracy'):.3f}")
+        show_evaluated(bar, log)
+        bar.update()
     for i, client in enumerate(fed.clients):
         client.receive(payloads[i])
         log.add(round=rounds, client=i, **client.evaluate())
         if after_evaluation is not None:
             after_evaluation(rounds, i, client)
+    show_evaluated(bar, log)
+    bar.close()
     return log
 
 
-def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = True, resume: bool = False) -> dict:
+def show_evaluated(bar, log: MetricsLog) -> None:
+    """The bar's figure: the mean test accuracy of the round evaluated last (the final one once the run ends)."""
+    if log.rows:
+        evaluated = log.rows[-1]["round"]
+        bar.set_postfix(evaluated=evaluated, test_acc=f"{log.mean_at(evaluated, 'test_accuracy'):.4f}")
+
+
+def run_folder_of(recipe_path: Path) -> Path | None:
+    """The run folder a run's own ``recipe.yaml`` sits in (so that ``pfedseq run <run>/recipe.yaml --resume``
+    continues that run in place), else None (the recipe's common_args.output_dir)."""
+    folder = Path(recipe_path).parent
+    is_run = any((folder / name).is_file() for name in (CHECKPOINT_FILE, SUMMARY_FILE))
+    return folder if Path(recipe_path).name == RECIPE_FILE and is_run else None
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """RecipeError unless ``output_dir`` is a folder or can become one."""
+    for parent in (output_dir, *output_dir.parents):
+        if parent.exists() and not parent.is_dir():
+            raise RecipeError(f"--output-dir / common_args.output_dir: {parent} is a file, not a folder")
+        if parent.exists():
+            return
+
+
+def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = True, resume: bool = False,
+               resume_from: Path | None = None) -> dict:
     """Build, run and save one recipe; returns its summary (also written to ``summary.json``). With ``resume``,
-    continue from the checkpoint in ``output_dir`` (an interrupted run, or a finished one given more rounds)."""
+    continue from the checkpoint in ``output_dir`` (an interrupted run, or a finished one given more rounds), or
+    from the checkpoint file ``resume_from`` (another run's, copied in once accepted).
+
+    Every check that can refuse the run (output folder, data, checkpoint and its recipe) happens before anything
+    under ``output_dir`` is written, so a refused command leaves a previous run there as it was."""
     output_dir = Path(output_dir or recipe.output_dir)
+    check_output_dir(output_dir)
     checkpoint = output_dir / CHECKPOINT_FILE
-    if resume and not checkpoint.is_file():
-        raise CheckpointError(f"cannot resume: no {CHECKPOINT_FILE} in {output_dir} (was it run with "
+    source = Path(resume_from) if resume_from else checkpoint
+    resume = resume or resume_from is not None
+    if resume and not source.is_file():
+        raise CheckpointError(f"cannot resume: no {CHECKPOINT_FILE} in {source.parent} (was it run with "
                               "common_args.checkpoint: true and did it finish a round?)")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     started = time.perf_counter()
-    fed = build_federation(recipe, resuming=resume)
+    fed = build_federation(recipe, resuming=resume, progress=progress)
+    resumed = resume_federation(source, fed) if resume else None
+    warn_about(recipe)
+    # accepted: from here on the output folder is written
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if source.resolve() != checkpoint.resolve():
+        shutil.copyfile(source, checkpoint)
+    (output_dir / RECIPE_FILE).write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
     writer = AdapterWriter(output_dir / "adapters", recipe) if recipe.hub_args.save_adapters else None
     if writer is None:
         remove_stale(output_dir / "adapters")
@@ -153,10 +193,10 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
 
     log = run_federation(fed, progress=progress, after_evaluation=after_evaluation,
                          before_aggregation=pusher.before_aggregation if pusher else None,
-                         checkpoint=checkpoint if recipe.common_args.checkpoint else None, resume=resume)
+                         checkpoint=checkpoint if recipe.common_args.checkpoint else None, resumed=resumed)
     fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if writer is not None:
         writer.finish(fed.server, fed.model, log.at(log.rounds[-1]), fed.data.label_names)
     if recipe.hub_args.push_to_hub:

@@ -35,6 +35,8 @@ from fedml_pfedseq.training import evaluate_model, make_loader
 
 REPO = "local-user/omniglot-pfedseq"
 CLIENT = 3
+CLIENT_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
+                "splits.json"}
 SRC = Path(__file__).resolve().parents[1]
 
 
@@ -70,8 +72,8 @@ def hub_env(pushed, monkeypatch, tmp_path):
     return hub_environment(monkeypatch, pushed.server.url, tmp_path / "cache")
 
 
-def client_inputs(fed, client: int) -> torch.Tensor:
-    return next(iter(make_loader(fed.data.clients[client].test, 8, shuffle=False)))["pixel_values"]
+def client_inputs(fed, client: int, count: int = 8) -> torch.Tensor:
+    return next(iter(make_loader(fed.data.clients[client].test, count, shuffle=False)))["pixel_values"]
 
 
 def reference_logits(fed, client: int, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +108,7 @@ def test_run_writes_each_clients_evaluated_model_in_peft_format(pushed, tiny_vit
     manifest = json.loads((adapters / "manifest.json").read_text())
     assert [c["client"] for c in manifest["clients"]] == list(range(20)) and manifest["method"] == "pFedSeq"
     for k in range(20):
-        assert {p.name for p in (adapters / f"client_{k}").iterdir()} == \
-            {"adapter_config.json", "adapter_model.safetensors", "head.safetensors"}
+        assert {p.name for p in (adapters / f"client_{k}").iterdir()} == CLIENT_FILES
         assert manifest["clients"][k]["test_accuracy"] == pushed.final[k]["test_accuracy"]
     x = client_inputs(pushed.fed, CLIENT)
     model = load_by_hand(adapters / f"client_{CLIENT}", tiny_vit)
@@ -191,8 +192,7 @@ def test_push_puts_learners_adapters_backbone_recipe_metrics_and_card_on_the_end
                 "adapters/global/adapter_model.safetensors", "seq_learner/config.json",
                 "seq_learner/model.safetensors", "backbone/config.json", "backbone/model.safetensors",
                 "backbone/preprocessor_config.json"}
-    expected |= {f"adapters/client_{k}/{name}" for k in range(20)
-                 for name in ("adapter_config.json", "adapter_model.safetensors", "head.safetensors")}
+    expected |= {f"adapters/client_{k}/{name}" for k in range(20) for name in CLIENT_FILES}
     assert expected <= files
     assert not [f for f in files if f.endswith((".pt", ".bin", ".pkl", ".pth"))]
     local = set(digest(pushed.run_dir)) - {"checkpoint.safetensors"}  # pushed only when asked (see the last test)
@@ -279,7 +279,7 @@ def test_card_is_generated_from_the_run_and_validated_by_the_endpoint(pushed, hu
     assert abs(card.data.eval_results[0].metric_value - pushed.summary["final_test_accuracy_mean"]) < 1e-4
     text = card.text
     for needle in ("pFedSeq", "drawer", "Intended use and limits", f'repo, k = "{REPO}"', "learning_rate",
-                   f"{pushed.final[CLIENT]['test_accuracy']:.4f}", 'subfolder="backbone"'):
+                   f"{pushed.final[CLIENT]['test_accuracy']:.4f}", "PeftConfig.from_pretrained(client)"):
         assert needle in text, needle
     broken = str(card).replace("library_name: peft", "library_name: [1, 2]")
     with pytest.raises(ValueError, match="library_name"):
@@ -314,11 +314,39 @@ def test_endpoint_down_is_a_clear_error_and_keeps_the_local_files(pushed, hub_en
     assert down in capsys.readouterr().err
 
 
-def test_endpoint_refusing_the_token_is_a_clear_error(pushed, hub_env, tmp_path):
-    with LocalHubServer(tmp_path / "strict", token="the-right-token") as strict:
-        with pytest.raises(PushError, match=r"(?s)local-user/x on http://127\.0\.0\.1:\d+.*401.*pfedseq push"):
-            push_run(pushed.run_dir, "local-user/x", endpoint=strict.url)
-        assert not (tmp_path / "strict" / "models").exists()
+@pytest.fixture
+def strict_endpoint(tmp_path):
+    """`pfedseq hub-serve --token the-right-token` in its own process, as a user starts it to rehearse a push."""
+    port = closed_port()
+    server = subprocess.Popen([sys.executable, "-m", "fedml_pfedseq.cli", "hub-serve", "--root",
+                               str(tmp_path / "strict"), "--port", str(port), "--token", "the-right-token"],
+                              cwd=SRC, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    first = server.stdout.readline()  # printed once it listens
+    assert first.startswith("local Hub endpoint serving"), first + server.stderr.read()
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", root=tmp_path / "strict")
+    server.terminate()
+    server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("token, refusal", [
+    (None, "requires a token .* and the request sent none"),
+    ("a-wrong-token", "Invalid credentials"),
+    ("the-right-token", None),
+])
+def test_an_endpoint_with_a_token_refuses_pushes_without_it(pushed, hub_env, strict_endpoint, monkeypatch, tmp_path,
+                                                           token, refusal):
+    monkeypatch.delenv("HF_TOKEN")  # only what is passed is sent: no environment variable, no token file
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    repo = "local-user/strict"
+    if refusal is None:
+        result = push_run(pushed.run_dir, repo, endpoint=strict_endpoint.url, token=token)
+        assert "adapters/manifest.json" in HfApi(endpoint=strict_endpoint.url, token=token).list_repo_files(repo)
+        assert result.commit in result.commit_url
+        return
+    with pytest.raises(PushError, match=rf"(?s){repo} on {strict_endpoint.url}.*401.*{refusal}.*Check that the token"
+                                        r".*pfedseq push"):
+        push_run(pushed.run_dir, repo, endpoint=strict_endpoint.url, token=token)
+    assert not (strict_endpoint.root / "models").exists()
 
 
 def test_a_commit_failing_midway_leaves_the_previous_revision_whole_and_loadable(pushed, hub_env, tmp_path):

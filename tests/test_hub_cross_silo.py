@@ -20,7 +20,8 @@ from test_hub import closed_port, hub_environment
 
 REPO = "local-user/omniglot-pfedseq-cross-silo"
 CLIENTS = 2
-CLIENT_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "client.json"}
+CLIENT_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
+                "splits.json", "client.json"}
 SRC = Path(__file__).resolve().parents[1]
 
 
@@ -132,7 +133,8 @@ def test_the_servers_card_says_where_each_clients_accuracy_is(deployed, hub_env)
     card = ModelCard.load(REPO)
     card.validate()
     assert card.data.library_name == "peft" and not card.data.eval_results
-    for needle in ("cross-silo deployment", "adapters/client_1/client.json", "pFedSeq", 'subfolder="backbone"'):
+    for needle in ("cross-silo deployment", "adapters/client_1/client.json", "pFedSeq",
+                   "PeftConfig.from_pretrained(client)"):
         assert needle in card.text, needle
     manifest = json.loads(Path(HfApi().hf_hub_download(REPO, "adapters/manifest.json")).read_text())
     assert manifest["party"] == "server" and manifest["clients"] == [

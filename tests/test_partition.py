@@ -116,7 +116,7 @@ def test_recipe_partition_errors_name_the_column_and_the_client_count(tmp_path):
     from fedml_pfedseq.data.federated import build_federated_data
 
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    with pytest.raises(RecipeError, match="partition_column 'writer' is not a column"):
+    with pytest.raises(RecipeError, match=r"omniglot28.parquet has no column 'writer', which data_args.partition_column names"):
         build_federated_data(DataArgs(partition_column="writer"), processor, None, seed=0)
     with pytest.raises(RecipeError, match="client_num_in_total is 5 but column 'drawer' has 20"):
         build_federated_data(DataArgs(), processor, 5, seed=0)

@@ -34,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import dataset_label_names
 from fedml_pfedseq.cross_silo.hub_share import (push_client_checkpoint, push_server_checkpoint, push_share,
@@ -84,9 +84,8 @@ def save_party(path: Path, name: str, strategy, state: dict, recipe: Recipe) -> 
 def load_party(path: Path, name: str, strategy, recipe: Recipe) -> dict:
     """Restore ``strategy`` from ``path`` and return the saved ``state``; a checkpoint that cannot go on under
     ``recipe`` is refused before anything is loaded, as ``pfedseq run --resume`` refuses one."""
-    skeleton, decode = read_checkpoint(path)
-    check_resumable(path, decode(skeleton["extra"]["recipe"]), decode(skeleton["extra"]["round"]), recipe)
-    state = load_checkpoint(path, {name: strategy})
+    state = load_checkpoint(path, {name: strategy},
+                            check=lambda extra: check_resumable(path, extra["recipe"], extra["round"], recipe))
     del state["recipe"]
     return state
 

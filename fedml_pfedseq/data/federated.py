@@ -8,7 +8,7 @@ import datasets
 import numpy as np
 
 from fedml_pfedseq.config import DataArgs, RecipeError
-from fedml_pfedseq.data.loading import KNOWN_DATASETS, load_image_dataset
+from fedml_pfedseq.data.loading import KNOWN_DATASETS, dataset_source, load_image_dataset
 from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
 from fedml_pfedseq.data.transforms import image_classification_transform
 
@@ -42,8 +42,10 @@ def partition_indices(dataset: datasets.Dataset, args: DataArgs, label_column: s
     """Row indices of each client, by the recipe's partition method."""
     if args.partition_method == "column":
         if args.partition_column not in dataset.column_names:
-            raise RecipeError(f"data_args.partition_column {args.partition_column!r} is not a column of "
-                              f"{args.dataset!r}; columns: {dataset.column_names}")
+            default = " (the default)" if args.partition_column == DataArgs.partition_column else ""
+            raise RecipeError(f"{source(args)} has no column {args.partition_column!r}, which "
+                              f"data_args.partition_column{default} names (columns: {dataset.column_names}); set "
+                              "data_args.partition_column, or partition_method: dirichlet")
         parts = partition_by_column(dataset.data.column(args.partition_column).to_numpy())
         if num_clients is not None and num_clients != len(parts):
             raise RecipeError(f"train_args.client_num_in_total is {num_clients} but column "
@@ -56,6 +58,10 @@ def partition_indices(dataset: datasets.Dataset, args: DataArgs, label_column: s
                                args.partition_min_size, args.partition_max_retries)
 
 
+def source(args: DataArgs) -> str:
+    return dataset_source(args.dataset, args.dataset_split, args.data_dir, args.hub_id)
+
+
 def columns(args: DataArgs) -> tuple[str, str]:
     """The (image, label) columns: the recipe's label column, else the known dataset's, else "label"."""
     info = KNOWN_DATASETS.get(args.dataset)
@@ -65,10 +71,11 @@ def columns(args: DataArgs) -> tuple[str, str]:
 def _load_labelled(args: DataArgs) -> tuple[datasets.Dataset, str, list[str]]:
     """The dataset, its label column and its label names (ClassLabel names, else the sorted distinct values)."""
     dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir, hub_id=args.hub_id)
-    label_column = columns(args)[1]
-    if label_column not in dataset.column_names:
-        raise RecipeError(f"data_args.label_column {label_column!r} is not a column of {args.dataset!r}; "
-                          f"columns: {dataset.column_names}")
+    image_column, label_column = columns(args)
+    for column, key in ((image_column, "the image column"), (label_column, "data_args.label_column")):
+        if column not in dataset.column_names:
+            raise RecipeError(f"{source(args)} has no column {column!r} ({key} of dataset {args.dataset!r}; "
+                              f"columns: {dataset.column_names})")
     feature = dataset.features[label_column]
     label_names = list(feature.names) if hasattr(feature, "names") else [
         str(v) for v in sorted(set(dataset.data.column(label_column).to_pylist()))]

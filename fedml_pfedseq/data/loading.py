@@ -60,6 +60,17 @@ def find_data_file(file_name: str, data_dir: str | os.PathLike | None = None) ->
     )
 
 
+def dataset_source(name: str, split: str = "train", data_dir: str | os.PathLike | None = None,
+                   hub_id: str | None = None) -> str:
+    """Where ``load_image_dataset`` reads from (the parquet file, or the Hub id), for messages about its content."""
+    if hub_id:
+        return f"Hub dataset {hub_id!r}"
+    try:
+        return str(find_data_file(KNOWN_DATASETS[name].files[split], data_dir))
+    except (KeyError, FileNotFoundError):
+        return f"dataset {name!r}"
+
+
 def load_image_dataset(
     name: str,
     split: str = "train",

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from fedml_pfedseq.errors import UserError
 
-class PartitionError(ValueError):
+
+class PartitionError(UserError, ValueError):
     """A partition that cannot satisfy its constraints (e.g. the minimum client size)."""
 
 

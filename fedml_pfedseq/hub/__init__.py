@@ -1,12 +1,21 @@
 """Sharing runs on the Hugging Face Hub: adapters on disk in PEFT format, a Hub-compatible local endpoint, pushing
-a run with its model card, and loading a client's personalized classifier back."""
-from fedml_pfedseq.hub.adapters import AdapterWriter
-from fedml_pfedseq.hub.card import CardError, build_card, write_card
-from fedml_pfedseq.hub.load import HubLoadError, PersonalizedClassifier, evaluate_client, load_client_classifier
-from fedml_pfedseq.hub.local_endpoint import LocalHubServer
-from fedml_pfedseq.hub.push import PushError, PushResult, push_client, push_run
+a run with its model card, and loading a client's personalized classifier back.
 
-__all__ = [
-    "AdapterWriter", "CardError", "HubLoadError", "LocalHubServer", "PersonalizedClassifier", "PushError",
-    "PushResult", "build_card", "evaluate_client", "load_client_classifier", "push_client", "push_run", "write_card",
-]
+Names are imported on first use (PEP 562): ``pfedseq hub-serve`` needs the endpoint only, not torch."""
+import importlib
+
+_PUBLIC = {
+    "AdapterWriter": "adapters", "CardError": "card", "build_card": "card", "write_card": "card",
+    "HubLoadError": "load", "PersonalizedClassifier": "load", "evaluate_client": "load",
+    "load_client_classifier": "load", "LocalHubServer": "local_endpoint", "PushError": "push", "PushResult": "push",
+    "push_client": "push", "push_run": "push",
+}
+__all__ = sorted(_PUBLIC)
+
+
+def __getattr__(name: str):
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'fedml_pfedseq.hub' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    globals()[name] = value
+    return value

@@ -4,14 +4,23 @@ At the end of a simulator run each client's evaluated model (what ``client.load(
 ``AdapterModel``: pFedSeq's theta_g + xi_i, Ditto's personal model, Per-FedAvg's adapted model, APPLE's mix...) is
 written under ``<output_dir>/adapters/``::
 
-    adapters/manifest.json             method, base model, labels, and per client its path and reported accuracy
+    adapters/manifest.json             method, base model, labels, the data, and per client its path, partition
+                                       value (e.g. its drawer) and reported accuracy
     adapters/global/                   the server's global adapter (+ head.safetensors if the head is shared),
                                        for methods that average one (absent for Local, APPLE, pFedHN, PeFLL, pFedLA)
     adapters/client_<k>/adapter_config.json, adapter_model.safetensors   (PeftModel.save_pretrained)
     adapters/client_<k>/head.safetensors                                 (the nn.Linear on the [CLS] features)
+    adapters/client_<k>/head_config.json   the head's sizes and label names (id2label, label2id)
+    adapters/client_<k>/splits.json    its partition value and its rows (train / validation / test) of the data file,
+                                       with the ``datasets.load_dataset`` arguments that load that file
     adapters/client_<k>/backbone/      only where the client's backbone is not the pretrained one (pFedLoRA trains
                                        its local model; model_args.client_depths cuts it): a transformers
-                                       ViTForImageClassification checkpoint to load the adapter onto
+                                       ViTForImageClassification checkpoint (+ image processor) to load the adapter onto
+
+``base_model_name_or_path`` in each adapter_config.json is what loads the backbone the adapter goes on: the recipe's
+Hub id, else a folder relative to the pushed repo's root (``backbone``, which ``pfedseq push`` uploads, or the
+client's own ``adapters/client_<k>/backbone``). PEFT cannot name a repo's subfolder there, so with a folder the
+adapter loads from a download of the repo (``snapshot_download``), as the model card shows.
 
 Tensors are safetensors only. The head is separate from the PEFT adapter because ``AdapterModel`` keeps it outside
 the PEFT model (the LoRA state clients exchange never holds it).
@@ -29,17 +38,25 @@ import json
 import shutil
 from pathlib import Path
 
+import datasets
+import numpy as np
+import pyarrow as pa
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTForImageClassification
 
-from fedml_pfedseq.adapter_model import AdapterModel, resolve_backbone
+from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor, resolve_backbone
+from fedml_pfedseq.data.federated import client_splits, columns, dataset_label_names, load_silo, partition_indices
+from fedml_pfedseq.data.loading import KNOWN_DATASETS, load_image_dataset
 
 MANIFEST = "manifest.json"
 CLIENT_FILE = "client.json"  # a cross-silo client's own manifest entry, in its folder
 ACCURACY_KEYS = ("test_accuracy", "test_samples", "validation_accuracy")
 HEAD_FILE = "head.safetensors"
+HEAD_CONFIG_FILE = "head_config.json"
+SPLITS_FILE = "splits.json"
+SPLITS = ("train", "validation", "test")
 BACKBONE_DIR = "backbone"
 GLOBAL_DIR = "global"
 
@@ -68,14 +85,25 @@ def save_head(state: dict[str, torch.Tensor], path: Path) -> None:
               metadata={"in_features": str(state["weight"].shape[1]), "out_features": str(state["weight"].shape[0])})
 
 
-def save_peft_adapter(model: AdapterModel, directory: Path, base_model_name: str) -> None:
-    """``PeftModel.save_pretrained`` (adapter_config.json + adapter_model.safetensors), recording the recipe's
-    backbone name instead of this machine's path, and without PEFT's per-folder README (the run has one card)."""
+def head_config(state: dict[str, torch.Tensor], label_names: list[str]) -> dict:
+    """What the head is, beside its weights: its sizes and the names of its outputs (the backbone's own config names
+    its pretraining task's labels, which these are not)."""
+    out_features, in_features = state["weight"].shape
+    return {"in_features": in_features, "out_features": out_features,
+            "input": "the [CLS] features of the backbone with its classifier replaced by nn.Identity",
+            "id2label": {str(i): name for i, name in enumerate(label_names)},
+            "label2id": {name: i for i, name in enumerate(label_names)}}
+
+
+def save_peft_adapter(model: AdapterModel, directory: Path, base_model_name_or_path: str) -> None:
+    """``PeftModel.save_pretrained`` (adapter_config.json + adapter_model.safetensors), recording where the pushed
+    repo's backbone loads from instead of this machine's path, and without PEFT's per-folder README (the run has
+    one card)."""
     model.backbone.save_pretrained(str(directory), safe_serialization=True)
     (directory / "README.md").unlink(missing_ok=True)
     config_path = directory / "adapter_config.json"
     config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model_name
+    config["base_model_name_or_path"] = base_model_name_or_path
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
@@ -97,6 +125,72 @@ def pretrained_weights(model: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vit.state_dict().items() if not k.startswith("classifier.")}
 
 
+def unchanged(batch: dict) -> dict:
+    """The transform ``client_splits`` attaches to the row numbers (they need none)."""
+    return batch
+
+
+class ClientRows:
+    """Which data each client had: its partition value (e.g. its drawer) and its rows of the data file, per split.
+
+    The writer receives only models, so it recomputes them from the recipe with the run's own partition and split
+    functions (data/federated.py), applied to row numbers instead of images: they are what the run used."""
+
+    def __init__(self, recipe):
+        self.args, self.seed = recipe.data_args, recipe.common_args.random_seed
+        self.num_clients = recipe.train_args.client_num_in_total
+
+    @functools.cached_property
+    def label_names(self) -> list[str]:
+        return dataset_label_names(self.args)
+
+    @property
+    def column(self) -> str | None:
+        """The column with one client per value, for partition_method "column"."""
+        return self.args.partition_column if self.args.partition_method == "column" else None
+
+    @functools.cached_property
+    def partition(self) -> tuple[np.ndarray, list[np.ndarray], pa.ChunkedArray | None]:
+        """(the labels, each client's rows, the partition column) of the shared dataset."""
+        args = self.args
+        dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir,
+                                     hub_id=args.hub_id)
+        label_column = columns(args)[1]
+        parts = partition_indices(dataset, args, label_column, self.num_clients, self.seed)
+        return dataset.data.column(label_column).to_numpy(), parts, self.column and dataset.data.column(self.column)
+
+    def source(self, client: int | None = None) -> dict | None:
+        """``datasets.load_dataset`` arguments loading the data that client ``client``'s rows index, naming a file
+        by its name alone (a card must not name this machine's folders). With "silo" partitions that is the client's
+        own file, so there is none for the whole run (``client`` None)."""
+        args = self.args
+        if args.partition_method == "silo":
+            return None if client is None else {"path": "parquet", "data_files": Path(args.data_files[client]).name,
+                                                "split": "train"}
+        if args.hub_id:
+            return {"path": args.hub_id, "split": args.dataset_split}
+        return {"path": "parquet", "data_files": KNOWN_DATASETS[args.dataset].files[args.dataset_split],
+                "split": "train"}
+
+    def __call__(self, client: int) -> dict:
+        """Client ``client``'s splits.json: where its rows are, its partition value and the rows themselves."""
+        args = self.args
+        if args.partition_method == "silo":
+            labels = load_silo(args, client)[1]
+            rows, value = np.arange(len(labels)), None
+        else:
+            labels, parts, values = self.partition
+            rows = parts[client]
+            value = None if values is None else values[int(rows[0])].as_py()  # a str or a number, as in the file
+        numbered = datasets.Dataset.from_dict({"row": np.arange(len(labels))})
+        splits = client_splits(numbered, rows, labels, args, unchanged, client, self.seed)
+        image_column, label_column = columns(args)
+        return {"client": client, "partition_method": args.partition_method, "partition_column": self.column,
+                "partition_value": value, "load_dataset": self.source(client), "image_column": image_column,
+                "label_column": label_column,
+                "rows": {name: getattr(splits, name)[:]["row"] for name in SPLITS}}
+
+
 class AdapterWriter:
     """Writes ``adapters/``: each client's model right after its final evaluation (``save_client``), then the
     global adapter and the manifest once the run's final metrics are known (``finish``).
@@ -109,8 +203,8 @@ class AdapterWriter:
         if fresh:
             remove_stale(self.directory)
         self.recipe = recipe
-        self.base_name = recipe.model_args.model if is_hub_id(recipe.model_args.model) \
-            else Path(recipe.model_args.model).name
+        self.base_path = recipe.model_args.model if is_hub_id(recipe.model_args.model) else BACKBONE_DIR
+        self.rows = ClientRows(recipe)
         self.clients: dict[int, dict] = {}
 
     def backbone_is_pretrained(self, weights: dict[str, torch.Tensor]) -> bool:
@@ -120,22 +214,25 @@ class AdapterWriter:
     def save_client(self, client_id: int, model: AdapterModel, report: dict | None = None) -> None:
         """Client ``client_id``'s model as it now stands in ``model`` (call right after its final evaluation);
         with ``report`` (a cross-silo client's final evaluation row) also its entry and accuracies in client.json."""
+        path = f"adapters/{client_dir_name(client_id)}"
         directory = self.directory / client_dir_name(client_id)
         remove_stale(directory)
         directory.mkdir(parents=True)
-        save_peft_adapter(model, directory, self.base_name)
-        save_head(model.get_head_state(), directory / HEAD_FILE)
         weights = plain_backbone_weights(model)
-        own_backbone = not self.backbone_is_pretrained(weights)
+        own_backbone = None if self.backbone_is_pretrained(weights) else f"{path}/{BACKBONE_DIR}"
         if own_backbone:
-            save_backbone(model, weights, directory / BACKBONE_DIR)
-        self.clients[client_id] = {"client": client_id, "path": f"adapters/{client_dir_name(client_id)}",
-                                   "backbone": f"adapters/{client_dir_name(client_id)}/{BACKBONE_DIR}"
-                                   if own_backbone else None,
-                                   "num_layers": model.backbone.get_base_model().config.num_hidden_layers}
+            save_backbone(model, weights, directory / BACKBONE_DIR, self.recipe.model_args.model)
+        save_peft_adapter(model, directory, own_backbone or self.base_path)
+        head = model.get_head_state()
+        save_head(head, directory / HEAD_FILE)
+        write_json(directory / HEAD_CONFIG_FILE, head_config(head, self.rows.label_names))
+        splits = self.rows(client_id)
+        (directory / SPLITS_FILE).write_text(json.dumps(splits) + "\n")  # one line: the rows are long
+        self.clients[client_id] = {"client": client_id, "path": path, "backbone": own_backbone,
+                                   "num_layers": model.backbone.get_base_model().config.num_hidden_layers,
+                                   "partition_value": splits["partition_value"]}
         if report is not None:
-            entry = reported(self.clients[client_id], report)
-            (directory / CLIENT_FILE).write_text(json.dumps(entry, indent=1) + "\n")
+            write_json(directory / CLIENT_FILE, reported(self.clients[client_id], report))
 
     def finish(self, server, model: AdapterModel, final_rows: list[dict], label_names: list[str],
                party_clients: int | None = None) -> dict:
@@ -150,7 +247,7 @@ class AdapterWriter:
             directory = self.directory / GLOBAL_DIR
             directory.mkdir(parents=True, exist_ok=True)
             model.set_lora_state(global_state["lora"])
-            save_peft_adapter(model, directory, self.base_name)
+            save_peft_adapter(model, directory, self.base_path)
             if "head" in global_state:
                 save_head(global_state["head"], directory / HEAD_FILE)
         accuracy = {r["client"]: r for r in final_rows}
@@ -163,17 +260,24 @@ class AdapterWriter:
             "recipe": self.recipe.name,
             "method": self.recipe.train_args.federated_optimizer,
             "base_model": self.recipe.model_args.model,
-            "base_model_hub_id": self.base_name if is_hub_id(self.recipe.model_args.model) else None,
+            "base_model_hub_id": self.base_path if is_hub_id(self.recipe.model_args.model) else None,
+            "base_model_name_or_path": self.base_path,  # as in adapter_config.json: a Hub id, or a folder of the repo
             "num_labels": model.head.out_features,
             "hidden_size": model.head.in_features,
             "label_names": list(label_names),
+            "data": {"dataset": self.recipe.data_args.dataset, "load_dataset": self.rows.source(),
+                     "partition_method": self.recipe.data_args.partition_method, "partition_column": self.rows.column},
             "round": final_rows[0]["round"] if final_rows else self.recipe.train_args.comm_round,
             "global": {"path": f"adapters/{GLOBAL_DIR}", "head": "head" in global_state} if has_global else None,
             "clients": clients,
             **({"party": "server"} if party_clients is not None else {}),
         }
-        (self.directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        write_json(self.directory / MANIFEST, manifest)
         return manifest
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.write_text(json.dumps(value, indent=1) + "\n")
 
 
 def complete_manifest(directory: Path) -> dict:
@@ -194,14 +298,16 @@ def complete_manifest(directory: Path) -> dict:
     manifest["clients"] = clients
     if missing:
         manifest["missing_clients"] = missing
-    (directory / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    write_json(directory / MANIFEST, manifest)
     return manifest
 
 
-def save_backbone(model: AdapterModel, weights: dict[str, torch.Tensor], directory: Path) -> None:
-    """A client's own backbone (its trained or cut local model) as a transformers checkpoint without classifier."""
+def save_backbone(model: AdapterModel, weights: dict[str, torch.Tensor], directory: Path, base_model: str) -> None:
+    """A client's own backbone (its trained or cut local model) as a transformers checkpoint without classifier,
+    with the base model's image processor, so that the folder loads like the shared ``backbone/``."""
     config = model.backbone.get_base_model().config
     vit = ViTForImageClassification(config)
     vit.classifier = nn.Identity()
     vit.load_state_dict(weights, strict=True)
     vit.save_pretrained(str(directory), safe_serialization=True)
+    load_image_processor(base_model).save_pretrained(str(directory))

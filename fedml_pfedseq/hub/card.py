@@ -1,8 +1,11 @@
 """The model card of a run: ``cards/templates/personalized_adapters.md`` filled from the run folder.
 
 Everything comes from the files a run writes (recipe.yaml, adapters/manifest.json), so a card can be made for any
-finished run, on any machine. A cross-silo server's manifest has no client accuracies (each client party reports its
-own in ``adapters/client_<k>/client.json``); its card says where they are instead of tabulating them.
+finished run, on any machine. Its snippet loads client k and evaluates it on its own test split with transformers,
+peft and datasets alone, reading what it needs from the client's folder (adapter_config.json's base model,
+head_config.json, splits.json): no fedml-pfedseq code, and nothing the reader must learn from this project's source.
+A cross-silo server's manifest has no client accuracies (each client party reports its own in
+``adapters/client_<k>/client.json``); its card says where they are instead of tabulating them.
 
 The YAML header is built with ``huggingface_hub.ModelCardData`` (the Hub's metadata format, with the mean test
 accuracy as a model-index result) and checked by parsing the card back with ``ModelCard``; the Hub (or the local
@@ -17,6 +20,7 @@ from pathlib import Path
 import yaml
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import CLIENT_FILE, MANIFEST, is_hub_id
 from fedml_pfedseq.results import format_table
 
@@ -24,7 +28,7 @@ TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "cards" / "templates"
 TEMPLATE = TEMPLATES_DIR / "personalized_adapters.md"
 
 
-class CardError(ValueError):
+class CardError(UserError, ValueError):
     """A run folder a card cannot be made from, or a card whose metadata does not validate."""
 
 
@@ -49,6 +53,29 @@ def partition_text(data: dict) -> str:
     return f"Dirichlet label skew, alpha = {data['partition_alpha']}"
 
 
+def client_meaning(data: dict, manifest: dict, seed: int) -> str:
+    """Which part of the data client k is, in words (the partition is deterministic, but not obvious)."""
+    if data["partition_method"] == "column":
+        column = data["partition_column"]
+        first = {c["client"]: c.get("partition_value") for c in manifest["clients"]}.get(0)
+        example = f" (client 0 is {column} {first})" if first is not None else ""
+        return f"client k holds the k-th distinct value of the column `{column}`, in sorted order{example}"
+    if data["partition_method"] == "silo":
+        return "client k is the silo whose file is the k-th of the recipe's `data_args.data_files`"
+    return (f"client k is the k-th part of a Dirichlet(alpha = {data['partition_alpha']}) label split of the whole "
+            f"dataset, drawn with the recipe's seed ({seed})")
+
+
+def load_dataset_args(source: dict) -> str:
+    """``datasets.load_dataset``'s arguments as Python source: the path first, then the keywords."""
+    rest = [f"{key}={json.dumps(value)}" for key, value in source.items() if key != "path"]
+    return ", ".join([json.dumps(source["path"]), *rest])
+
+
+def label_list(label_names: list[str]) -> str:
+    return ", ".join(f"`{i}` {name}" for i, name in enumerate(label_names))
+
+
 def reported_by_clients(clients: list[dict]) -> dict:
     """The card's results for a manifest whose clients each report their accuracy in their own folder."""
     table = format_table(["client", "its model and reported accuracy"],
@@ -56,13 +83,16 @@ def reported_by_clients(clients: list[dict]) -> dict:
     return {"results_table": table}
 
 
-def results(clients: list[dict]) -> dict:
-    """The card's results: the per-client table and the means over clients."""
+def results(clients: list[dict], partition_column: str | None) -> dict:
+    """The card's results: the per-client table (with each client's partition value, e.g. its drawer) and the means
+    over clients."""
     test = [c["test_accuracy"] for c in clients]
     sizes = [c["test_samples"] for c in clients]
-    table = format_table(["client", "test accuracy", "validation accuracy", "test images", "own backbone"],
-                         [[c["client"], c["test_accuracy"], c["validation_accuracy"], c["test_samples"],
-                           "yes" if c.get("backbone") else "no"] for c in clients])
+    by_value = [partition_column] if partition_column else []
+    table = format_table(["client", *by_value, "test accuracy", "validation accuracy", "test images", "own backbone"],
+                         [[c["client"], *[c.get("partition_value") for _ in by_value], c["test_accuracy"],
+                           c["validation_accuracy"], c["test_samples"], "yes" if c.get("backbone") else "no"]
+                          for c in clients])
     return {"results_table": table, "mean_test_accuracy": f"{statistics.fmean(test):.4f}",
             "std_test_accuracy": f"{statistics.pstdev(test):.4f}",
             "mean_validation_accuracy": f"{statistics.fmean(c['validation_accuracy'] for c in clients):.4f}",
@@ -78,11 +108,13 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
     by_server = manifest.get("party") == "server"
     base_hub_id = manifest.get("base_model_hub_id")
     base_display = base_hub_id or Path(manifest["base_model"]).name  # a bundled name, or a local folder's name
+    source = (manifest.get("data") or {}).get("load_dataset")  # None with "silo" data: each client's own file
+    partition_column = data["partition_column"] if data["partition_method"] == "column" else None
     card_data = ModelCardData(
         model_name=repo_id.split("/")[-1],
         library_name="peft",
         pipeline_tag="image-classification",
-        base_model=base_hub_id,
+        base_model=base_hub_id or repo_id,  # a pushed backbone is not on the Hub on its own: it is in this repo
         datasets=[data["hub_id"]] if data.get("hub_id") else None,
         tags=["federated-learning", "personalized-federated-learning", "lora", "peft", "fedml", "vit",
               manifest["method"].lower()],
@@ -103,7 +135,13 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
         missing_clients=", ".join(str(m["client"]) for m in manifest.get("missing_clients", [])),
         base_model=base_display,
         backbone_pushed=backbone_pushed,
-        base_load_args='repo, subfolder="backbone"' if backbone_pushed else f'"{base_hub_id}"',
+        label_list=label_list(manifest["label_names"]),
+        client_meaning=client_meaning(data, manifest, recipe["common_args"]["random_seed"]),
+        partition_column=partition_column,
+        by_silo=source is None,
+        load_dataset_args=source and load_dataset_args(source),
+        data_file=source and source.get("data_files"),
+        eval_batch_size=recipe["validation_args"]["eval_batch_size"],
         has_global=manifest.get("global") is not None,
         global_head=bool(manifest.get("global") and manifest["global"].get("head")),
         has_learner=(run_dir / "seq_learner" / "config.json").is_file(),
@@ -117,7 +155,7 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
         samples_per_client=data.get("samples_per_client"),
         scenario=recipe["common_args"].get("federated_scenario") or "not stated in the recipe",
         hyperparameters=yaml.safe_dump(hyperparameters, sort_keys=False).strip(),
-        **(reported_by_clients(clients) if by_server else results(clients)),
+        **(reported_by_clients(clients) if by_server else results(clients, partition_column)),
     )
     check_card(card)
     return card

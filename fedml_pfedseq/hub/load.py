@@ -20,13 +20,14 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, HEAD_FILE, MANIFEST, client_dir_name
 from fedml_pfedseq.hub.push import hub_endpoint
 
 SAFE_PATTERNS = ("*.json", "*.safetensors")
 
 
-class HubLoadError(ValueError):
+class HubLoadError(UserError, ValueError):
     """A repo or folder that does not hold what was asked for (no such client, no backbone to load onto)."""
 
 

@@ -14,7 +14,9 @@ move to it (one ``os.replace``). A request that breaks off or fails midway leave
 commit, whose files are untouched, so a partial upload can never make the repo serve a mix of old and new weights.
 
 Run ``pfedseq hub-serve --root DIR`` (or ``python -m fedml_pfedseq.hub.local_endpoint``) and export the
-``HF_ENDPOINT`` it prints, plus any ``HF_TOKEN`` (checked only when the server is started with ``--token``).
+``HF_ENDPOINT`` it prints, plus any ``HF_TOKEN``. Started with ``--token T``, it refuses every request (reads and
+writes alike, as for a private repo) that does not carry ``Authorization: Bearer T`` with 401, so a rehearsal also
+rehearses authentication.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ import argparse
 import base64
 import binascii
 import hashlib
+import hmac
 import json
 import os
 import re
@@ -302,9 +305,15 @@ class Handler(BaseHTTPRequestHandler):
         return f"http://{host}:{port}"
 
     def check_token(self) -> None:
+        """With a token set, every route but validate-yaml (which the Hub answers anonymously) needs it; a missing
+        token and a wrong one are told apart, so that a rehearsal shows which one a push lacked."""
         if self.hub.token is None:
             return
-        if self.headers.get("Authorization", "") != f"Bearer {self.hub.token}":
+        sent = self.headers.get("Authorization", "")
+        if not sent:
+            raise HubError(401, "this endpoint requires a token (it was started with --token) and the request sent "
+                                "none: set HF_TOKEN or pass token=")
+        if not hmac.compare_digest(sent.encode(), f"Bearer {self.hub.token}".encode()):
             raise HubError(401, "Invalid credentials in Authorization header")
 
     def dispatch(self) -> None:

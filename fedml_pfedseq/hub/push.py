@@ -2,9 +2,10 @@
 
 What goes up (the layout is documented in the README, "Sharing on the Hub"): the model card (README.md, made
 here from the run), ``recipe.yaml``, the metrics, ``adapters/`` (every client's PEFT adapter and head, the global
-adapter, the manifest), server artifacts such as pFedSeq's ``seq_learner/``, and ``backbone/`` when the recipe's
-backbone is not a Hub id (a bundled or local model), so that the repo loads on its own. Files the repo holds from an
-earlier push but this run does not have are deleted in the same commit: after a push the repo is exactly this run.
+adapter, the manifest), server artifacts such as pFedSeq's ``seq_learner/`` (its weights and the code that loads them
+with ``trust_remote_code``), and ``backbone/`` when the recipe's backbone is not a Hub id (a bundled or local model),
+so that the repo loads on its own. Files the repo holds from an earlier push but this run does not have are deleted
+in the same commit: after a push the repo is exactly this run.
 
 Tensors go up as safetensors only: files that need pickle to load (.pt, .bin, .pkl, ...) are skipped and listed.
 The commit is one request, so a failed push leaves the repo's previous revision as it was; the run folder is never
@@ -28,6 +29,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 
 from fedml_pfedseq.adapter_model import resolve_backbone
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
+from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, MANIFEST, client_dir_name
 from fedml_pfedseq.hub.card import CardError, backbone_needs_push, build_card, read_run
 
@@ -40,7 +42,7 @@ CLIENT_OUTPUTS = ("summary.json", "metrics.json", "metrics.csv", "train_metrics.
 BACKBONE_FILES = ("config.json", "preprocessor_config.json")
 
 
-class PushError(RuntimeError):
+class PushError(UserError, RuntimeError):
     """A push that did not land; the message names the endpoint, the repo and how to retry."""
 
 

@@ -1,4 +1,4 @@
-"""Warm starts from a pushed (or saved) run: continue the run itself from its checkpoint (``fetch_checkpoint``, what
+"""Warm starts from a pushed (or saved) run: continue the run itself from its checkpoint (``find_checkpoint``, what
 ``pfedseq run --resume-from`` does), or start a new pFedSeq run with that run's SeqLearner (``warm_start_learner``).
 
 ``hub_args.hub_learner_init`` names a Hub repo id or a run folder holding ``seq_learner/`` (what pFedSeq's
@@ -8,7 +8,6 @@ the window the learner reads. Loaded with ``use_safetensors=True``: no pickle.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError
@@ -20,10 +19,9 @@ SHAPING = ("num_clients", "num_adapter_layers", "max_seq_len", "architecture", "
            "state_size", "expand", "conv_kernel", "dt_rank", "hidden_size")
 
 
-def fetch_checkpoint(source: str | Path, output_dir: Path, revision: str | None = None,
-                     endpoint: str | None = None) -> Path:
-    """Copy the checkpoint of ``source`` (a run folder, or a repo pushed with ``hub_args.push_checkpoint``) into
-    ``output_dir``, where ``run_recipe(resume=True)`` continues from it."""
+def find_checkpoint(source: str | Path, revision: str | None = None, endpoint: str | None = None) -> Path:
+    """The checkpoint file of ``source`` (a run folder, or a repo pushed with ``hub_args.push_checkpoint``, downloaded
+    to the Hub cache), for ``run_recipe(resume_from=...)``, which copies it into the run once it is accepted."""
     missing = CheckpointError(f"--resume-from: {source} has no {CHECKPOINT_FILE} (push the run with "
                               "hub_args.push_checkpoint: true or `pfedseq push --with-checkpoint`)")
     if Path(source).is_dir():
@@ -43,11 +41,7 @@ def fetch_checkpoint(source: str | Path, output_dir: Path, revision: str | None 
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
             raise CheckpointError(f"--resume-from: cannot download {CHECKPOINT_FILE} of {source} from "
                                   f"{hub_endpoint(endpoint)}: {err}") from None
-    target = Path(output_dir) / CHECKPOINT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if found.resolve() != target.resolve():
-        shutil.copyfile(found, target)
-    return target
+    return found
 
 
 def load_learner(source: str | Path, revision: str | None = None, endpoint: str | None = None):

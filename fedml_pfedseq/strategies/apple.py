@@ -59,7 +59,7 @@ from torch import nn
 from torch.func import functional_call
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.strategies.fedala import trainable_by_key
@@ -76,11 +76,13 @@ EXPONENTIAL_EPSILON = 0.001  # utils/losses.py: lambda falls from 1 to this at t
 class AppleArgs:
     """``algorithm_args`` of APPLE; the core model's learning rate is train_args.learning_rate."""
 
-    apple_p_lr: float = 0.001  # learning rate of the DR vector p_i (official lr_coef)
-    apple_mu: float = 0.1  # mu of the proximal term on p_i (official mu; penalty lambda mu ||p - p0||^2)
-    apple_scheduler: str = "exponential"  # shape of lambda(r): "cosine" or "exponential" (official default)
-    apple_reg_rounds_fraction: float = 0.1  # lambda > 0 in the first int(comm_round * this) rounds (official)
-    apple_core_init: str = "distinct"  # "distinct": one fresh core per client (official); "shared": theta^0 for all
+    apple_p_lr: float = recipe_key(0.001, "learning rate of the DR vector p_i (official lr_coef)")
+    apple_mu: float = recipe_key(0.1, "mu of the proximal term on p_i (official mu; penalty lambda mu ||p - p0||^2)")
+    apple_scheduler: str = recipe_key("exponential", "shape of lambda(r): 'cosine' or 'exponential' (official default)")
+    apple_reg_rounds_fraction: float = recipe_key(0.1, "lambda > 0 in the first int(comm_round * this) rounds "
+                                                       "(official)")
+    apple_core_init: str = recipe_key("distinct", "'distinct': one fresh core per client (official); 'shared': theta^0 "
+                                                  "for all")
 
     def __post_init__(self):
         checks = {

@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.config import RecipeError, recipe_key
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Upload
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.strategies.personal_model import PersonalModelClient
@@ -50,8 +50,10 @@ def check_personal_args(args, prefix: str) -> None:
 class DittoArgs:
     """``algorithm_args`` of Ditto."""
 
-    ditto_lambda: float = 1.0  # lambda of the proximal term (official scripts: 1; the paper tunes it per data set)
-    ditto_personal_epochs: int | None = None  # passes of the personal model per round; null: train_args.epochs
+    ditto_lambda: float = recipe_key(1.0, "lambda of the proximal term (official scripts: 1; the paper tunes it per "
+                                          "data set)")
+    ditto_personal_epochs: int | None = recipe_key(None, "passes of the personal model per round; null: "
+                                                         "train_args.epochs")
 
     def __post_init__(self):
         check_personal_args(self, "ditto")

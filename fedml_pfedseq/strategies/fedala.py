@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
@@ -54,12 +54,14 @@ Weights = dict[str, StateDict]  # W: {"lora"|"head": {key: tensor of weights in 
 class FedALAArgs:
     """``algorithm_args`` of FedALA (defaults: the official code's, except the start-phase bound)."""
 
-    fedala_eta: float = 1.0  # learning rate of W
-    fedala_rand_percent: float = 80.0  # % of the training samples that W is learned on, each round
-    fedala_layer_idx: int = 2  # trainable tensors from the end that ALA mixes (2: the head's weight and bias)
-    fedala_threshold: float = 0.1  # start phase ends when the std of the recent epoch losses is below this
-    fedala_num_pre_loss: int = 10  # how many recent epoch losses that std is over
-    fedala_max_start_epochs: int = 100  # bound on the start phase's epochs (ours; the official loop has none)
+    fedala_eta: float = recipe_key(1.0, "learning rate of W")
+    fedala_rand_percent: float = recipe_key(80.0, "% of the training samples that W is learned on, each round")
+    fedala_layer_idx: int = recipe_key(2, "trainable tensors from the end that ALA mixes (2: the head's weight and "
+                                          "bias)")
+    fedala_threshold: float = recipe_key(0.1, "start phase ends when the std of the recent epoch losses is below this")
+    fedala_num_pre_loss: int = recipe_key(10, "how many recent epoch losses that std is over")
+    fedala_max_start_epochs: int = recipe_key(100, "bound on the start phase's epochs (ours; the official loop has "
+                                                   "none)")
 
     def __post_init__(self):
         checks = {

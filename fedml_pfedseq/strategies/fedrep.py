@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.config import RecipeError, recipe_key
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
 from fedml_pfedseq.strategies.method import Method
@@ -30,7 +30,7 @@ from fedml_pfedseq.training import requires_grad, train_epochs
 class FedRepArgs:
     """``algorithm_args`` of FedRep (the adapter's epochs are train_args.epochs)."""
 
-    fedrep_head_epochs: int = 10  # tau_h, head epochs before the adapter epochs (reference code's default)
+    fedrep_head_epochs: int = recipe_key(10, "tau_h, head epochs before the adapter epochs (reference code's default)")
 
     def __post_init__(self):
         if self.fedrep_head_epochs < 1:

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import ClientData
 from fedml_pfedseq.lora_state import StateDict, check_finite
 from fedml_pfedseq.proxy_gradient import update_proxy_gradient
@@ -52,8 +52,8 @@ class PeFLLArgs(PFedHNArgs):
     """``algorithm_args`` of PeFLL: pFedHN's (hn_embedding_dim is the descriptor's size) plus the embedding
     network's, PeFLL's MLP embedder defaults."""
 
-    pefll_embed_hidden_dim: int = 20
-    pefll_embed_layers: int = 3  # Linear layers of the embedding network
+    pefll_embed_hidden_dim: int = recipe_key(20, "width of the embedding network's hidden layers")
+    pefll_embed_layers: int = recipe_key(3, "Linear layers of the embedding network")
 
     def __post_init__(self):
         super().__post_init__()

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.config import RecipeError, recipe_key
 from fedml_pfedseq.strategies.ditto import DittoClient, DittoServer, ExtraLoss, check_personal_args
 from fedml_pfedseq.strategies.method import Method
 
@@ -40,10 +40,11 @@ from fedml_pfedseq.strategies.method import Method
 class PerAdaArgs:
     """``algorithm_args`` of PerAda."""
 
-    perada_lambda: float = 1.0  # lambda of lambda ||v - w||^2 (official CIFAR-10 / CheXpert scripts)
-    perada_kd_weight: float = 1.0  # beta: weight of the distillation term
-    perada_kd_temperature: float = 1.0  # T (official default)
-    perada_personal_epochs: int | None = None  # passes of the personal model per round; null: train_args.epochs
+    perada_lambda: float = recipe_key(1.0, "lambda of lambda ||v - w||^2 (official CIFAR-10 / CheXpert scripts)")
+    perada_kd_weight: float = recipe_key(1.0, "beta: weight of the distillation term")
+    perada_kd_temperature: float = recipe_key(1.0, "T (official default)")
+    perada_personal_epochs: int | None = recipe_key(None, "passes of the personal model per round; null: "
+                                                          "train_args.epochs")
 
     def __post_init__(self):
         check_personal_args(self, "perada")

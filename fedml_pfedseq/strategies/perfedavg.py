@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
 from fedml_pfedseq.strategies.method import Method
@@ -43,7 +43,7 @@ from fedml_pfedseq.training import make_loader
 class PerFedAvgArgs:
     """``algorithm_args`` of Per-FedAvg (FO); beta, the outer step, is train_args.learning_rate."""
 
-    perfedavg_alpha: float = 0.01  # inner (adaptation) step size; FLGo's default
+    perfedavg_alpha: float = recipe_key(0.01, "inner (adaptation) step size; FLGo's default")
 
     def __post_init__(self):
         if not (math.isfinite(self.perfedavg_alpha) and self.perfedavg_alpha > 0):

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.proxy_gradient import update_proxy_gradient
@@ -43,10 +43,10 @@ from fedml_pfedseq.training import select_device
 class PFedHNArgs:
     """``algorithm_args`` of pFedHN (official defaults unless noted)."""
 
-    hn_embedding_dim: int = 6  # E: the hypernetwork's input per client (official: 1 + N/4, here N = 20)
-    hn_hidden_dim: int = 100  # trunk width
-    hn_num_hidden: int = 3  # trunk hidden layers (ReLU + Linear each, after the input Linear)
-    hn_lr: float = 1e-3  # Adam (pFedSeq paper, for all hypernetwork-based methods)
+    hn_embedding_dim: int = recipe_key(6, "E: the hypernetwork's input per client (official: 1 + N/4, here N = 20)")
+    hn_hidden_dim: int = recipe_key(100, "trunk width")
+    hn_num_hidden: int = recipe_key(3, "trunk hidden layers (ReLU + Linear each, after the input Linear)")
+    hn_lr: float = recipe_key(1e-3, "Adam (pFedSeq paper, for all hypernetwork-based methods)")
 
     def __post_init__(self):
         for key in ("hn_embedding_dim", "hn_hidden_dim"):

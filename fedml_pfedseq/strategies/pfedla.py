@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import LayerLayout, StateDict
 from fedml_pfedseq.proxy_gradient import update_proxy_gradient
@@ -51,9 +51,9 @@ ARTIFACT = "pfedla_hypernetworks.safetensors"
 class PFedLAArgs:
     """``algorithm_args`` of pFedLA."""
 
-    pfedla_hn_lr: float = 1e-3  # Adam (pFedSeq paper, hypernetwork baselines)
-    pfedla_embedding_dim: int = 100  # E, each client's embedding (reference code)
-    pfedla_hidden_dim: int = 100  # H, the MLP's width (reference code)
+    pfedla_hn_lr: float = recipe_key(1e-3, "Adam (pFedSeq paper, hypernetwork baselines)")
+    pfedla_embedding_dim: int = recipe_key(100, "E, each client's embedding (reference code)")
+    pfedla_hidden_dim: int = recipe_key(100, "H, the MLP's width (reference code)")
 
     def __post_init__(self):
         if not self.pfedla_hn_lr > 0:

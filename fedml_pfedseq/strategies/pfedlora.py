@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import ClientData
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
@@ -40,8 +40,8 @@ from fedml_pfedseq.training import requires_grad, train_epochs
 class PFedLoRAArgs:
     """``algorithm_args`` of pFedLoRA; the adapter phase uses train_args.epochs and learning_rate."""
 
-    pfedlora_model_epochs: int = 1  # epochs of the local-model phase (adapter frozen)
-    pfedlora_model_lr: float = 0.05  # SGD rate of the local-model phase: every backbone weight moves
+    pfedlora_model_epochs: int = recipe_key(1, "epochs of the local-model phase (adapter frozen)")
+    pfedlora_model_lr: float = recipe_key(0.05, "SGD rate of the local-model phase: every backbone weight moves")
 
     def __post_init__(self):
         if self.pfedlora_model_epochs < 1:

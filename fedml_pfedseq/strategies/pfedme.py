@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.lora_state import StateDict, add, subtract, weighted_average
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Payload, Upload
 from fedml_pfedseq.strategies.method import Method
@@ -66,10 +66,12 @@ from fedml_pfedseq.training import proximal_term
 class PFedMeArgs:
     """``algorithm_args`` of pFedMe; eta, the rate of the local-model update, is train_args.learning_rate."""
 
-    pfedme_lambda: float = 1.0  # lambda of the Moreau envelope (official 15 at eta 0.005; here eta * lambda = 0.5)
-    pfedme_k: int = 5  # K, gradient steps on each inner problem (official default)
-    pfedme_personal_lr: float = 0.5  # rate of the inner steps (official personal_learning_rate; here the recipe's lr)
-    pfedme_beta: float = 1.0  # server mixing: w <- (1 - beta) w + beta avg (official default; FedAvg at 1)
+    pfedme_lambda: float = recipe_key(1.0, "lambda of the Moreau envelope (official 15 at eta 0.005; here eta * lambda "
+                                           "= 0.5)")
+    pfedme_k: int = recipe_key(5, "K, gradient steps on each inner problem (official default)")
+    pfedme_personal_lr: float = recipe_key(0.5, "rate of the inner steps (official personal_learning_rate; here the "
+                                                "recipe's lr)")
+    pfedme_beta: float = recipe_key(1.0, "server mixing: w <- (1 - beta) w + beta avg (official default; FedAvg at 1)")
 
     def __post_init__(self):
         checks = {

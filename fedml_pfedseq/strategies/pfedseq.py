@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import LayerLayout, StateDict, add, weighted_average
 from fedml_pfedseq.strategies.fedavg import Upload
@@ -39,20 +39,20 @@ from hf_models.seq_learner import ARCHITECTURES, SeqLearnerConfig, SeqLearnerMod
 class PFedSeqArgs:
     """``algorithm_args`` of pFedSeq. Defaults are the paper's where it states them (W, Adam lr, M, 2 blocks)."""
 
-    warmup_rounds: int = 10  # W: rounds that send only the global adapter while the learner trains
-    seq_len: int = 10  # L: rounds of history the learner reads (paper tunes 5..30); variant B is 1
-    learner_lr: float = 1e-3  # Adam
-    learner_architecture: str = "mamba"  # "mamba" (paper), "mlp" (variant D), "lstm" (variant E)
-    global_aggregation: bool = True  # False: variant A, the learner outputs the adapters themselves
-    cross_client: bool = True  # False: variant C, each client's own history only
-    num_blocks: int = 2  # Mamba blocks (MLP hidden layers, LSTM layers)
-    state_size: int = 16  # M
-    expand: int = 2  # E inside a Mamba block
-    conv_kernel: int = 4
-    learner_hidden_size: int = 64  # MLP / LSTM width
-    output_scale_init: float = 0.1  # an untrained learner's calibration, as a fraction of an update's RMS
-    norm_momentum: float = 0.9  # running mean square of updates per layer (the input normaliser)
-    d_chunk: int | None = 2048  # adapter parameters per learner pass (bounds memory; None: a layer at once)
+    warmup_rounds: int = recipe_key(10, "W: rounds that send only the global adapter while the learner trains")
+    seq_len: int = recipe_key(10, "L: rounds of history the learner reads (paper tunes 5..30); variant B is 1")
+    learner_lr: float = recipe_key(1e-3, "Adam's learning rate of the learner psi")
+    learner_architecture: str = recipe_key("mamba", "'mamba' (paper), 'mlp' (variant D), 'lstm' (variant E)")
+    global_aggregation: bool = recipe_key(True, "False: variant A, the learner outputs the adapters themselves")
+    cross_client: bool = recipe_key(True, "False: variant C, each client's own history only")
+    num_blocks: int = recipe_key(2, "Mamba blocks (MLP hidden layers, LSTM layers)")
+    state_size: int = recipe_key(16, "M")
+    expand: int = recipe_key(2, "E inside a Mamba block")
+    conv_kernel: int = recipe_key(4, "width of the Mamba block's causal convolution over rounds")
+    learner_hidden_size: int = recipe_key(64, "MLP / LSTM width")
+    output_scale_init: float = recipe_key(0.1, "an untrained learner's calibration, as a fraction of an update's RMS")
+    norm_momentum: float = recipe_key(0.9, "running mean square of updates per layer (the input normaliser)")
+    d_chunk: int | None = recipe_key(2048, "adapter parameters per learner pass (bounds memory; None: a layer at once)")
 
     def __post_init__(self):
         where = "algorithm_args"
@@ -70,6 +70,14 @@ class PFedSeqArgs:
             raise RecipeError(f"{where}.norm_momentum must be in [0, 1), got {self.norm_momentum}")
         if self.d_chunk is not None and self.d_chunk < 1:
             raise RecipeError(f"{where}.d_chunk must be >= 1 or null, got {self.d_chunk}")
+
+    def recipe_warnings(self, recipe: Recipe) -> list[str]:
+        """A recipe that runs but never does what pFedSeq is for."""
+        rounds = recipe.train_args.comm_round
+        if rounds > self.warmup_rounds:
+            return []
+        return [f"train_args.comm_round ({rounds}) <= algorithm_args.warmup_rounds ({self.warmup_rounds}): no round "
+                "sends a calibration, so this run is FedAvg with local heads; raise comm_round or lower warmup_rounds"]
 
 
 @dataclass

@@ -5,6 +5,10 @@ layer, Delta in R^{D_l x L x N}: the D_l adapter parameters are the batch, the L
 the channels. Its output at the last round is the calibration xi in R^{D_l x N}, one column per client. So the
 learner's size depends on N, never on D; ``d_chunk`` bounds memory by processing the batch in slices.
 
+Imports within this folder are relative and nothing else of fedml-pfedseq is imported: ``save_pretrained`` copies
+this file and the ones it imports next to the weights (the Auto classes are registered in ``__init__``), so a pushed
+``seq_learner/`` loads with ``AutoModel.from_pretrained(..., trust_remote_code=True)`` and transformers alone.
+
 Normalisation (our choice; the paper's appendix is not available): updates are ~1e-4..1e-2, so the caller passes a
 per-layer scale s (the server's running RMS of updates) and the learner computes xi = s * f(Delta / s), with f
 ending in a learnable per-layer ``output_scale`` (initialised to ``config.output_scale_init``): an untrained
@@ -19,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from fedml_pfedseq.proxy_gradient import update_proxy_gradient
-from hf_models.seq_learner.configuration_seq_learner import SeqLearnerConfig
-from hf_models.seq_learner.scan import selective_scan
+from .configuration_seq_learner import SeqLearnerConfig
+from .proxy_gradient import update_proxy_gradient
+from .scan import selective_scan
 
 
 class MambaBlock(nn.Module):

@@ -1,0 +1,62 @@
+"""The command line as a newcomer meets it: help with a place to start, every recipe key listed from the config
+dataclasses (and the docs page generated from them kept current), and imports paid only by the commands that need
+them."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fedml_pfedseq.cli import build_parser, main
+from fedml_pfedseq.config import SECTIONS, recipe_key_reference
+from fedml_pfedseq.strategies import METHODS
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_help_starts_with_a_first_run_and_every_option_is_explained(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert "start here" in text and "pfedseq run recipes/omniglot_pfedseq.yaml" in text
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
+    for name, command in sub.choices.items():
+        for action in command._actions:
+            assert action.help, f"pfedseq {name}: {action.option_strings or action.dest} has no help text"
+
+
+def test_every_recipe_key_has_a_meaning_and_keys_prints_it(capsys):
+    assert main(["keys", "--method", "pfedseq"]) == 0
+    out = capsys.readouterr().out
+    for cls in [*SECTIONS.values(), *(m.Args for m in METHODS.values())]:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no meaning"
+    assert "warmup_rounds: int = 10\n      W: rounds that send only the global adapter" in out
+    assert "algorithm_args (pFedSeq):" in out and "algorithm_args (Ditto)" not in out
+    assert main(["keys", "--method", "nope"]) == 2
+    assert "unknown method 'nope'" in capsys.readouterr().err
+
+
+def test_the_recipe_key_reference_page_is_current():
+    page = (REPO / "docs" / "recipe-keys.md").read_text()
+    assert page == recipe_key_reference(markdown=True), "regenerate: pfedseq keys --markdown > docs/recipe-keys.md"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["check", str(REPO / "recipes" / "omniglot_fedavg.yaml")]])
+def test_help_and_a_failed_check_import_neither_torch_nor_fedml(argv, tmp_path):
+    """`pfedseq --help` and a recipe refused by `check` answer without torch, transformers or FedML (seconds each)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train_args: {comm_rounds: 3}\n")
+    argv = argv if argv == ["--help"] else ["check", str(bad)]
+    probe = ("import sys, runpy; sys.argv = ['pfedseq', *sys.argv[1:]]\n"
+             "try:\n    runpy.run_module('fedml_pfedseq.cli', run_name='__main__')\n"
+             "except SystemExit: pass\n"
+             "print(sorted({'torch', 'transformers', 'fedml', 'peft'} & set(sys.modules)))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO)
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+    if argv[0] == "check":
+        assert "unknown key 'comm_rounds' (did you mean 'comm_round'?)" in done.stderr
