@@ -19,11 +19,16 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+# `pfedseq ARGS` from the checkout in $PFEDSEQ_CHECKOUT, not the editable install's finder (which maps the package to
+# the installed checkout whatever sys.path says)
+LAUNCH = ("import os, runpy, sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f)]; "
+          "sys.path.insert(0, os.environ['PFEDSEQ_CHECKOUT']); sys.argv[0] = 'pfedseq'; "
+          "runpy.run_module('fedml_pfedseq.cli', run_name='__main__')")
 
 
 def timed(argv: list[str], env: dict) -> float:
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "fedml_pfedseq.cli", *argv], env=env, check=True, capture_output=True)
+    subprocess.run([sys.executable, "-c", LAUNCH, *argv], env=env, check=True, capture_output=True)
     return time.perf_counter() - started
 
 
@@ -34,7 +39,7 @@ def timed_hub_serve(env: dict) -> float:
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
-        process = subprocess.Popen([sys.executable, "-m", "fedml_pfedseq.cli", "hub-serve", "--root", root,
+        process = subprocess.Popen([sys.executable, "-c", LAUNCH, "hub-serve", "--root", root,
                                     "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
         try:
@@ -57,7 +62,7 @@ def main() -> None:
     parser.add_argument("--checkout", type=Path, default=REPO, help="the project checkout to time")
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
-    env = {**os.environ, "PYTHONPATH": str(args.checkout)}
+    env = {**os.environ, "PFEDSEQ_CHECKOUT": str(args.checkout.resolve())}
     recipe = str(args.checkout / "recipes" / "omniglot_pfedseq.yaml")
     commands = {"--help": ["--help"], "check": ["check", recipe], "keys": ["keys"]}
     print(f"checkout {args.checkout}, best of {args.repeat}, seconds")
