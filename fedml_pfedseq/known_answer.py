@@ -20,10 +20,10 @@ is FedAvg's (FedAvg, FedAvgLocalHead, Local, pFedSeq, pFedHN, pFedLA) share one 
 Per-FedAvg (FO) and APPLE get their client rule with L_i in place of the cross-entropy (same batches, same
 steps, same kept state as their module says). Methods whose personalization needs images or a head loss are listed
 as not run, with the reason. Everything on the server side is the method's own: servers are built by
-``federation.build_server`` from the shipped ``recipes/omniglot_<method>.yaml`` (its algorithm_args, LoRA settings)
-with this benchmark's train_args, and driven as the simulator drives them: ``initial_payloads``, the sampled
-clients of ``federation.participants``, ``round_close.screen`` and ``aggregate``. No method sees theta*: it only
-receives the uploads.
+``federation.build_server`` from the shipped ``recipes/omniglot_<method>.yaml`` (its algorithm_args, LoRA settings;
+two adjusted, see ``benchmark_defaults``) with this benchmark's train_args, and driven as the simulator drives
+them: ``initial_payloads``, the sampled clients of ``federation.participants``, ``round_close.screen`` and
+``aggregate``. No method sees theta*: it only receives the uploads.
 
 Measured per round t (0 = the initial payloads): the mean over all N clients of L_i at the adapter client i would
 evaluate after receiving its latest payload (the payload's adapter; Ditto's and pFedMe's personal model; Per-FedAvg's
