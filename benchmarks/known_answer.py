@@ -4,7 +4,7 @@
         --set algorithm_args.learner_lr=0.01 --out runs/known_answer
 
 Prints the table (relative loss: 0 = every client at its optimum, 1 = FedAvg) and writes metrics.json, metrics.csv,
-table.md and known_answer.png under --out. Values of --set are YAML: write 0.01 or 1.0e-2, not 1e-2 (a string).
+table.md and known_answer.png under --out. Values of --set are YAML, as in `pfedseq --set`.
 """
 from __future__ import annotations
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 import warnings
@@ -235,6 +236,9 @@ def _suggest(key: str, known: typing.Iterable[str]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+YAML11_EXPONENT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
 def _check_type(where: str, value: Any, annotation: Any) -> Any:
     """Coerce ints to floats where a float is expected; reject values of the wrong type."""
     origin = typing.get_origin(annotation)
@@ -250,6 +254,8 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
         return [_check_type(f"{where}[{i}]", v, args[0]) for i, v in enumerate(value)]
     if annotation is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if annotation is float and isinstance(value, str) and YAML11_EXPONENT.match(value):
+        return float(value)  # PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string; every reader means the number
     if annotation is Any:
         return value
     if annotation is int and isinstance(value, bool) or not isinstance(value, annotation):

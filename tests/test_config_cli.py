@@ -130,3 +130,15 @@ def test_two_runs_of_a_suite_may_not_share_a_name(tmp_path, capsys):
     suite.write_text(yaml.safe_dump({"recipes": [str(GOOD), str(GOOD)]}))
     assert main(["check", str(suite)]) == 2
     assert "share a name" in capsys.readouterr().err
+
+
+def test_exponent_floats_without_a_dot_are_numbers_in_recipes_and_overrides(tmp_path):
+    """PyYAML reads `1e-3` as a string (YAML 1.1); a float key takes it as the number, a str key keeps the text."""
+    path = tmp_path / "r.yaml"
+    path.write_text("train_args: {federated_optimizer: pFedSeq, learning_rate: 5e-2}\n"
+                    "common_args: {federated_scenario: 1e-2}\n")
+    recipe = load_recipe(path, ["algorithm_args.learner_lr=1e-2"])
+    assert recipe.train_args.learning_rate == 0.05 and recipe.algorithm_args.learner_lr == 0.01
+    assert recipe.common_args.federated_scenario == "1e-2"
+    with pytest.raises(RecipeError, match="expected float, got 'fast'"):
+        load_recipe(path, ["algorithm_args.learner_lr=fast"])
