@@ -187,7 +187,7 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
 
     def after_evaluation(round_idx: int, i: int, client) -> None:
         if writer is not None and round_idx == recipe.train_args.comm_round:
-            writer.save_client(i, client.model)
+            writer.save_client(i, client.model, client.data, fed.data.label_names)
         if pusher is not None:
             pusher.after_evaluation(round_idx, i, client)
 

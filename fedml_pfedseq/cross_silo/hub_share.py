@@ -37,9 +37,12 @@ def save_server_share(recipe: Recipe, output_dir: Path, server, model, label_nam
             server, model, [], label_names, party_clients=num_clients)
 
 
-def save_client_share(recipe: Recipe, output_dir: Path, client_id: int, model, row: dict) -> None:
-    """Client ``client_id``'s share: the model it just evaluated, with that evaluation's ``row`` in client.json."""
-    AdapterWriter(output_dir / "adapters", recipe, fresh=False).save_client(client_id, model, report=row)
+def save_client_share(recipe: Recipe, output_dir: Path, client_id: int, model, data, label_names: list[str],
+                      row: dict) -> None:
+    """Client ``client_id``'s share: the model it just evaluated (on ``data``, its ClientData), with that evaluation's
+    ``row`` in client.json."""
+    AdapterWriter(output_dir / "adapters", recipe, fresh=False).save_client(client_id, model, data, label_names,
+                                                                            report=row)
 
 
 def push(recipe: Recipe, output_dir: Path, client: int | None, commit_message: str | None = None) -> None:
@@ -83,8 +86,9 @@ def push_server_checkpoint(recipe: Recipe, output_dir: Path, server, model, labe
     push_checkpoint(recipe, output_dir, None, round_idx)
 
 
-def push_client_checkpoint(recipe: Recipe, output_dir: Path, client_id: int, model, row: dict) -> None:
+def push_client_checkpoint(recipe: Recipe, output_dir: Path, client_id: int, model, data, label_names: list[str],
+                           row: dict) -> None:
     """Client ``client_id``'s model as it evaluated it at ``row["round"]``, written to ``hub_checkpoint/`` and
     pushed."""
-    save_client_share(recipe, output_dir / CHECKPOINT_DIR, client_id, model, row)
+    save_client_share(recipe, output_dir / CHECKPOINT_DIR, client_id, model, data, label_names, row)
     push_checkpoint(recipe, output_dir, client_id, row["round"])

@@ -200,7 +200,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
 
         def on_evaluated(row: dict) -> None:
             if checkpoint_due(recipe, row["round"]):
-                push_client_checkpoint(recipe, output_dir, i, model, row)
+                push_client_checkpoint(recipe, output_dir, i, model, own, label_names, row)
 
         trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_progress=on_progress,
                                   on_trained=on_trained, on_evaluated=on_evaluated)
@@ -213,7 +213,7 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
         write_metrics()
         log = trainer.log
         if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
-            save_client_share(recipe, output_dir, i, model, log.at(recipe.train_args.comm_round)[0])
+            save_client_share(recipe, output_dir, i, model, own, label_names, log.at(recipe.train_args.comm_round)[0])
     watchdog.stopped.set()
     if recipe.hub_args.push_to_hub:
         push_share(recipe, output_dir, None if role == "server" else rank - 1)

@@ -1,8 +1,9 @@
 """Build the federation's data: load, partition into clients, split each client into train/validation/test."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import datasets
 import numpy as np
@@ -13,13 +14,20 @@ from fedml_pfedseq.data.partition import partition_by_column, partition_dirichle
 from fedml_pfedseq.data.transforms import image_classification_transform
 
 
+SPLITS = ("train", "validation", "test")
+
+
 @dataclass
 class ClientData:
-    """One client's three splits, each yielding {pixel_values, labels} through a lazy transform."""
+    """One client's three splits, each yielding {pixel_values, labels} through a lazy transform, and where they came
+    from: each split's rows of the data file, and the client's value of the partition column (its drawer or domain;
+    None for Dirichlet and silo partitions), which its saved adapter names so that others can find its data."""
 
     train: datasets.Dataset
     validation: datasets.Dataset
     test: datasets.Dataset
+    rows: dict[str, list[int]] = field(default_factory=dict)
+    partition_value: Any = None
 
 
 @dataclass
@@ -107,13 +115,15 @@ def dataset_label_names(args: DataArgs) -> list[str]:
 
 
 def client_splits(dataset: datasets.Dataset, rows: np.ndarray, labels: np.ndarray, args: DataArgs, transform,
-                  client: int, seed: int) -> ClientData:
+                  client: int, seed: int, partition_value: Any = None) -> ClientData:
     """Client ``client``'s rows of ``dataset``, subsampled (``samples_per_client``) and split train/val/test."""
     if args.samples_per_client is not None and len(rows) > args.samples_per_client:
         rng = np.random.default_rng(client_seed(seed, client, purpose=1))
         rows = np.sort(rng.choice(rows, size=args.samples_per_client, replace=False))
-    train, val, test = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, client, 2))
-    return ClientData(*(dataset.select(rows[part]).with_transform(transform) for part in (train, val, test)))
+    parts = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, client, 2))
+    return ClientData(*(dataset.select(rows[part]).with_transform(transform) for part in parts),
+                      rows={name: rows[part].tolist() for name, part in zip(SPLITS, parts)},
+                      partition_value=partition_value)
 
 
 def silo_client(args: DataArgs, processor, client: int, seed: int) -> ClientData:
@@ -131,9 +141,29 @@ def build_federated_data(args: DataArgs, processor, num_clients: int | None, see
     dataset, label_column, label_names = _load_labelled(args)
     transform = image_classification_transform(processor, columns(args)[0], label_column)
     labels = dataset.data.column(label_column).to_numpy()
-    clients = [client_splits(dataset, rows, labels, args, transform, i, seed)
-               for i, rows in enumerate(partition_indices(dataset, args, label_column, num_clients, seed))]
+    parts = partition_indices(dataset, args, label_column, num_clients, seed)
+    values = dataset.data.column(args.partition_column) if partition_column(args) else None  # str or int, as stored
+    clients = [client_splits(dataset, rows, labels, args, transform, i, seed,
+                             None if values is None else values[int(rows[0])].as_py())
+               for i, rows in enumerate(parts)]
     return FederatedData(clients=clients, label_names=label_names)
+
+
+def partition_column(args: DataArgs) -> str | None:
+    """The column with one client per value (partition_method "column"), else None."""
+    return args.partition_column if args.partition_method == "column" else None
+
+
+def load_dataset_args(args: DataArgs, client: int | None = None) -> dict | None:
+    """``datasets.load_dataset`` arguments loading the data that client ``client``'s rows index, naming a file by its
+    name alone (a card must not name this machine's folders). With "silo" partitions that is the client's own file,
+    so there is none for the whole run (``client`` None)."""
+    if args.partition_method == "silo":
+        return None if client is None else {"path": "parquet", "data_files": Path(args.data_files[client]).name,
+                                            "split": "train"}
+    if args.hub_id:
+        return {"path": args.hub_id, "split": args.dataset_split}
+    return {"path": "parquet", "data_files": KNOWN_DATASETS[args.dataset].files[args.dataset_split], "split": "train"}
 
 
 def build_client_data(args: DataArgs, processor, num_clients: int | None, seed: int,

@@ -38,17 +38,13 @@ import json
 import shutil
 from pathlib import Path
 
-import datasets
-import numpy as np
-import pyarrow as pa
 import torch
 from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTForImageClassification
 
 from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor, resolve_backbone
-from fedml_pfedseq.data.federated import client_splits, columns, dataset_label_names, load_silo, partition_indices
-from fedml_pfedseq.data.loading import KNOWN_DATASETS, load_image_dataset
+from fedml_pfedseq.data.federated import ClientData, columns, load_dataset_args, partition_column
 
 MANIFEST = "manifest.json"
 CLIENT_FILE = "client.json"  # a cross-silo client's own manifest entry, in its folder
@@ -125,72 +121,6 @@ def pretrained_weights(model: str) -> dict[str, torch.Tensor]:
     return {k: v for k, v in vit.state_dict().items() if not k.startswith("classifier.")}
 
 
-def unchanged(batch: dict) -> dict:
-    """The transform ``client_splits`` attaches to the row numbers (they need none)."""
-    return batch
-
-
-class ClientRows:
-    """Which data each client had: its partition value (e.g. its drawer) and its rows of the data file, per split.
-
-    The writer receives only models, so it recomputes them from the recipe with the run's own partition and split
-    functions (data/federated.py), applied to row numbers instead of images: they are what the run used."""
-
-    def __init__(self, recipe):
-        self.args, self.seed = recipe.data_args, recipe.common_args.random_seed
-        self.num_clients = recipe.train_args.client_num_in_total
-
-    @functools.cached_property
-    def label_names(self) -> list[str]:
-        return dataset_label_names(self.args)
-
-    @property
-    def column(self) -> str | None:
-        """The column with one client per value, for partition_method "column"."""
-        return self.args.partition_column if self.args.partition_method == "column" else None
-
-    @functools.cached_property
-    def partition(self) -> tuple[np.ndarray, list[np.ndarray], pa.ChunkedArray | None]:
-        """(the labels, each client's rows, the partition column) of the shared dataset."""
-        args = self.args
-        dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir,
-                                     hub_id=args.hub_id)
-        label_column = columns(args)[1]
-        parts = partition_indices(dataset, args, label_column, self.num_clients, self.seed)
-        return dataset.data.column(label_column).to_numpy(), parts, self.column and dataset.data.column(self.column)
-
-    def source(self, client: int | None = None) -> dict | None:
-        """``datasets.load_dataset`` arguments loading the data that client ``client``'s rows index, naming a file
-        by its name alone (a card must not name this machine's folders). With "silo" partitions that is the client's
-        own file, so there is none for the whole run (``client`` None)."""
-        args = self.args
-        if args.partition_method == "silo":
-            return None if client is None else {"path": "parquet", "data_files": Path(args.data_files[client]).name,
-                                                "split": "train"}
-        if args.hub_id:
-            return {"path": args.hub_id, "split": args.dataset_split}
-        return {"path": "parquet", "data_files": KNOWN_DATASETS[args.dataset].files[args.dataset_split],
-                "split": "train"}
-
-    def __call__(self, client: int) -> dict:
-        """Client ``client``'s splits.json: where its rows are, its partition value and the rows themselves."""
-        args = self.args
-        if args.partition_method == "silo":
-            labels = load_silo(args, client)[1]
-            rows, value = np.arange(len(labels)), None
-        else:
-            labels, parts, values = self.partition
-            rows = parts[client]
-            value = None if values is None else values[int(rows[0])].as_py()  # a str or a number, as in the file
-        numbered = datasets.Dataset.from_dict({"row": np.arange(len(labels))})
-        splits = client_splits(numbered, rows, labels, args, unchanged, client, self.seed)
-        image_column, label_column = columns(args)
-        return {"client": client, "partition_method": args.partition_method, "partition_column": self.column,
-                "partition_value": value, "load_dataset": self.source(client), "image_column": image_column,
-                "label_column": label_column,
-                "rows": {name: getattr(splits, name)[:]["row"] for name in SPLITS}}
-
-
 class AdapterWriter:
     """Writes ``adapters/``: each client's model right after its final evaluation (``save_client``), then the
     global adapter and the manifest once the run's final metrics are known (``finish``).
@@ -204,16 +134,17 @@ class AdapterWriter:
             remove_stale(self.directory)
         self.recipe = recipe
         self.base_path = recipe.model_args.model if is_hub_id(recipe.model_args.model) else BACKBONE_DIR
-        self.rows = ClientRows(recipe)
         self.clients: dict[int, dict] = {}
 
     def backbone_is_pretrained(self, weights: dict[str, torch.Tensor]) -> bool:
         reference = pretrained_weights(self.recipe.model_args.model)
         return weights.keys() == reference.keys() and all(torch.equal(weights[k], reference[k]) for k in weights)
 
-    def save_client(self, client_id: int, model: AdapterModel, report: dict | None = None) -> None:
-        """Client ``client_id``'s model as it now stands in ``model`` (call right after its final evaluation);
-        with ``report`` (a cross-silo client's final evaluation row) also its entry and accuracies in client.json."""
+    def save_client(self, client_id: int, model: AdapterModel, data: ClientData, label_names: list[str],
+                    report: dict | None = None) -> None:
+        """Client ``client_id``'s model as it now stands in ``model`` (call right after its final evaluation), with
+        its head's label names and where its ``data`` came from; with ``report`` (a cross-silo client's final
+        evaluation row) also its entry and accuracies in client.json."""
         path = f"adapters/{client_dir_name(client_id)}"
         directory = self.directory / client_dir_name(client_id)
         remove_stale(directory)
@@ -225,14 +156,22 @@ class AdapterWriter:
         save_peft_adapter(model, directory, own_backbone or self.base_path)
         head = model.get_head_state()
         save_head(head, directory / HEAD_FILE)
-        write_json(directory / HEAD_CONFIG_FILE, head_config(head, self.rows.label_names))
-        splits = self.rows(client_id)
-        (directory / SPLITS_FILE).write_text(json.dumps(splits) + "\n")  # one line: the rows are long
+        write_json(directory / HEAD_CONFIG_FILE, head_config(head, label_names))
+        (directory / SPLITS_FILE).write_text(json.dumps(self.splits(client_id, data)) + "\n")  # one line: long rows
         self.clients[client_id] = {"client": client_id, "path": path, "backbone": own_backbone,
                                    "num_layers": model.backbone.get_base_model().config.num_hidden_layers,
-                                   "partition_value": splits["partition_value"]}
+                                   "partition_value": data.partition_value}
         if report is not None:
             write_json(directory / CLIENT_FILE, reported(self.clients[client_id], report))
+
+    def splits(self, client_id: int, data: ClientData) -> dict:
+        """Client ``client_id``'s splits.json: where its rows are, its partition value and the rows themselves."""
+        args = self.recipe.data_args
+        image_column, label_column = columns(args)
+        return {"client": client_id, "partition_method": args.partition_method,
+                "partition_column": partition_column(args), "partition_value": data.partition_value,
+                "load_dataset": load_dataset_args(args, client_id), "image_column": image_column,
+                "label_column": label_column, "rows": data.rows}
 
     def finish(self, server, model: AdapterModel, final_rows: list[dict], label_names: list[str],
                party_clients: int | None = None) -> dict:
@@ -265,8 +204,9 @@ class AdapterWriter:
             "num_labels": model.head.out_features,
             "hidden_size": model.head.in_features,
             "label_names": list(label_names),
-            "data": {"dataset": self.recipe.data_args.dataset, "load_dataset": self.rows.source(),
-                     "partition_method": self.recipe.data_args.partition_method, "partition_column": self.rows.column},
+            "data": {"dataset": self.recipe.data_args.dataset, "load_dataset": load_dataset_args(self.recipe.data_args),
+                     "partition_method": self.recipe.data_args.partition_method,
+                     "partition_column": partition_column(self.recipe.data_args)},
             "round": final_rows[0]["round"] if final_rows else self.recipe.train_args.comm_round,
             "global": {"path": f"adapters/{GLOBAL_DIR}", "head": "head" in global_state} if has_global else None,
             "clients": clients,

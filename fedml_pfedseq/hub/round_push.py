@@ -43,7 +43,7 @@ class RoundPusher:
         if self.writer_round != round_idx:  # a fresh folder per checkpoint
             self.writer = AdapterWriter(self.directory / "adapters", self.recipe)
             self.writer_round = round_idx
-        self.writer.save_client(client_id, client.model)
+        self.writer.save_client(client_id, client.model, client.data, self.fed.data.label_names)
 
     def before_aggregation(self, round_idx: int, log: MetricsLog) -> None:
         if not checkpoint_due(self.recipe, round_idx) or self.writer_round != round_idx:
