@@ -220,7 +220,9 @@ HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party":
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     """A recipe warning as one line, like the errors; any other warning as Python shows it."""
-    if category.__name__ == "RecipeWarning":
+    from fedml_pfedseq.config import RecipeWarning  # light: the config module imports only yaml
+
+    if issubclass(category, RecipeWarning):
         print(f"pfedseq: warning: {message}", file=file or sys.stderr)
     else:
         _python_show_warning(message, category, filename, lineno, file, line)

@@ -204,7 +204,7 @@ def recipe_key_reference(method: str | None = None, markdown: bool = False) -> s
         methods = [method_class(method)] if method else list(METHODS.values())
     except KeyError as err:
         raise RecipeError(f"--method {err.args[0]}") from None
-    groups = [(name, cls) for name, cls in SECTIONS.items()] + [
+    groups = list(SECTIONS.items()) + [
         (f"algorithm_args ({m.name})", m.Args) for m in methods if dataclasses.fields(m.Args)]
     hints = {cls: typing.get_type_hints(cls) for _, cls in groups}
     out = ["# Recipe keys", "", "Every key of a recipe, with its type, default and meaning. Generated from the config "

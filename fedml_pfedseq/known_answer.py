@@ -35,6 +35,7 @@ of ||xi_i|| / ||theta*_i - theta_g|| and cos(xi_i, theta*_i - theta_g).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import statistics
@@ -355,8 +356,9 @@ def run_method(recipe: Recipe, model: AdapterModel, problem: Problem, bar=None) 
     return run
 
 
+@functools.lru_cache(maxsize=1)
 def shipped_recipes() -> dict[str, Path]:
-    """recipes/omniglot_*.yaml by method (lower-case name)."""
+    """recipes/omniglot_*.yaml by method (lower-case name), read once per process (every method and seed asks)."""
     out = {}
     for path in sorted(RECIPES.glob("omniglot_*.yaml")):
         out.setdefault(load_yaml(path)["train_args"]["federated_optimizer"].lower(), path)
