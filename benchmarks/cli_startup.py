@@ -3,8 +3,8 @@
     python benchmarks/cli_startup.py                          # this checkout
     python benchmarks/cli_startup.py --checkout /tmp/older    # another checkout of the project, for before/after
 
-Times `--help`, `check` of the default pFedSeq recipe, `keys`, and `hub-serve` until its endpoint answers an HTTP
-request; prints a table, asserts nothing (see docs/benchmarks.md).
+Times `--help`, `check` of the default pFedSeq recipe, of the default suite and of the Table 1 grid, `keys`, and
+`hub-serve` until its endpoint answers an HTTP request; prints a table, asserts nothing (see docs/benchmarks.md).
 """
 from __future__ import annotations
 
@@ -63,8 +63,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     env = {**os.environ, "PFEDSEQ_CHECKOUT": str(args.checkout.resolve())}
-    recipe = str(args.checkout / "recipes" / "omniglot_pfedseq.yaml")
-    commands = {"--help": ["--help"], "check": ["check", recipe], "keys": ["keys"]}
+    checked = ["recipes/omniglot_pfedseq.yaml", "recipes/suites/default.yaml", "recipes/grids/table1.yaml"]
+    commands = {"--help": ["--help"], **{f"check {path}": ["check", str(args.checkout / path)] for path in checked},
+                "keys": ["keys"]}
     print(f"checkout {args.checkout}, best of {args.repeat}, seconds")
     print("| command | seconds |\n|---|---|")
     for name, argv in commands.items():

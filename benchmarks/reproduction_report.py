@@ -318,7 +318,7 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
             test, val = out.stats(scenario, method), out.stats(scenario, method, "final_validation_accuracy_mean")
             servers[method] = server = [row for cell in out.cells(scenario, method)
                                         for row in json.loads((cell.parent / "metrics.json").read_text())["server"]]
-            calibrated = [row for row in server if row.get("calibration_ratio_mean") is not None]
+            calibrated = [row for row in server if row.get("calibration_to_drift_ratio_mean") is not None]
             last = max((row["round"] for row in server), default=None)
             final = [row for row in calibrated if row["round"] == last]  # the last round, one row per seed
             result[method] = entry = {
@@ -326,7 +326,7 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
                 "test_gain": test["mean"] - control["mean"] if test and control else None,
                 "validation_gain": val["mean"] - control_val["mean"] if val and control_val else None,
                 **{f"{key}_last": statistics.fmean(r[key] for r in final) if final and all(key in r for r in final)
-                   else None for key in ("calibration_ratio_mean", "calibration_to_update_ratio_mean")},
+                   else None for key in ("calibration_to_drift_ratio_mean", "calibration_to_update_ratio_mean")},
                 "surrogate_after_warmup": statistics.fmean(r["surrogate_loss"] for r in calibrated)
                 if calibrated else None,
                 "surrogate_negative_share": statistics.fmean(r["surrogate_loss"] < 0 for r in calibrated)
@@ -334,13 +334,13 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
             number = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
             rows.append([method, fmt(val), signed(entry["validation_gain"]) if method != CONTROL else "",
                          fmt(test), signed(entry["test_gain"]) if method != CONTROL else "",
-                         number(entry["calibration_ratio_mean_last"], ".4f"),
+                         number(entry["calibration_to_drift_ratio_mean_last"], ".4f"),
                          number(entry["calibration_to_update_ratio_mean_last"], ".3f"),
                          number(entry["surrogate_after_warmup"], ".4f"),
                          number(entry["surrogate_negative_share"], ".2f")])
         record["scenarios"][scenario] = result
         table = format_table(["variant", "validation (%)", f"vs {CONTROL}", "test (%)", f"vs {CONTROL}",
-                              "||xi||/||theta_g|| (last round)", "||xi||/||Delta|| (last round)",
+                              "||xi||/||theta_g - theta^0|| (last round)", "||xi||/||Delta|| (last round)",
                               "surrogate (mean after W)",
                               "share of rounds with surrogate < 0"], rows)
         text.append(f"\n## {scenario}\n\n{table}\n\n![calibrations and surrogate]"
@@ -358,12 +358,12 @@ def plot_learner(servers: dict[str, list[dict]], scenario: str, path: Path) -> N
         by_round: dict[int, list[dict]] = {}
         for row in server:
             by_round.setdefault(row["round"], []).append(row)
-        for ax, key in zip(axes, ["calibration_ratio_mean", "surrogate_loss"]):
+        for ax, key in zip(axes, ["calibration_to_update_ratio_mean", "surrogate_loss"]):
             points = [(t, statistics.fmean(r[key] for r in rows)) for t, rows in sorted(by_round.items())
                       if all(r.get(key) is not None for r in rows)]
             if points:
                 ax.plot(*zip(*points), marker="o", markersize=3, label=method)
-    for ax, label in zip(axes, ["||xi_i|| / ||theta_g|| (mean over clients)", "surrogate -<xi^{t-1}, Delta^t>"]):
+    for ax, label in zip(axes, ["||xi_i|| / mean ||Delta_i|| (mean over clients)", "surrogate -<xi^{t-1}, Delta^t>"]):
         ax.set_xlabel("round")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)

@@ -198,14 +198,14 @@ class Recipe:
 def recipe_key_reference(method: str | None = None, markdown: bool = False) -> str:
     """Every recipe key with its type, default and meaning, read from the dataclasses (``pfedseq keys``): the
     sections, then ``algorithm_args`` of ``method`` (default: of every method)."""
-    from fedml_pfedseq.strategies import METHODS, method_class
+    from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS, method_name  # not at the top: it imports this module
 
     try:
-        methods = [method_class(method)] if method else list(METHODS.values())
+        names = [method_name(method)] if method else list(ALGORITHM_ARGS)
     except KeyError as err:
         raise RecipeError(f"--method {err.args[0]}") from None
-    groups = list(SECTIONS.items()) + [
-        (f"algorithm_args ({m.name})", m.Args) for m in methods if dataclasses.fields(m.Args)]
+    groups = list(SECTIONS.items()) + [(f"algorithm_args ({name})", ALGORITHM_ARGS[name]) for name in names
+                                       if dataclasses.fields(ALGORITHM_ARGS[name])]
     hints = {cls: typing.get_type_hints(cls) for _, cls in groups}
     out = ["# Recipe keys", "", "Every key of a recipe, with its type, default and meaning. Generated from the config "
            "dataclasses by `pfedseq keys --markdown > docs/recipe-keys.md` (a test fails when it is stale).", ""] \
@@ -373,13 +373,13 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
                               f"allowed: {sorted(allowed)}")
     recipe = Recipe(source=source, **{
         name: build_section(cls, raw.get(name), f"{where}: {name}") for name, cls in SECTIONS.items()})
-    from fedml_pfedseq.strategies import method_class  # (torch) only once the sections are valid
+    from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS, method_name  # not at the top: it imports this module
 
     try:
-        method = method_class(recipe.train_args.federated_optimizer)
+        args_class = ALGORITHM_ARGS[method_name(recipe.train_args.federated_optimizer)]
     except KeyError as err:
         raise RecipeError(f"{where}: train_args.federated_optimizer {err.args[0]}") from None
-    recipe.algorithm_args = build_section(method.Args, raw.get("algorithm_args"), f"{where}: algorithm_args")
+    recipe.algorithm_args = build_section(args_class, raw.get("algorithm_args"), f"{where}: algorithm_args")
     _validate(recipe, where)
     check_with_other_sections = getattr(recipe.algorithm_args, "check_recipe", None)  # a method's cross-section rules
     if check_with_other_sections is not None:

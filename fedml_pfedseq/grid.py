@@ -50,14 +50,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, load_yaml, recipe_changes
-from fedml_pfedseq.results import format_table, plot_suite
-from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
-from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.suite import load_entry
 
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
@@ -302,6 +298,12 @@ def release(cell: Cell) -> None:
 
 def run_cell(recipe: Recipe, output_dir: Path, threads: int | None = None) -> None:
     """Run one cell, from its checkpoint if it was cut short; the summary is what the grid keeps."""
+    # here, not at the top: loading a grid (`pfedseq check`) needs no torch
+    import torch
+
+    from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
+    from fedml_pfedseq.simulation import run_recipe
+
     if threads and not recipe.device_args.num_threads:
         torch.set_num_threads(threads)
     checkpoint = output_dir / CHECKPOINT_FILE
@@ -397,6 +399,8 @@ def summarize(cells: list[Cell], root: Path, candidates: list[dict] | None = Non
     Writes ``grid_cells.csv`` (one row per seed cell), ``grid_summary.json`` (the table, the cells and every tuning
     candidate's validation accuracy), ``grid_table.md`` (rows: methods, columns: scenarios) and, per scenario,
     ``grid_curves_<scenario>.png``: each method's test accuracy per round, averaged over clients and seeds."""
+    from fedml_pfedseq.results import format_table, plot_suite  # here: matplotlib takes a second to import
+
     rows, groups = [], {}
     for cell in cells:
         summary = cell.summary()

@@ -315,6 +315,7 @@ class MethodRun:
     xi_cos: list[float | None] = field(default_factory=list)
     trained: list[list[int]] = field(default_factory=list)
     seconds: float = 0.0
+    diverged: int | None = None  # the round whose aggregate raised FloatingPointError (losses inf from there on)
 
     def record(self, problem: Problem, clients: list[QuadraticClient], payloads: dict[int, Payload], server,
                round_idx: int) -> None:
@@ -347,8 +348,18 @@ def run_method(recipe: Recipe, model: AdapterModel, problem: Problem, bar=None) 
             clients[i].receive(payloads[i])
             uploads[i] = clients[i].train(t)
         uploads, _ = screen(server, uploads, t, recipe.train_args.min_uploads_per_round)
-        payloads = server.aggregate(uploads)
         run.trained.append(sampled)
+        try:
+            payloads = server.aggregate(uploads)
+        except FloatingPointError:  # a diverged method is a result: the table says where
+            run.diverged = t
+            missing = recipe.train_args.comm_round + 1 - len(run.losses)
+            run.losses += [math.inf] * missing
+            run.xi_ratio += [None] * missing
+            run.xi_cos += [None] * missing
+            if bar is not None:
+                bar.update(missing)
+            break
         run.record(problem, clients, payloads, server, t)
         if bar is not None:
             bar.update()
@@ -474,6 +485,8 @@ def mean_std(values: list[float], digits: int = 3) -> str:
     values = [v for v in values if v is not None and not math.isnan(v)]
     if not values:
         return ""
+    if any(math.isinf(v) for v in values):
+        return "inf (diverged)"
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.fmean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
@@ -485,7 +498,7 @@ def table(bench: Benchmark) -> str:
     last, early = bench.settings.rounds, min(TABLE_ROUND, bench.settings.rounds)
     headers = ["method", f"relative loss, round {early}", f"relative loss, round {last}", "worst round",
                f"mean loss, round {last}", f"||xi||/||theta*-theta_g||, round {last}",
-               f"cos(xi, theta*-theta_g), round {last}", "seconds per seed"]
+               f"cos(xi, theta*-theta_g), round {last}", "seconds per seed", "diverged (seed: round)"]
     rows = []
     for method in ["oracle", *bench.methods]:
         runs = [bench.run_of(method, seed) for seed in bench.seeds]
@@ -493,7 +506,8 @@ def table(bench: Benchmark) -> str:
         rows.append([method, mean_std([r[early] for r in rel]), mean_std([r[last] for r in rel]),
                      mean_std([max(r[1:]) for r in rel]), mean_std([r.losses[last] for r in runs], 4),
                      mean_std([r.xi_ratio[last] for r in runs]), mean_std([r.xi_cos[last] for r in runs]),
-                     mean_std([r.seconds for r in runs], 1)])
+                     mean_std([r.seconds for r in runs], 1),
+                     ", ".join(f"{r.seed}: {r.diverged}" for r in runs if r.diverged is not None)])
     rows += [[method, f"not run: {reason}", *[""] * (len(headers) - 2)] for method, reason in bench.not_run.items()]
     return format_table(headers, rows)
 
@@ -505,7 +519,7 @@ def metric_rows(bench: Benchmark) -> list[dict]:
         for t, (loss, rel) in enumerate(zip(run.losses, bench.relative(run))):
             rows.append({"seed": run.seed, "method": run.method, "round": t, "mean_loss": loss, "relative": rel,
                          "xi_ratio": run.xi_ratio[t], "xi_cos": run.xi_cos[t],
-                         "trained": len(run.trained[t - 1]) if t and run.trained else None})
+                         "trained": len(run.trained[t - 1]) if 0 < t <= len(run.trained) else None})
     return rows
 
 

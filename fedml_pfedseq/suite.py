@@ -13,8 +13,6 @@ import json
 from pathlib import Path
 
 from fedml_pfedseq.config import RecipeError, load_recipe, load_yaml
-from fedml_pfedseq.results import format_table, plot_suite
-from fedml_pfedseq.simulation import run_recipe
 
 SUITE_KEYS = {"recipes", "overrides", "output_dir", "description"}
 ENTRY_KEYS = {"recipe", "name", "set"}
@@ -53,6 +51,10 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> tu
 
 def run_suite(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
               progress: bool = True) -> list[dict]:
+    # here, not at the top: loading a suite (`pfedseq check`) needs neither torch nor matplotlib
+    from fedml_pfedseq.results import format_table, plot_suite
+    from fedml_pfedseq.simulation import run_recipe
+
     recipes, default_dir = load_suite(path, extra_overrides)
     output_dir = Path(output_dir or default_dir)
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,8 @@ from torch.func import functional_call
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
-from fedml_pfedseq.strategies.apple import AppleArgs, AppleServer, proximal_coefficient
+from fedml_pfedseq.algorithm_args import AppleArgs
+from fedml_pfedseq.strategies.apple import AppleServer, proximal_coefficient
 from fedml_pfedseq.training import make_loader
 from fedml_pfedseq.transport import check_plain
 

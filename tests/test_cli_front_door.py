@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
+from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS, LEARNER_ARCHITECTURES
 from fedml_pfedseq.cli import build_parser, main
 from fedml_pfedseq.config import SECTIONS, recipe_key_reference
 from fedml_pfedseq.strategies import METHODS
+from hf_models.seq_learner import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,3 +62,22 @@ def test_help_and_a_failed_check_import_neither_torch_nor_fedml(argv, tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
     if argv[0] == "check":
         assert "unknown key 'comm_rounds' (did you mean 'comm_round'?)" in done.stderr
+
+
+@pytest.mark.parametrize("argv", [["check", "recipes/omniglot_pfedseq.yaml"], ["check", "recipes/suites/default.yaml"],
+                                  ["check", "recipes/grids/table1.yaml"], ["keys"]], ids=" ".join)
+def test_check_and_keys_import_no_torch(argv):
+    """`pfedseq check` (of a recipe, a suite or a grid) and `pfedseq keys` read algorithm_args from
+    fedml_pfedseq.algorithm_args, not from the strategies: none of the libraries that take seconds to import."""
+    probe = ("import sys\nfrom fedml_pfedseq.cli import main\nassert main(sys.argv[1:]) == 0\n"
+             "print(sorted({'torch', 'transformers', 'peft', 'evaluate', 'datasets', 'fedml'}"
+             " & {m.split('.')[0] for m in sys.modules}))")
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
+
+
+def test_every_method_has_its_algorithm_args_under_its_name():
+    """The strategies and fedml_pfedseq.algorithm_args know the same methods in the same order (`pfedseq keys`
+    lists them, an unknown name is refused with the list), and pFedSeq's architectures are the learner's."""
+    assert [m.name for m in METHODS.values()] == list(ALGORITHM_ARGS)
+    assert LEARNER_ARCHITECTURES == ARCHITECTURES

@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 import fedml_pfedseq.grid as grid
+import fedml_pfedseq.simulation as simulation
 from fedml_pfedseq.config import RecipeError, load_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.simulation import run_federation
@@ -41,13 +42,13 @@ def write_grid(tmp_path, tiny_vit, **changes) -> Path:
 def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_vit, tmp_path, monkeypatch):
     path = write_grid(tmp_path, tiny_vit)
     ran = []
-    real_run = grid.run_recipe
+    real_run = simulation.run_recipe
 
     def counting(recipe, output_dir, progress=True, resume=False):
         ran.append(output_dir.relative_to(tmp_path / "grid").as_posix() + (" (resumed)" if resume else ""))
         return real_run(recipe, output_dir, progress=progress, resume=resume)
 
-    monkeypatch.setattr(grid, "run_recipe", counting)
+    monkeypatch.setattr(simulation, "run_recipe", counting)
     result = grid.run_grid(path, progress=False)
     cells = [f"{s}/{m}/seed_{k}" for s in ("small", "smaller") for m in ("FedAvg", "local_heads") for k in (0, 1)]
     assert sorted(ran) == sorted(cells)
@@ -178,8 +179,8 @@ def run_tuned_grid(tiny_vit, tmp_path, monkeypatch, **tuning) -> tuple[dict, lis
     path = write_grid(tmp_path, tiny_vit, tuning=tuning, scenarios={"small": ["data_args.samples_per_client=40"]},
                       seeds=[0])
     ran = []
-    real_run = grid.run_recipe
-    monkeypatch.setattr(grid, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(out) or
+    real_run = simulation.run_recipe
+    monkeypatch.setattr(simulation, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(out) or
                         real_run(recipe, out, progress=progress, resume=resume))
     return grid.run_grid(path, progress=False), ran
 

@@ -116,3 +116,26 @@ def test_overrides_go_to_the_methods_that_have_them(tiny_vit):
     for bad in (["algorithm_args.no_such_key=1"], ["train_args.comm_round=3"], ["train_args.momentum=0.9"]):
         with pytest.raises(RecipeError):
             ka.check_overrides(bad, ["FedAvg", "pFedSeq"])
+
+
+def test_a_diverging_method_is_a_row_of_the_table_not_a_crash(tiny_vit, tmp_path, monkeypatch):
+    """A learner whose calibrations turn NaN in round 2 (the server raises FloatingPointError): its losses are inf
+    from round 2 on, the table says which seed diverged where, and the other methods still run."""
+    from fedml_pfedseq.strategies.pfedseq import PFedSeqServer
+
+    def nan_in_round_2(self):
+        if self.round == 2:
+            raise FloatingPointError("NaN")
+        return original(self)
+
+    original = PFedSeqServer.calibrate
+    monkeypatch.setattr(PFedSeqServer, "calibrate", nan_in_round_2)
+    settings = ka.Settings(clients=3, rounds=3, model=tiny_vit)
+    bench = ka.run_benchmark(settings, ["pFedSeq"], seeds=[0], progress=False,
+                             overrides=["algorithm_args.warmup_rounds=1", "algorithm_args.seq_len=2"])
+    run = bench.run_of("pFedSeq", 0)
+    assert run.diverged == 2 and math.isfinite(run.losses[1]) and run.losses[2:] == [math.inf, math.inf]
+    assert len(run.xi_ratio) == len(run.losses) == 4
+    row = next(line for line in ka.write_outputs(bench, tmp_path).splitlines() if line.startswith("| pFedSeq"))
+    assert "inf (diverged)" in row and "0: 2" in row
+    assert math.isfinite(bench.run_of("FedAvg", 0).losses[-1])

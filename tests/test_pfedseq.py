@@ -78,18 +78,21 @@ def test_calibrations_are_nonzero_and_differ_across_clients_after_warm_up():
     xi = torch.cat(server.calibrations)  # [sum D_l, N]
     assert (xi.norm(dim=0) > 0).all()
     assert all(not torch.allclose(xi[:, i], xi[:, j]) for i in range(N) for j in range(i + 1, N))
-    assert 0 < server.last_round_stats["calibration_ratio_min"] <= server.last_round_stats["calibration_ratio_max"]
+    stats = server.last_round_stats
+    assert 0 < stats["calibration_to_drift_ratio_min"] <= stats["calibration_to_drift_ratio_max"]
 
 
-def test_calibration_sizes_are_relative_to_theta_g_and_to_the_rounds_updates_by_hand():
+def test_calibration_sizes_are_relative_to_theta_g_drift_and_to_the_rounds_updates_by_hand():
     server = make_server()
     run_rounds(server, 2)  # warm-up 1: round 2 is calibrated; recompute its stats from the server's state
     deltas = server.history[-1].updates
     xi = torch.cat(server.calibrations)  # [sum D_l, N]
     theta_g = torch.cat([t.flatten() for t in server.layout.flatten(server.global_state["lora"])])
+    theta_0 = torch.cat([t.flatten() for t in server.layout.flatten(initial_lora())])
     update_norms = [torch.cat([d[:, i] for d in deltas]).norm() for i in range(N)]
     stats = server.last_round_stats
-    assert stats["calibration_ratio_mean"] == pytest.approx(float((xi.norm(dim=0) / theta_g.norm()).mean()), rel=1e-5)
+    drift = (theta_g - theta_0).norm()
+    assert stats["calibration_to_drift_ratio_mean"] == pytest.approx(float((xi.norm(dim=0) / drift).mean()), rel=1e-5)
     mean_update = sum(update_norms) / N
     assert stats["calibration_to_update_ratio_mean"] == pytest.approx(
         float((xi.norm(dim=0) / mean_update).mean()), rel=1e-5)
@@ -126,24 +129,30 @@ def test_recomputed_calibrations_equal_what_clients_received():
         assert torch.equal(recomputed, xi)
 
 
+def assert_one_adam_step(server, reference, loss, uploads) -> None:
+    """The server's learner after aggregating ``uploads`` equals ``reference`` (a copy taken before) after one Adam
+    step on ``loss`` (computed with ``reference``), from the server's optimizer state."""
+    optimizer = torch.optim.Adam(reference.parameters(), lr=server.args.learner_lr)
+    optimizer.load_state_dict(copy.deepcopy(server.optimizer.state_dict()))
+    loss.backward()
+    optimizer.step()
+    server.aggregate(uploads)
+    for (name, p), q in zip(server.learner.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
 def test_learner_step_is_adam_on_the_surrogate_gradient():
     """The server's step equals an Adam step on -sum_l <xi_l^{t-1}, Delta_l^t> / s_l^2, by plain backward."""
     server = make_server()
     run_rounds(server, 2)
     reference = copy.deepcopy(server.learner)
-    optimizer = torch.optim.Adam(reference.parameters(), lr=server.args.learner_lr)
-    optimizer.load_state_dict(copy.deepcopy(server.optimizer.state_dict()))
     windows = [server._window(l) for l in range(2)]
     scales = server.history[-1].scales
     uploads = uploads_for(3)
     deltas = server.layout.stack([uploads[i]["lora"] for i in range(N)])
     surrogate = -sum((scales[l] * reference(windows[l] / scales[l], l) * deltas[l]).sum() / scales[l] ** 2
                      for l in range(2))
-    surrogate.backward()
-    optimizer.step()
-    server.aggregate(uploads)
-    for (name, p), q in zip(server.learner.named_parameters(), reference.parameters()):
-        torch.testing.assert_close(p, q, msg=name)
+    assert_one_adam_step(server, reference, surrogate, uploads)
 
 
 def test_a_small_learner_step_moves_calibrations_along_the_updates():
@@ -211,3 +220,121 @@ def test_learner_is_reproducible_from_the_seed():
 def test_bad_algorithm_args_are_named(key, value):
     with pytest.raises(RecipeError, match=key):
         make_server(**{key: value})
+
+
+def learner_state(server) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in server.learner.parameters()]
+
+
+def states_equal(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_without_warm_up_training_the_learner_waits_for_a_sent_calibration():
+    """train_during_warmup: false leaves psi alone until a round whose xi^{t-1} reached the clients (W=2: the
+    first calibration is sent in round 3, so round 4 is the first step); the paper's schedule trains from round 2."""
+    paper, waiting = make_server(warmup_rounds=2), make_server(warmup_rounds=2, train_during_warmup=False)
+    initial = learner_state(waiting)
+    for t in range(1, 5):
+        paper.aggregate(uploads_for(t)), waiting.aggregate(uploads_for(t))
+        assert states_equal(learner_state(waiting), initial) == (t <= 3), f"round {t}"
+        assert states_equal(learner_state(paper), initial) == (t == 1), f"round {t}"
+
+
+def test_the_proximal_objective_has_eq5s_gradient_after_a_sent_round():
+    """Regressing xi^{t-1}(psi) onto xi sent + Delta: at psi where xi^{t-1} is what was sent, the gradient is eq. 5's.
+    Without warm-up training every step is such a step, so the two objectives give the same learner; with it, the
+    warm-up steps (xi not sent: target Delta alone) differ."""
+    proxy = make_server(train_during_warmup=False)
+    proximal = make_server(train_during_warmup=False, learner_objective="proximal")
+    run_rounds(proxy, 4), run_rounds(proximal, 4)
+    for p, q in zip(learner_state(proxy), learner_state(proximal)):
+        torch.testing.assert_close(p, q)
+    assert not states_equal(learner_state(proxy), learner_state(make_server()))  # it did train
+    a, b = make_server(warmup_rounds=2), make_server(warmup_rounds=2, learner_objective="proximal")
+    run_rounds(a, 2), run_rounds(b, 2)
+    assert not states_equal(learner_state(a), learner_state(b))
+
+
+def test_the_proximal_step_is_adam_on_the_regression_loss_of_the_clients_that_reported():
+    """Round 3 (W=1, so xi^2 was sent): one Adam step on sum_l 0.5 ||xi_l - (xi sent + Delta)||^2 / s_l^2 over the
+    reporting clients (client 3 left out), by plain backward."""
+    server = make_server(learner_objective="proximal")
+    run_rounds(server, 2)
+    reference = copy.deepcopy(server.learner)
+    windows, scales, sent = [server._window(l) for l in range(2)], server.history[-1].scales, server.calibrations
+    uploads = {i: u for i, u in uploads_for(3).items() if i != 3}
+    deltas = server.layout.stack(server.lora_updates(uploads))
+    loss = sum(0.5 * (scales[l] * reference(windows[l] / scales[l], l) - sent[l] - deltas[l])[:, :3].pow(2).sum()
+               / scales[l] ** 2 for l in range(2))
+    assert_one_adam_step(server, reference, loss, uploads)
+
+
+def test_learner_steps_split_each_layer_into_disjoint_random_parts():
+    server = make_server(learner_steps=3)
+    run_rounds(server, 2)
+    batches = server._row_batches(server.history[-1].updates)
+    assert len(batches) == 3
+    for layer in range(2):
+        rows = torch.cat([batch[layer] for batch in batches])
+        assert sorted(rows.tolist()) == list(range(24))  # every row once
+    assert server._row_batches(server.history[-1].updates)[0][0].tolist() == batches[0][0].tolist()  # seeded
+    assert server.optimizer.state_dict()["state"][0]["step"] == 3  # round 2's three Adam steps
+    one_step = make_server()
+    run_rounds(one_step, 2)
+    assert one_step.optimizer.state_dict()["state"][0]["step"] == 1
+
+
+def test_centred_calibrations_have_zero_mean_over_clients():
+    server = make_server(center_calibrations=True)
+    run_rounds(server, 3)
+    for xi in server.calibrations:
+        torch.testing.assert_close(xi.mean(1), torch.zeros(xi.shape[0]), atol=1e-9, rtol=0)
+    plain = make_server()
+    run_rounds(plain, 3)
+    assert plain.calibrations[0].mean(1).abs().max() > 1e-6
+
+
+def test_the_calibration_bound_caps_each_clients_rms_per_layer():
+    free, bounded = make_server(output_scale_init=5.0), make_server(output_scale_init=5.0, calibration_bound=0.5)
+    run_rounds(free, 3), run_rounds(bounded, 3)
+    scales = bounded.history[-1].scales
+    for l, xi in enumerate(bounded.calibrations):
+        assert (xi.pow(2).mean(0).sqrt() <= 0.5 * scales[l] * (1 + 1e-6)).all()
+    assert any((xi.pow(2).mean(0).sqrt() > 0.5 * scales[l]).any() for l, xi in enumerate(free.calibrations))
+
+
+def test_variant_a_emits_adapters_in_the_adapters_own_units():
+    """Variant A's output unit is theta^0's RMS per layer, not the updates' (~1e-3 here): xi = rms(theta^0) * f."""
+    server = make_server(global_aggregation=False)
+    run_rounds(server, 2)
+    units = [float(v.pow(2).mean().sqrt()) for v in server.layout.flatten(initial_lora())]
+    assert server.output_units == pytest.approx(units)
+    scales = server.history[-1].scales
+    for l, xi in enumerate(server.calibrations):
+        expected = units[l] * server.learner(server._window(l) / scales[l], l).detach()
+        torch.testing.assert_close(xi, expected)
+    assert make_server().output_units == [None, None]
+
+
+def test_the_legacy_learner_is_one_switch_away():
+    legacy = make_server(learner_magnitude_preserving=False)
+    assert not legacy.learner.config.magnitude_preserving
+    assert any(type(m).__name__ == "RMSNorm" for m in legacy.learner.modules())
+    assert not any(type(m).__name__ == "RMSNorm" for m in make_server().learner.modules())
+
+
+def test_every_schedule_switch_resumes_from_a_checkpoint(tmp_path):
+    """Three rounds, a checkpoint, a fresh server restored from it: round 4 equals the uninterrupted server's."""
+    from fedml_pfedseq.checkpoint import load_checkpoint, save_checkpoint
+
+    switches = dict(learner_objective="proximal", learner_steps=3, train_during_warmup=False,
+                    center_calibrations=True, calibration_bound=2.0)
+    server = make_server(**switches)
+    run_rounds(server, 3)
+    save_checkpoint(tmp_path / "c.safetensors", {"server": server}, {"round": 3})
+    restored = make_server(**switches)
+    assert load_checkpoint(tmp_path / "c.safetensors", {"server": restored}) == {"round": 3}
+    a, b = server.aggregate(uploads_for(4)), restored.aggregate(uploads_for(4))
+    assert all(lora_equal(a[i]["lora"], b[i]["lora"]) for i in range(N))
+    assert states_equal(learner_state(server), learner_state(restored))

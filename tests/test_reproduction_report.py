@@ -186,13 +186,13 @@ def test_investigation_compares_each_variant_with_the_control_and_summarises_the
         [str(RECIPES / "omniglot_fedavg_local_head.yaml"), {"recipe": PFEDSEQ, "name": "lr1e-1"}],
         {"omniglot": []}, [0, 1])
     root = tmp_path / "runs"
-    servers = {0: [{"round": 1, "surrogate_loss": None, "calibration_ratio_mean": None},
-                   {"round": 2, "surrogate_loss": -0.2, "calibration_ratio_mean": 0.1},
-                   {"round": 3, "surrogate_loss": 0.4, "calibration_ratio_mean": 0.3,
+    servers = {0: [{"round": 1, "surrogate_loss": None, "calibration_to_drift_ratio_mean": None},
+                   {"round": 2, "surrogate_loss": -0.2, "calibration_to_drift_ratio_mean": 0.1},
+                   {"round": 3, "surrogate_loss": 0.4, "calibration_to_drift_ratio_mean": 0.3,
                     "calibration_to_update_ratio_mean": 2.0}],
-               1: [{"round": 1, "surrogate_loss": None, "calibration_ratio_mean": None},
-                   {"round": 2, "surrogate_loss": -0.1, "calibration_ratio_mean": 0.2},
-                   {"round": 3, "surrogate_loss": -0.3, "calibration_ratio_mean": 0.5,
+               1: [{"round": 1, "surrogate_loss": None, "calibration_to_drift_ratio_mean": None},
+                   {"round": 2, "surrogate_loss": -0.1, "calibration_to_drift_ratio_mean": 0.2},
+                   {"round": 3, "surrogate_loss": -0.3, "calibration_to_drift_ratio_mean": 0.5,
                     "calibration_to_update_ratio_mean": 1.0}]}
     for seed, (control, variant) in enumerate([(0.10, 0.20), (0.30, 0.30)]):
         fake_cell(root, "omniglot", "FedAvgLocalHead", seed, control)
@@ -207,10 +207,10 @@ def test_investigation_compares_each_variant_with_the_control_and_summarises_the
     variant = result["lr1e-1"]
     assert variant["test_gain"] == pytest.approx(100 * (0.25 - 0.20))  # means over seeds: 25 % vs 20 %
     assert variant["validation_gain"] == pytest.approx(5.0)
-    assert variant["calibration_ratio_mean_last"] == pytest.approx((0.3 + 0.5) / 2)  # round 3, both seeds
+    assert variant["calibration_to_drift_ratio_mean_last"] == pytest.approx((0.3 + 0.5) / 2)  # round 3, both seeds
     assert variant["calibration_to_update_ratio_mean_last"] == pytest.approx(1.5)
     assert variant["surrogate_after_warmup"] == pytest.approx((-0.2 + 0.4 - 0.1 - 0.3) / 4)
     assert variant["surrogate_negative_share"] == pytest.approx(3 / 4)
-    assert result["FedAvgLocalHead"]["calibration_ratio_mean_last"] is None
+    assert result["FedAvgLocalHead"]["calibration_to_drift_ratio_mean_last"] is None
     text = (out / "investigation.md").read_text()
     assert "| lr1e-1" in text and "+5.00" in text and (out / "investigation_omniglot.png").stat().st_size > 0

@@ -189,3 +189,82 @@ def test_recurrent_learners_remember_early_rounds(architecture):
     changed = x.clone()
     changed[:, 0] += 1.0
     assert not torch.allclose(learner(x, 0), learner(changed, 0))
+
+
+@pytest.mark.parametrize("architecture", ["mamba", "mlp", "lstm"])
+def test_the_learner_can_express_xi_equal_c_times_the_latest_update(architecture):
+    """With its readout at zero the learner is f(x) = output_scale * x_last: xi = c * Delta, at any size."""
+    learner, x = make_learner(architecture=architecture), window()
+    g = learner.learners[0]
+    with torch.no_grad():
+        (g.net[-1] if architecture == "mlp" else g.readout).weight.zero_()
+        learner.output_scale[0] = 0.7
+    for size in (1e-3, 8.0):
+        torch.testing.assert_close(learner.calibrate(size * x, 1.0, 0), 0.7 * size * x[:, -1])
+
+
+def test_the_output_scales_with_the_input_unlike_the_channel_normalised_learner():
+    """An input 1e-3 or 8 times larger (in normalised units): the output follows it; the legacy learner's stays one
+    size (the issue's measurement: 0.053-0.065 for both)."""
+    x = window()
+    new, legacy = make_learner(), make_learner(magnitude_preserving=False)
+    growth = {name: float(m(8 * x, 0).norm() / m(1e-3 * x, 0).norm()) for name, m in (("new", new), ("legacy", legacy))}
+    assert growth["new"] > 1000
+    assert growth["legacy"] < 10
+
+
+@pytest.mark.parametrize("architecture", ["mamba", "mlp", "lstm"])
+def test_no_calibration_without_updates(architecture):
+    """No bias shifts a parameter the clients never moved (the legacy readout's bias did)."""
+    zeros = torch.zeros(11, 5, 4)
+    assert torch.equal(make_learner(architecture=architecture)(zeros, 0), torch.zeros(11, 4))
+    assert make_learner(architecture=architecture, magnitude_preserving=False)(zeros, 0).abs().max() > 0
+
+
+def test_variant_c_reads_magnitudes_not_signs():
+    """One channel: the legacy RMSNorm over it is sign(x), so nearly every output sat near one of two values."""
+    x = torch.randn(400, 5, 4, generator=torch.Generator().manual_seed(3))
+
+    def near_two_values(model) -> float:
+        out = model(x, 0).flatten()
+        spread = out.max() - out.min()
+        centres = torch.stack([out[out <= out.median()].median(), out[out > out.median()].median()])
+        return float(((out[:, None] - centres).abs().min(1).values < 0.01 * spread).float().mean())
+
+    assert near_two_values(make_learner(cross_client=False, magnitude_preserving=False)) > 0.6
+    assert near_two_values(make_learner(cross_client=False)) < 0.3
+
+
+def test_a_callable_descent_gives_the_regression_gradient():
+    """descent(xi, rows) = target[rows] - xi is the gradient of 0.5 ||xi - target||^2, by plain backward."""
+    learner, x, target, scale = make_learner(), window(), torch.randn(11, 4), 0.3
+    grads, _ = learner.proxy_gradient(x, scale, 0, lambda xi, rows: target[rows] - xi, d_chunk=4)
+    learner.zero_grad()
+    (0.5 * (scale * learner(x / scale, 0) - target).pow(2).sum()).backward()
+    for (name, p), g in zip(learner.named_parameters(), grads):
+        torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), msg=name)
+
+
+def test_the_capped_norm_only_shrinks_rows_above_unit_rms():
+    from hf_models.seq_learner.modeling_seq_learner import CappedRMSNorm
+
+    norm = CappedRMSNorm(4, eps=0.0)
+    small, large = torch.full((1, 4), 0.5), torch.tensor([[3.0, -4.0, 0.0, 0.0]])
+    torch.testing.assert_close(norm(small), small)
+    torch.testing.assert_close(norm(large), large / 2.5)  # RMS 2.5 -> 1
+
+
+def test_a_learner_saved_before_magnitude_preservation_loads_as_it_was(tmp_path):
+    """A config.json without ``magnitude_preserving`` comes from an older run: it loads as the legacy learner, so its
+    weights (the final norm, the readout's bias) fit and its outputs are the ones it was saved with."""
+    import json
+
+    old = make_learner(magnitude_preserving=False)
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["magnitude_preserving"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = SeqLearnerModel.from_pretrained(tmp_path)
+    assert loaded.config.magnitude_preserving is False
+    torch.testing.assert_close(loaded(window(), 0), old(window(), 0), rtol=0, atol=0)
+    assert SeqLearnerConfig().magnitude_preserving is True

@@ -1,7 +1,8 @@
-"""Federated methods, one module each: a server strategy, a client strategy and its ``algorithm_args`` dataclass.
+"""Federated methods, one module each: a server strategy and a client strategy.
 
-A module registers its method by defining ``METHOD = Method(...)``; every module of this package is scanned, so a
-new method is one new file.
+A module registers its method by defining ``METHOD = Method(name, Server, Client)``; every module of this package is
+scanned. The method's ``algorithm_args`` dataclass lives in :mod:`fedml_pfedseq.algorithm_args` under the same name
+(checking a recipe then needs no torch), so a new method is one new file here plus its dataclass there.
 """
 from __future__ import annotations
 

@@ -51,7 +51,6 @@ Choices, as the official code (ljaiverson/pFL-APPLE) makes them unless said othe
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,8 @@ from torch import nn
 from torch.func import functional_call
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.algorithm_args import AppleArgs
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.strategies.fedala import trainable_by_key
@@ -67,34 +67,7 @@ from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload,
 from fedml_pfedseq.strategies.method import Method
 
 Core = dict[str, StateDict]  # {"lora": ..., "head": ...}
-SCHEDULERS = ("cosine", "exponential")
-CORE_INITS = ("distinct", "shared")
 EXPONENTIAL_EPSILON = 0.001  # utils/losses.py: lambda falls from 1 to this at the end of the regularized rounds
-
-
-@dataclass
-class AppleArgs:
-    """``algorithm_args`` of APPLE; the core model's learning rate is train_args.learning_rate."""
-
-    apple_p_lr: float = recipe_key(0.001, "learning rate of the DR vector p_i (official lr_coef)")
-    apple_mu: float = recipe_key(0.1, "mu of the proximal term on p_i (official mu; penalty lambda mu ||p - p0||^2)")
-    apple_scheduler: str = recipe_key("exponential", "shape of lambda(r): 'cosine' or 'exponential' (official default)")
-    apple_reg_rounds_fraction: float = recipe_key(0.1, "lambda > 0 in the first int(comm_round * this) rounds "
-                                                       "(official)")
-    apple_core_init: str = recipe_key("distinct", "'distinct': one fresh core per client (official); 'shared': theta^0 "
-                                                  "for all")
-
-    def __post_init__(self):
-        checks = {
-            "apple_p_lr": (math.isfinite(self.apple_p_lr) and self.apple_p_lr > 0, "must be a finite number > 0"),
-            "apple_mu": (math.isfinite(self.apple_mu) and self.apple_mu >= 0, "must be a finite number >= 0"),
-            "apple_scheduler": (self.apple_scheduler in SCHEDULERS, f"must be one of {list(SCHEDULERS)}"),
-            "apple_reg_rounds_fraction": (0 <= self.apple_reg_rounds_fraction <= 1, "must be in [0, 1]"),
-            "apple_core_init": (self.apple_core_init in CORE_INITS, f"must be one of {list(CORE_INITS)}"),
-        }
-        for key, (ok, rule) in checks.items():
-            if not ok:
-                raise RecipeError(f"algorithm_args.{key} {rule}, got {getattr(self, key)!r}")
 
 
 def proximal_coefficient(round_idx: int, comm_round: int, args: AppleArgs) -> float:
@@ -259,4 +232,4 @@ class AppleClient(FedAvgClient):
         return self.upload()
 
 
-METHOD = Method("APPLE", AppleServer, AppleClient, AppleArgs)
+METHOD = Method("APPLE", AppleServer, AppleClient)

@@ -22,50 +22,17 @@ the same batches equal the official code's interleaved steps. No randomness beyo
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import RecipeError, recipe_key
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Upload
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.strategies.personal_model import PersonalModelClient
 from fedml_pfedseq.training import proximal_term, train_epochs
 
 ExtraLoss = Callable[[torch.Tensor, dict], torch.Tensor]
-
-
-def check_personal_args(args, prefix: str) -> None:
-    """The keys Ditto and PerAda share: ``<prefix>_lambda`` >= 0, ``<prefix>_personal_epochs`` >= 1 or null."""
-    lam, epochs = getattr(args, f"{prefix}_lambda"), getattr(args, f"{prefix}_personal_epochs")
-    if lam < 0:
-        raise RecipeError(f"algorithm_args.{prefix}_lambda must be >= 0, got {lam}")
-    if epochs is not None and epochs < 1:
-        raise RecipeError(f"algorithm_args.{prefix}_personal_epochs must be >= 1 or null, got {epochs}")
-
-
-@dataclass
-class DittoArgs:
-    """``algorithm_args`` of Ditto."""
-
-    ditto_lambda: float = recipe_key(1.0, "lambda of the proximal term (official scripts: 1; the paper tunes it per "
-                                          "data set)")
-    ditto_personal_epochs: int | None = recipe_key(None, "passes of the personal model per round; null: "
-                                                         "train_args.epochs")
-
-    def __post_init__(self):
-        check_personal_args(self, "ditto")
-
-    @property
-    def proximal_mu(self) -> float:
-        """``proximal_term``'s mu: Ditto's penalty is lambda/2 ||v - w||^2, its gradient lambda (v - w)."""
-        return self.ditto_lambda
-
-    @property
-    def personal_epochs(self) -> int | None:
-        return self.ditto_personal_epochs
 
 
 def trainable_tensors(model: AdapterModel) -> dict[str, torch.Tensor]:
@@ -111,4 +78,4 @@ class DittoClient(PersonalModelClient):
         return self.upload()
 
 
-METHOD = Method("Ditto", DittoServer, DittoClient, DittoArgs)
+METHOD = Method("Ditto", DittoServer, DittoClient)

@@ -32,15 +32,13 @@ number it seeds the sample with is the count of payloads received, as in both en
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
@@ -48,33 +46,6 @@ from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import make_loader
 
 Weights = dict[str, StateDict]  # W: {"lora"|"head": {key: tensor of weights in [0, 1]}}, covered tensors only
-
-
-@dataclass
-class FedALAArgs:
-    """``algorithm_args`` of FedALA (defaults: the official code's, except the start-phase bound)."""
-
-    fedala_eta: float = recipe_key(1.0, "learning rate of W")
-    fedala_rand_percent: float = recipe_key(80.0, "% of the training samples that W is learned on, each round")
-    fedala_layer_idx: int = recipe_key(2, "trainable tensors from the end that ALA mixes (2: the head's weight and "
-                                          "bias)")
-    fedala_threshold: float = recipe_key(0.1, "start phase ends when the std of the recent epoch losses is below this")
-    fedala_num_pre_loss: int = recipe_key(10, "how many recent epoch losses that std is over")
-    fedala_max_start_epochs: int = recipe_key(100, "bound on the start phase's epochs (ours; the official loop has "
-                                                   "none)")
-
-    def __post_init__(self):
-        checks = {
-            "fedala_eta": (self.fedala_eta > 0, "must be > 0"),
-            "fedala_rand_percent": (0 < self.fedala_rand_percent <= 100, "must be in (0, 100]"),
-            "fedala_layer_idx": (self.fedala_layer_idx >= 1, "must be >= 1"),
-            "fedala_threshold": (self.fedala_threshold >= 0, "must be >= 0"),
-            "fedala_num_pre_loss": (self.fedala_num_pre_loss >= 1, "must be >= 1"),
-            "fedala_max_start_epochs": (self.fedala_max_start_epochs >= 1, "must be >= 1"),
-        }
-        for key, (ok, rule) in checks.items():
-            if not ok:
-                raise RecipeError(f"algorithm_args.{key} {rule}, got {getattr(self, key)}")
 
 
 def trainable_by_key(model: AdapterModel) -> list[tuple[str, str, torch.nn.Parameter]]:
@@ -173,4 +144,4 @@ class FedALAClient(FedAvgClient):
         return upload
 
 
-METHOD = Method("FedALA", FedAvgServer, FedALAClient, FedALAArgs)
+METHOD = Method("FedALA", FedAvgServer, FedALAClient)

@@ -7,8 +7,6 @@ sent + delta (spec, round step 2) and averages them weighted by sample counts (e
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch.utils.data import DataLoader
 
@@ -21,11 +19,6 @@ from fedml_pfedseq.training import evaluate_model, make_loader, train_epochs
 
 Payload = dict  # {"client_id": int, "<part>": StateDict, ...}: what the server sends one client
 Upload = dict  # {"client_id": int, "num_samples": int, "<part>": StateDict delta, ...}: what a client sends
-
-
-@dataclass
-class NoArgs:
-    """This method has no algorithm_args."""
 
 
 class FedAvgServer:
@@ -165,4 +158,4 @@ class FedAvgClient:
         return self.upload()
 
 
-METHOD = Method("FedAvg", FedAvgServer, FedAvgClient, NoArgs)
+METHOD = Method("FedAvg", FedAvgServer, FedAvgClient)

@@ -1,5 +1,5 @@
 """FedAvg on the LoRA adapter only, each client keeping its own head (pFedSeq's behaviour during warm-up)."""
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, NoArgs
+from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer
 from fedml_pfedseq.strategies.method import Method
 
 
@@ -11,4 +11,4 @@ class FedAvgLocalHeadClient(FedAvgClient):
     shared_parts = ("lora",)
 
 
-METHOD = Method("FedAvgLocalHead", FedAvgLocalHeadServer, FedAvgLocalHeadClient, NoArgs)
+METHOD = Method("FedAvgLocalHead", FedAvgLocalHeadServer, FedAvgLocalHeadClient)

@@ -17,24 +17,10 @@ Both phases use train_args' SGD settings and one data loader per round (its shuf
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-from fedml_pfedseq.config import RecipeError, recipe_key
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import requires_grad, train_epochs
-
-
-@dataclass
-class FedRepArgs:
-    """``algorithm_args`` of FedRep (the adapter's epochs are train_args.epochs)."""
-
-    fedrep_head_epochs: int = recipe_key(10, "tau_h, head epochs before the adapter epochs (reference code's default)")
-
-    def __post_init__(self):
-        if self.fedrep_head_epochs < 1:
-            raise RecipeError(f"algorithm_args.fedrep_head_epochs must be >= 1, got {self.fedrep_head_epochs}")
 
 
 class FedRepClient(FedAvgLocalHeadClient):
@@ -57,4 +43,4 @@ class FedRepClient(FedAvgLocalHeadClient):
         return self.upload()
 
 
-METHOD = Method("FedRep", FedAvgLocalHeadServer, FedRepClient, FedRepArgs)
+METHOD = Method("FedRep", FedAvgLocalHeadServer, FedRepClient)

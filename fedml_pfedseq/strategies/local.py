@@ -1,5 +1,5 @@
 """Local training only: no communication; each client trains its own adapter and head on its own data."""
-from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, NoArgs
+from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer
 from fedml_pfedseq.strategies.method import Method
 
 
@@ -11,4 +11,4 @@ class LocalClient(FedAvgClient):
     shared_parts = ()
 
 
-METHOD = Method("Local", LocalServer, LocalClient, NoArgs)
+METHOD = Method("Local", LocalServer, LocalClient)

@@ -3,10 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS
+
 
 @dataclass(frozen=True)
 class Method:
     name: str  # what recipes write in train_args.federated_optimizer (matched case-insensitively)
     Server: type
     Client: type
-    Args: type  # the dataclass of the method's algorithm_args
+
+    @property
+    def Args(self) -> type:
+        """The dataclass of the method's algorithm_args, registered under its name in fedml_pfedseq.algorithm_args
+        (which a recipe is checked with, without importing the strategies)."""
+        return ALGORITHM_ARGS[self.name]

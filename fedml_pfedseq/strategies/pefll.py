@@ -29,37 +29,21 @@ What travels: server -> client i {"client_id", "lora": theta_i, "embedding_net":
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.algorithm_args import PeFLLArgs
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData
 from fedml_pfedseq.lora_state import StateDict, check_finite
 from fedml_pfedseq.proxy_gradient import update_proxy_gradient
 from fedml_pfedseq.strategies.fedavg import Payload, Upload
 from fedml_pfedseq.strategies.hypernetwork import mlp
 from fedml_pfedseq.strategies.method import Method
-from fedml_pfedseq.strategies.pfedhn import PFedHNArgs, PFedHNClient, PFedHNServer
+from fedml_pfedseq.strategies.pfedhn import PFedHNClient, PFedHNServer
 from fedml_pfedseq.training import make_loader
-
-
-@dataclass
-class PeFLLArgs(PFedHNArgs):
-    """``algorithm_args`` of PeFLL: pFedHN's (hn_embedding_dim is the descriptor's size) plus the embedding
-    network's, PeFLL's MLP embedder defaults."""
-
-    pefll_embed_hidden_dim: int = recipe_key(20, "width of the embedding network's hidden layers")
-    pefll_embed_layers: int = recipe_key(3, "Linear layers of the embedding network")
-
-    def __post_init__(self):
-        super().__post_init__()
-        for key in ("pefll_embed_hidden_dim", "pefll_embed_layers"):
-            if getattr(self, key) < 1:
-                raise RecipeError(f"algorithm_args.{key} must be >= 1, got {getattr(self, key)}")
 
 
 def embedding_network(feature_dim: int, num_labels: int, args: PeFLLArgs) -> nn.Sequential:
@@ -194,4 +178,4 @@ class PeFLLClient(PFedHNClient):
         return {name: grad.detach().cpu() for name, grad in zip(names, grads)}
 
 
-METHOD = Method("PeFLL", PeFLLServer, PeFLLClient, PeFLLArgs)
+METHOD = Method("PeFLL", PeFLLServer, PeFLLClient)

@@ -25,42 +25,12 @@ model is FedAvg's (the official "nokd" aggregation), as in Ditto.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from fedml_pfedseq.config import RecipeError, recipe_key
-from fedml_pfedseq.strategies.ditto import DittoClient, DittoServer, ExtraLoss, check_personal_args
+from fedml_pfedseq.strategies.ditto import DittoClient, DittoServer, ExtraLoss
 from fedml_pfedseq.strategies.method import Method
-
-
-@dataclass
-class PerAdaArgs:
-    """``algorithm_args`` of PerAda."""
-
-    perada_lambda: float = recipe_key(1.0, "lambda of lambda ||v - w||^2 (official CIFAR-10 / CheXpert scripts)")
-    perada_kd_weight: float = recipe_key(1.0, "beta: weight of the distillation term")
-    perada_kd_temperature: float = recipe_key(1.0, "T (official default)")
-    perada_personal_epochs: int | None = recipe_key(None, "passes of the personal model per round; null: "
-                                                          "train_args.epochs")
-
-    def __post_init__(self):
-        check_personal_args(self, "perada")
-        if self.perada_kd_weight < 0:
-            raise RecipeError(f"algorithm_args.perada_kd_weight must be >= 0, got {self.perada_kd_weight}")
-        if self.perada_kd_temperature <= 0:
-            raise RecipeError(f"algorithm_args.perada_kd_temperature must be > 0, got {self.perada_kd_temperature}")
-
-    @property
-    def proximal_mu(self) -> float:
-        """``proximal_term``'s mu: PerAda's penalty lambda ||v - w||^2 has gradient 2 lambda (v - w)."""
-        return 2 * self.perada_lambda
-
-    @property
-    def personal_epochs(self) -> int | None:
-        return self.perada_personal_epochs
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -90,4 +60,4 @@ class PerAdaClient(DittoClient):
         return loss
 
 
-METHOD = Method("PerAda", PerAdaServer, PerAdaClient, PerAdaArgs)
+METHOD = Method("PerAda", PerAdaServer, PerAdaClient)

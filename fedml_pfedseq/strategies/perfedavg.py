@@ -23,7 +23,6 @@ the frozen ViT, and the server is FedAvg's (the same meta-model for all, average
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from itertools import islice
 from typing import Iterator
 
@@ -32,22 +31,11 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import make_loader
-
-
-@dataclass
-class PerFedAvgArgs:
-    """``algorithm_args`` of Per-FedAvg (FO); beta, the outer step, is train_args.learning_rate."""
-
-    perfedavg_alpha: float = recipe_key(0.01, "inner (adaptation) step size; FLGo's default")
-
-    def __post_init__(self):
-        if not (math.isfinite(self.perfedavg_alpha) and self.perfedavg_alpha > 0):
-            raise RecipeError(f"algorithm_args.perfedavg_alpha must be a finite number > 0, got {self.perfedavg_alpha}")
 
 
 def cycle(loader: DataLoader) -> Iterator[dict]:
@@ -131,4 +119,4 @@ class PerFedAvgClient(FedAvgClient):
         return self.upload()
 
 
-METHOD = Method("PerFedAvg", FedAvgServer, PerFedAvgClient, PerFedAvgArgs)
+METHOD = Method("PerFedAvg", FedAvgServer, PerFedAvgClient)

@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.proxy_gradient import update_proxy_gradient
@@ -37,25 +37,6 @@ from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, Fe
 from fedml_pfedseq.strategies.hypernetwork import LoRAHypernetwork
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import select_device
-
-
-@dataclass
-class PFedHNArgs:
-    """``algorithm_args`` of pFedHN (official defaults unless noted)."""
-
-    hn_embedding_dim: int = recipe_key(6, "E: the hypernetwork's input per client (official: 1 + N/4, here N = 20)")
-    hn_hidden_dim: int = recipe_key(100, "trunk width")
-    hn_num_hidden: int = recipe_key(3, "trunk hidden layers (ReLU + Linear each, after the input Linear)")
-    hn_lr: float = recipe_key(1e-3, "Adam (pFedSeq paper, for all hypernetwork-based methods)")
-
-    def __post_init__(self):
-        for key in ("hn_embedding_dim", "hn_hidden_dim"):
-            if getattr(self, key) < 1:
-                raise RecipeError(f"algorithm_args.{key} must be >= 1, got {getattr(self, key)}")
-        if self.hn_num_hidden < 0:
-            raise RecipeError(f"algorithm_args.hn_num_hidden must be >= 0, got {self.hn_num_hidden}")
-        if not self.hn_lr > 0:
-            raise RecipeError(f"algorithm_args.hn_lr must be > 0, got {self.hn_lr}")
 
 
 class PFedHNServer(FedAvgLocalHeadServer):
@@ -160,4 +141,4 @@ class PFedHNClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head (pFedHN-PC); reports the LoRA delta."""
 
 
-METHOD = Method("pFedHN", PFedHNServer, PFedHNClient, PFedHNArgs)
+METHOD = Method("pFedHN", PFedHNServer, PFedHNClient)

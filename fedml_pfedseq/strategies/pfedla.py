@@ -28,14 +28,14 @@ paper's heuristic variant, not the pFedLA of pFedSeq's Table 1, and is left out.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.algorithm_args import PFedLAArgs
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import LayerLayout, StateDict
 from fedml_pfedseq.proxy_gradient import update_proxy_gradient
@@ -45,22 +45,6 @@ from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import select_device
 
 ARTIFACT = "pfedla_hypernetworks.safetensors"
-
-
-@dataclass
-class PFedLAArgs:
-    """``algorithm_args`` of pFedLA."""
-
-    pfedla_hn_lr: float = recipe_key(1e-3, "Adam (pFedSeq paper, hypernetwork baselines)")
-    pfedla_embedding_dim: int = recipe_key(100, "E, each client's embedding (reference code)")
-    pfedla_hidden_dim: int = recipe_key(100, "H, the MLP's width (reference code)")
-
-    def __post_init__(self):
-        if not self.pfedla_hn_lr > 0:
-            raise RecipeError(f"algorithm_args.pfedla_hn_lr must be > 0, got {self.pfedla_hn_lr}")
-        for key in ("pfedla_embedding_dim", "pfedla_hidden_dim"):
-            if getattr(self, key) < 1:
-                raise RecipeError(f"algorithm_args.{key} must be >= 1, got {getattr(self, key)}")
 
 
 class LayerWeightNet(nn.Module):
@@ -164,4 +148,4 @@ class PFedLAClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head; reports the LoRA delta (the head stays here)."""
 
 
-METHOD = Method("pFedLA", PFedLAServer, PFedLAClient, PFedLAArgs)
+METHOD = Method("pFedLA", PFedLAServer, PFedLAClient)

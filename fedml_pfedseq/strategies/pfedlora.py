@@ -24,31 +24,13 @@ chosen on validation in the Omniglot recipe (which says how).
 """
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
 from fedml_pfedseq.adapter_model import AdapterModel
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import requires_grad, train_epochs
-
-
-@dataclass
-class PFedLoRAArgs:
-    """``algorithm_args`` of pFedLoRA; the adapter phase uses train_args.epochs and learning_rate."""
-
-    pfedlora_model_epochs: int = recipe_key(1, "epochs of the local-model phase (adapter frozen)")
-    pfedlora_model_lr: float = recipe_key(0.05, "SGD rate of the local-model phase: every backbone weight moves")
-
-    def __post_init__(self):
-        if self.pfedlora_model_epochs < 1:
-            raise RecipeError(f"algorithm_args.pfedlora_model_epochs must be >= 1, got {self.pfedlora_model_epochs}")
-        if not (math.isfinite(self.pfedlora_model_lr) and self.pfedlora_model_lr > 0):
-            raise RecipeError(f"algorithm_args.pfedlora_model_lr must be a finite number > 0, "
-                              f"got {self.pfedlora_model_lr}")
 
 
 class PFedLoRAClient(FedAvgLocalHeadClient):
@@ -81,4 +63,4 @@ class PFedLoRAClient(FedAvgLocalHeadClient):
         return self.upload()
 
 
-METHOD = Method("pFedLoRA", FedAvgLocalHeadServer, PFedLoRAClient, PFedLoRAArgs)
+METHOD = Method("pFedLoRA", FedAvgLocalHeadServer, PFedLoRAClient)

@@ -49,56 +49,16 @@ No randomness beyond FedAvg's seeded shuffling, so the simulator and FedML parti
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.lora_state import StateDict, add, subtract, weighted_average
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Payload, Upload
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.strategies.personal_model import PersonalModelClient
 from fedml_pfedseq.training import proximal_term
-
-
-@dataclass
-class PFedMeArgs:
-    """``algorithm_args`` of pFedMe; eta, the rate of the local-model update, is train_args.learning_rate."""
-
-    pfedme_lambda: float = recipe_key(1.0, "lambda of the Moreau envelope (official 15 at eta 0.005; here eta * lambda "
-                                           "= 0.5)")
-    pfedme_k: int = recipe_key(5, "K, gradient steps on each inner problem (official default)")
-    pfedme_personal_lr: float = recipe_key(0.5, "rate of the inner steps (official personal_learning_rate; here the "
-                                                "recipe's lr)")
-    pfedme_beta: float = recipe_key(1.0, "server mixing: w <- (1 - beta) w + beta avg (official default; FedAvg at 1)")
-
-    def __post_init__(self):
-        checks = {
-            "pfedme_lambda": (math.isfinite(self.pfedme_lambda) and self.pfedme_lambda > 0, "a finite number > 0"),
-            "pfedme_k": (self.pfedme_k >= 1, "an integer >= 1"),
-            "pfedme_personal_lr": (math.isfinite(self.pfedme_personal_lr) and self.pfedme_personal_lr > 0,
-                                   "a finite number > 0"),
-            "pfedme_beta": (math.isfinite(self.pfedme_beta) and self.pfedme_beta > 0, "a finite number > 0"),
-        }
-        for key, (ok, rule) in checks.items():
-            if not ok:
-                raise RecipeError(f"algorithm_args.{key} must be {rule}, got {getattr(self, key)}")
-        if self.pfedme_personal_lr * self.pfedme_lambda >= 2:
-            raise RecipeError(f"algorithm_args.pfedme_personal_lr * pfedme_lambda must be < 2 (the inner steps "
-                              f"diverge otherwise), got {self.pfedme_personal_lr} * {self.pfedme_lambda}")
-
-    def check_recipe(self, recipe: Recipe) -> None:
-        """What depends on train_args as well (parse_recipe calls this): eta * lambda < 1, and plain gradient steps
-        (no momentum, no decay)."""
-        eta, lam = recipe.train_args.learning_rate, self.pfedme_lambda
-        if eta * lam >= 1:
-            raise RecipeError(f"train_args.learning_rate * algorithm_args.pfedme_lambda must be < 1 (pFedMe's local "
-                              f"update w <- w - eta lambda (w - theta) overshoots theta otherwise), got {eta} * {lam}")
-        for key in ("momentum", "weight_decay"):
-            if getattr(recipe.train_args, key) != 0:
-                raise RecipeError(f"train_args.{key} must be 0 for pFedMe (its steps are plain gradient steps), "
-                                  f"got {getattr(recipe.train_args, key)}")
 
 
 class PFedMeServer(FedAvgServer):
@@ -173,4 +133,4 @@ class PFedMeClient(PersonalModelClient):
         return self.upload()
 
 
-METHOD = Method("pFedMe", PFedMeServer, PFedMeClient, PFedMeArgs)
+METHOD = Method("pFedMe", PFedMeServer, PFedMeClient)

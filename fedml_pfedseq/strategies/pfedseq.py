@@ -15,6 +15,14 @@ still calibrated each round, so it gets theta_g + xi_i whenever it next takes pa
 with zero history. The learner has one channel per client of ``client_num_in_total`` (its capacity).
 Variants A-E (paper Tables 2-3) are switches of this same code: ``global_aggregation`` (A), ``seq_len: 1`` (B),
 ``cross_client`` (C), ``learner_architecture: mlp`` (D) or ``lstm`` (E).
+
+Learner schedules beyond the paper (``algorithm_args``; the defaults are the paper's, step 3 above):
+``learner_objective: proximal`` regresses xi^{t-1}(psi) onto where each client's training ended (what it was sent,
+plus Delta_i): bounded where eq. 5's linear surrogate is not, with eq. 5's gradient at the first step after a sent
+round; ``learner_steps: K`` takes K Adam steps per round, each on a random 1/K of every layer's rows (one pass over
+the window in all); ``train_during_warmup: false`` trains only on rounds whose xi was sent;
+``center_calibrations`` removes the mean over clients from xi (theta_g keeps what all share); and
+``calibration_bound: b`` caps each client's xi per layer at an RMS of b times the updates' RMS.
 """
 from __future__ import annotations
 
@@ -25,59 +33,15 @@ from pathlib import Path
 
 import torch
 
-from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
+from fedml_pfedseq.algorithm_args import PFedSeqArgs
+from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import client_seed
-from fedml_pfedseq.lora_state import LayerLayout, StateDict, add, weighted_average
+from fedml_pfedseq.lora_state import LayerLayout, StateDict, add, subtract, weighted_average
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
 from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import select_device
-from hf_models.seq_learner import ARCHITECTURES, SeqLearnerConfig, SeqLearnerModel
-
-
-@dataclass
-class PFedSeqArgs:
-    """``algorithm_args`` of pFedSeq. Defaults are the paper's where it states them (W, Adam lr, M, 2 blocks)."""
-
-    warmup_rounds: int = recipe_key(10, "W: rounds that send only the global adapter while the learner trains")
-    seq_len: int = recipe_key(10, "L: rounds of history the learner reads (paper tunes 5..30); variant B is 1")
-    learner_lr: float = recipe_key(1e-3, "Adam's learning rate of the learner psi")
-    learner_architecture: str = recipe_key("mamba", "'mamba' (paper), 'mlp' (variant D), 'lstm' (variant E)")
-    global_aggregation: bool = recipe_key(True, "False: variant A, the learner outputs the adapters themselves")
-    cross_client: bool = recipe_key(True, "False: variant C, each client's own history only")
-    num_blocks: int = recipe_key(2, "Mamba blocks (MLP hidden layers, LSTM layers)")
-    state_size: int = recipe_key(16, "M")
-    expand: int = recipe_key(2, "E inside a Mamba block")
-    conv_kernel: int = recipe_key(4, "width of the Mamba block's causal convolution over rounds")
-    learner_hidden_size: int = recipe_key(64, "MLP / LSTM width")
-    output_scale_init: float = recipe_key(0.1, "an untrained learner's calibration, as a fraction of an update's RMS")
-    norm_momentum: float = recipe_key(0.9, "running mean square of updates per layer (the input normaliser)")
-    d_chunk: int | None = recipe_key(2048, "adapter parameters per learner pass (bounds memory; None: a layer at once)")
-
-    def __post_init__(self):
-        where = "algorithm_args"
-        if self.warmup_rounds < 0:
-            raise RecipeError(f"{where}.warmup_rounds must be >= 0, got {self.warmup_rounds}")
-        for key in ("seq_len", "num_blocks", "state_size", "expand", "conv_kernel", "learner_hidden_size"):
-            if getattr(self, key) < 1:
-                raise RecipeError(f"{where}.{key} must be >= 1, got {getattr(self, key)}")
-        if self.learner_architecture not in ARCHITECTURES:
-            raise RecipeError(f"{where}.learner_architecture must be one of {ARCHITECTURES}, "
-                              f"got {self.learner_architecture!r}")
-        if self.learner_lr <= 0:
-            raise RecipeError(f"{where}.learner_lr must be > 0, got {self.learner_lr}")
-        if not 0 <= self.norm_momentum < 1:
-            raise RecipeError(f"{where}.norm_momentum must be in [0, 1), got {self.norm_momentum}")
-        if self.d_chunk is not None and self.d_chunk < 1:
-            raise RecipeError(f"{where}.d_chunk must be >= 1 or null, got {self.d_chunk}")
-
-    def recipe_warnings(self, recipe: Recipe) -> list[str]:
-        """A recipe that runs but never does what pFedSeq is for."""
-        rounds = recipe.train_args.comm_round
-        if rounds > self.warmup_rounds:
-            return []
-        return [f"train_args.comm_round ({rounds}) <= algorithm_args.warmup_rounds ({self.warmup_rounds}): no round "
-                "sends a calibration, so this run is FedAvg with local heads; raise comm_round or lower warmup_rounds"]
+from hf_models.seq_learner import SeqLearnerConfig, SeqLearnerModel
 
 
 @dataclass
@@ -94,6 +58,8 @@ class RoundUpdates:
 class PFedSeqServer(FedAvgLocalHeadServer):
     """FedAvg on the adapter (heads stay local) plus the learner's per-client calibrations after warm-up."""
 
+    rebuilt = ("seed", "initial_adapter", "output_units")  # from the recipe and theta^0 (checkpoint.py)
+
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
         self.args: PFedSeqArgs = recipe.algorithm_args
@@ -104,9 +70,11 @@ class PFedSeqServer(FedAvgLocalHeadServer):
             architecture=self.args.learner_architecture, cross_client=self.args.cross_client,
             num_blocks=self.args.num_blocks, state_size=self.args.state_size, expand=self.args.expand,
             conv_kernel=self.args.conv_kernel, hidden_size=self.args.learner_hidden_size,
-            output_scale_init=self.args.output_scale_init)
+            output_scale_init=self.args.output_scale_init,
+            magnitude_preserving=self.args.learner_magnitude_preserving)
+        self.seed = recipe.common_args.random_seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(client_seed(recipe.common_args.random_seed, 0, purpose=5))
+            torch.manual_seed(client_seed(self.seed, 0, purpose=5))
             self.learner = SeqLearnerModel(config).to(self.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=self.args.learner_lr)
         self.history: deque[RoundUpdates] = deque(maxlen=self.args.seq_len)
@@ -115,6 +83,11 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.calibrations: list[torch.Tensor] | None = None  # xi^t per layer [D_l, N], what was last added
         self.recomputed: list[torch.Tensor] = []  # xi^{t-1} per layer as recomputed in the last learner step
         self.last_round_stats: dict[str, float] = {}
+        self.initial_adapter = torch.cat(self.layout.flatten(initial_state["lora"]))  # theta^0, flat
+        # variant A's output is the adapter itself, so its unit is the adapter's own size (RMS per layer of theta^0)
+        self.output_units: list[float | None] = [None] * len(self.layout.layers)
+        if not self.args.global_aggregation:
+            self.output_units = [float(v.pow(2).mean().sqrt()) for v in self.layout.flatten(initial_state["lora"])]
 
     def aggregate(self, uploads: dict[int, Upload]):
         started = time.perf_counter()
@@ -122,16 +95,21 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.round += 1
         order = range(self.num_clients)
         deltas = self.layout.stack(self.lora_updates(uploads))  # per layer [D_l, N], zero columns for absent
+        present = [i in uploads for i in order]
+        targets = self._targets(deltas)  # before theta_g moves: they are relative to theta_g^{t-1}
         self.global_state = {"lora": weighted_average([states[i]["lora"] for i in states],
                                                       [uploads[i]["num_samples"] for i in states])}  # eq. 1
-        stats = self._train_learner(deltas) if self.history else {}  # step 3, eq. 5
-        self._remember(deltas, [i in uploads for i in order])  # step 4, eq. 6
+        sent = self.calibrations is not None  # was xi^{t-1} added to what the clients trained from?
+        stats = {}
+        if self.history and (sent or self.args.train_during_warmup):
+            stats = self._train_learner(deltas, targets, present)  # step 3, eq. 5
+        self._remember(deltas, present)  # step 4, eq. 6
         if self.round > self.args.warmup_rounds:  # step 5, eq. 3
             self.calibrations = self.calibrate()
             adapters = {i: self.layout.column(self.calibrations, i) for i in order}  # variant A: theta_i = xi_i
             if self.args.global_aggregation:
                 adapters = {i: add(self.global_state["lora"], adapters[i]) for i in order}
-            stats.update(self._calibration_stats(deltas, [i in uploads for i in order]))
+            stats.update(self._calibration_stats(deltas, present))
         elif self.args.global_aggregation:
             self.calibrations, adapters = None, {i: self.global_state["lora"] for i in order}
         else:  # variant A's warm-up: nothing is shared, each client keeps its own trained adapter
@@ -146,44 +124,88 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         return torch.stack([entry.updates[layer] for entry in self.history], dim=1).to(self.device)
 
     def calibrate(self) -> list[torch.Tensor]:
-        """xi per layer [D_l, N] from the current history, read with the latest round's normaliser."""
+        """xi per layer [D_l, N] from the current history, read with the latest round's normaliser (and centred or
+        bounded where the recipe asks)."""
         scales = self.history[-1].scales
-        calibrations = [self.learner.calibrate(self._window(l), scales[l], l, self.args.d_chunk).cpu()
-                        for l in range(len(self.layout.layers))]
-        for layer, xi in enumerate(calibrations):
+        calibrations = []
+        for l in range(len(self.layout.layers)):
+            xi = self.learner.calibrate(self._window(l), scales[l], l, self.args.d_chunk, self.output_units[l]).cpu()
             if not torch.isfinite(xi).all():
-                raise FloatingPointError(f"round {self.round}: the learner of layer {layer} produced NaN/Inf "
+                raise FloatingPointError(f"round {self.round}: the learner of layer {l} produced NaN/Inf "
                                          "calibrations; try a lower algorithm_args.learner_lr")
+            xi = self._centred(xi)
+            if self.args.calibration_bound is not None:
+                limit = self.args.calibration_bound * scales[l]
+                xi = xi * (limit / xi.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-30)).clamp(max=1.0)
+            calibrations.append(xi)
         return calibrations
 
-    def _train_learner(self, deltas: list[torch.Tensor]) -> dict[str, float]:
-        """One Adam step on psi with the new updates as proxies of the loss gradient at xi^{t-1} (eq. 5).
+    def _centred(self, xi: torch.Tensor) -> torch.Tensor:
+        """xi less its mean over clients [D, N], where ``center_calibrations`` asks (the identity otherwise). It is a
+        linear projection P, so the learner's gradient through it is the learner's at P(-Delta)."""
+        return xi - xi.mean(1, keepdim=True) if self.args.center_calibrations else xi
+
+    def _targets(self, deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Where each client's training ended, in the learner's output units, per layer [D_l, N]: what it was sent
+        less what the learner's output is added to (theta_g^{t-1}; nothing in variant A), plus its update."""
+        base = self.global_state["lora"] if self.args.global_aggregation else None
+        sent = [self.sent[i]["lora"] if base is None else subtract(self.sent[i]["lora"], base)
+                for i in range(self.num_clients)]
+        return [offset + delta for offset, delta in zip(self.layout.stack(sent), deltas)]
+
+    def _train_learner(self, deltas: list[torch.Tensor], targets: list[torch.Tensor],
+                       present: list[bool]) -> dict[str, float]:
+        """Adam steps on psi with the new updates as proxies of the loss gradient at xi^{t-1} (eq. 5).
 
         The history still ends at round t-1 and each entry keeps its normaliser, so xi^{t-1} is recomputed exactly
-        as it was sent (``self.recomputed`` holds it, for checks). During warm-up xi^{t-1} was not sent, and the
-        learner trains anyway (paper: "the server only updates SeqLearner").
+        as it was sent (``self.recomputed`` holds it, for checks, as computed at each row's step). During warm-up
+        xi^{t-1} was not sent, and the learner trains anyway (paper: "the server only updates SeqLearner") unless
+        ``train_during_warmup`` is off (``aggregate`` decides).
 
-        Each layer's gradient is divided by its normaliser squared, s_l^2: the gradient of -<xi, Delta> / s^2, the
-        surrogate in normalised units. Each layer has its own parameters, so the direction is eq. 5's; Adam's step
-        ignores the gradient's scale, except through its eps (1e-8), which raw gradients (~s * |Delta| ~ 1e-8 at
-        update sizes ~1e-3) would hit, silently shrinking the learning rate.
+        The objective per layer, in normalised units (divided by its normaliser squared, s_l^2): eq. 5's surrogate
+        -<xi, Delta> / s^2, or with ``learner_objective: proximal`` 0.5 ||xi - target||^2 / s^2 over the clients that
+        reported. Each layer has its own parameters, so the direction is the objective's; Adam's step ignores the
+        gradient's scale, except through its eps (1e-8), which raw gradients (~s * |Delta| ~ 1e-8 at update sizes
+        ~1e-3) would hit, silently shrinking the learning rate.
         """
         scales = self.history[-1].scales
         params = list(self.learner.parameters())
-        totals = [torch.zeros_like(p) for p in params]
-        self.recomputed, surrogate = [], 0.0
-        for l, delta in enumerate(deltas):
-            grads, xi = self.learner.proxy_gradient(self._window(l), scales[l], l, delta.to(self.device),
-                                                    self.args.d_chunk)
-            for total, grad in zip(totals, grads):
-                total += grad / scales[l] ** 2
-            self.recomputed.append(xi.cpu())
-            surrogate -= float((self.recomputed[-1] * delta).sum())
-        for p, total in zip(params, totals):
-            p.grad = total
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        mask = torch.tensor(present, dtype=deltas[0].dtype, device=self.device)
+        windows = [self._window(l) for l in range(len(deltas))]
+        recomputed = [torch.zeros_like(delta) for delta in deltas]
+        surrogate = 0.0
+        for rows in self._row_batches(deltas):
+            totals = [torch.zeros_like(p) for p in params]
+            for l, delta in enumerate(deltas):
+                delta, target = delta[rows[l]].to(self.device), targets[l][rows[l]].to(self.device)
+                if self.args.learner_objective == "proximal":
+                    def descent(xi, chunk, target=target):  # d/dxi of -0.5 ||P xi - target||^2 over who reported
+                        return self._centred((target[chunk] - self._centred(xi)) * mask)
+                else:
+                    descent = self._centred(delta)
+                grads, xi = self.learner.proxy_gradient(windows[l][rows[l]], scales[l], l, descent,
+                                                        self.args.d_chunk, self.output_units[l])
+                for total, grad in zip(totals, grads):
+                    total += grad / scales[l] ** 2
+                xi = self._centred(xi).cpu()
+                recomputed[l][rows[l]] = xi
+                surrogate -= float((xi * delta.cpu()).sum())
+            for p, total in zip(params, totals):
+                p.grad = total
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.recomputed = recomputed
         return {"surrogate_loss": surrogate}  # -<xi^{t-1}, Delta^t>: negative when xi pointed where clients moved
+
+    def _row_batches(self, deltas: list[torch.Tensor]) -> list[list[torch.Tensor | slice]]:
+        """Each step's rows per layer: all of them (one step), or ``learner_steps`` random disjoint parts, drawn
+        from the run's seed and the round (so a resumed run draws the same)."""
+        steps = self.args.learner_steps
+        if steps == 1:
+            return [[slice(None)] * len(deltas)]
+        generator = torch.Generator().manual_seed(client_seed(self.seed, self.round, purpose=9000))
+        parts = [torch.randperm(d.shape[0], generator=generator).tensor_split(steps) for d in deltas]
+        return [[part[k] for part in parts] for k in range(steps)]
 
     def _remember(self, deltas: list[torch.Tensor], present: list[bool]) -> None:
         """Append round t's updates with its normaliser: the bias-corrected running RMS of the reported updates
@@ -196,15 +218,17 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.history.append(RoundUpdates(self.round, deltas, rms.tolist(), present))
 
     def _calibration_stats(self, deltas: list[torch.Tensor], present: list[bool]) -> dict[str, float]:
-        """||xi_i|| / ||theta_g|| over clients (how far personalization moves each adapter; theta_g holds LoRA's
-        random A, so this stays small), and ||xi_i|| over the mean norm of this round's reported updates (how many
-        rounds of local training a calibration is worth)."""
-        base_norm = torch.cat(self.layout.flatten(self.global_state["lora"])).norm().clamp_min(1e-12)
+        """||xi_i|| over ||theta_g - theta^0|| (how far personalization moves a client, against how far federated
+        training has moved the global adapter) over clients, and ||xi_i|| over the mean norm of this round's reported
+        updates (how many rounds of local training a calibration is worth). Neither says whether xi is right: only a
+        problem with known optima can (fedml_pfedseq/known_answer.py)."""
+        drift = (torch.cat(self.layout.flatten(self.global_state["lora"])) - self.initial_adapter).norm()
         norms = torch.cat(self.calibrations).norm(dim=0)  # [N]
         update_norm = torch.cat(deltas)[:, torch.tensor(present)].norm(dim=0).mean().clamp_min(1e-12)
-        ratios = norms / base_norm
-        return {"calibration_ratio_mean": float(ratios.mean()), "calibration_ratio_min": float(ratios.min()),
-                "calibration_ratio_max": float(ratios.max()),
+        ratios = norms / drift.clamp_min(1e-12)
+        return {"calibration_to_drift_ratio_mean": float(ratios.mean()),
+                "calibration_to_drift_ratio_min": float(ratios.min()),
+                "calibration_to_drift_ratio_max": float(ratios.max()),
                 "calibration_to_update_ratio_mean": float((norms / update_norm).mean())}
 
     def save_artifacts(self, output_dir: Path) -> None:
@@ -216,4 +240,4 @@ class PFedSeqClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head; reports the LoRA delta (the head stays here)."""
 
 
-METHOD = Method("pFedSeq", PFedSeqServer, PFedSeqClient, PFedSeqArgs)
+METHOD = Method("pFedSeq", PFedSeqServer, PFedSeqClient)

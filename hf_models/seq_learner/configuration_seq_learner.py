@@ -25,6 +25,10 @@ class SeqLearnerConfig(PretrainedConfig):
         hidden_size: width of the MLP and LSTM learners.
         output_scale_init: initial value of each layer's learnable output scale, so that an untrained learner adds a
             calibration of about this fraction of an update's RMS (see ``SeqLearnerModel``).
+        magnitude_preserving: True (default): the blocks' norm only caps outliers, the readout has no bias and the
+            latest update has a path to the output, so the output scales with the input; False: the learner of runs
+            before this design. A saved config.json without the key was written by such a run, so it loads as
+            False (``transformers_version`` marks a config read from a file).
     """
 
     model_type = "pfedseq_seq_learner"
@@ -32,7 +36,8 @@ class SeqLearnerConfig(PretrainedConfig):
     def __init__(self, num_clients: int = 20, num_adapter_layers: int = 12, max_seq_len: int = 10,
                  architecture: str = "mamba", cross_client: bool = True, num_blocks: int = 2, state_size: int = 16,
                  expand: int = 2, conv_kernel: int = 4, dt_rank: int | None = None, hidden_size: int = 64,
-                 output_scale_init: float = 0.1, rms_norm_eps: float = 1e-5, **kwargs):
+                 output_scale_init: float = 0.1, rms_norm_eps: float = 1e-5, magnitude_preserving: bool | None = None,
+                 **kwargs):
         checks = {"num_clients": num_clients, "num_adapter_layers": num_adapter_layers, "max_seq_len": max_seq_len,
                   "num_blocks": num_blocks, "state_size": state_size, "expand": expand, "conv_kernel": conv_kernel,
                   "hidden_size": hidden_size}
@@ -54,6 +59,9 @@ class SeqLearnerConfig(PretrainedConfig):
         self.hidden_size = hidden_size
         self.output_scale_init = output_scale_init
         self.rms_norm_eps = rms_norm_eps
+        if magnitude_preserving is None:  # absent: a new learner, or one saved before the key existed
+            magnitude_preserving = "transformers_version" not in kwargs
+        self.magnitude_preserving = magnitude_preserving
         super().__init__(**kwargs)
 
     @property

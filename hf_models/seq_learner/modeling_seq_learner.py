@@ -10,13 +10,19 @@ this file and the ones it imports next to the weights (the Auto classes are regi
 ``seq_learner/`` loads with ``AutoModel.from_pretrained(..., trust_remote_code=True)`` and transformers alone.
 
 Normalisation (our choice; the paper's appendix is not available): updates are ~1e-4..1e-2, so the caller passes a
-per-layer scale s (the server's running RMS of updates) and the learner computes xi = s * f(Delta / s), with f
-ending in a learnable per-layer ``output_scale`` (initialised to ``config.output_scale_init``): an untrained
-learner adds a calibration of roughly that fraction of an update's size.
+per-layer scale s (the server's running RMS of updates) and the learner computes xi = s * f(Delta / s), with
+f(x) = output_scale * (x_last + g(x)): a learnable per-layer ``output_scale`` (initialised to
+``config.output_scale_init``) times the latest normalised update plus what the architecture g reads from the window.
+Nothing inside f scales a parameter's N client values up to unit size (the blocks' norm only caps rows above the
+layer's RMS, ``CappedRMSNorm``) and g's readout has no bias, so the output keeps the input's magnitude: f(c x)
+follows c, and xi = c * Delta is f with g = 0. An untrained learner adds about ``output_scale_init`` of an update.
+``magnitude_preserving=False`` is the learner before this design (an RMSNorm over the client channels in each block
+and before a biased readout, no path from the latest update), kept to measure what the change does.
 """
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +33,30 @@ from .configuration_seq_learner import SeqLearnerConfig
 from .proxy_gradient import update_proxy_gradient
 from .scan import selective_scan
 
+Descent = Callable[[torch.Tensor, slice], torch.Tensor]  # (xi of a chunk of rows, the rows) -> that chunk's descent
+
+
+class CappedRMSNorm(nn.RMSNorm):
+    """RMSNorm that only shrinks: a row whose RMS over the channels is above 1 is scaled to 1, a smaller one passes
+    as it is (times the learnt gain). Inputs are in units of the layer's update RMS, so typical rows keep their
+    magnitude, while an outlier cannot drive a block, whose B, C and gate all grow with its input, into
+    overflow (without any norm, one outlier entry reached 1e7 update RMSs on the known-answer problem)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., c]
+        rms = x.pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
+        return x / rms.clamp_min(1.0) * self.weight
+
 
 class MambaBlock(nn.Module):
-    """RMSNorm -> in_proj -> causal depthwise conv -> SiLU -> selective SSM -> gate SiLU(z) -> out_proj -> residual."""
+    """norm -> in_proj -> causal depthwise conv -> SiLU -> selective SSM -> gate SiLU(z) -> out_proj -> residual."""
 
     def __init__(self, config: SeqLearnerConfig):
         super().__init__()
         c, e, m = config.num_channels, config.expand * config.num_channels, config.state_size
         self.dt_rank, self.state_size = config.dt_rank, m
-        self.norm = nn.RMSNorm(c, eps=config.rms_norm_eps)
+        # over the N clients of one parameter: the legacy RMSNorm sets each parameter's N-vector to unit size
+        norm = CappedRMSNorm if config.magnitude_preserving else nn.RMSNorm
+        self.norm = norm(c, eps=config.rms_norm_eps)
         self.in_proj = nn.Linear(c, 2 * e, bias=False)
         self.conv1d = nn.Conv1d(e, e, config.conv_kernel, groups=e, padding=config.conv_kernel - 1)
         self.x_proj = nn.Linear(e, self.dt_rank + 2 * m, bias=False)  # input-dependent dt, B, C
@@ -66,13 +87,14 @@ class MambaBlock(nn.Module):
 
 
 class MambaLearner(nn.Module):
-    """The paper's learner: a stack of Mamba blocks; the last round's output, normalised, read out per channel."""
+    """The paper's learner: a stack of Mamba blocks; the last round's output read out per channel."""
 
     def __init__(self, config: SeqLearnerConfig):
         super().__init__()
+        legacy = not config.magnitude_preserving
         self.blocks = nn.ModuleList(MambaBlock(config) for _ in range(config.num_blocks))
-        self.norm = nn.RMSNorm(config.num_channels, eps=config.rms_norm_eps)
-        self.readout = nn.Linear(config.num_channels, config.num_channels)
+        self.norm = nn.RMSNorm(config.num_channels, eps=config.rms_norm_eps) if legacy else nn.Identity()
+        self.readout = nn.Linear(config.num_channels, config.num_channels, bias=legacy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
         for block in self.blocks:
@@ -81,16 +103,18 @@ class MambaLearner(nn.Module):
 
 
 class MLPLearner(nn.Module):
-    """Variant D: an MLP over the flattened window [L_max * c]; rounds before the first are zeros."""
+    """Variant D: an MLP over the flattened window [L_max * c]; rounds before the first are zeros. Without biases
+    (magnitude-preserving) a ReLU MLP is positively homogeneous: f(c x) = c f(x) for c > 0."""
 
     def __init__(self, config: SeqLearnerConfig):
         super().__init__()
         self.max_seq_len = config.max_seq_len
         widths = [config.max_seq_len * config.num_channels] + [config.hidden_size] * config.num_blocks
+        bias = not config.magnitude_preserving
         layers = []
         for width_in, width_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
-        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], config.num_channels))
+            layers += [nn.Linear(width_in, width_out, bias=bias), nn.ReLU()]
+        self.net = nn.Sequential(*layers, nn.Linear(widths[-1], config.num_channels, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
         x = F.pad(x, (0, 0, self.max_seq_len - x.shape[1], 0))  # [b, L_max, c], zero rounds in front
@@ -98,12 +122,15 @@ class MLPLearner(nn.Module):
 
 
 class LSTMLearner(nn.Module):
-    """Variant E: an LSTM over rounds (same cell at every step, no selectivity); the last step read out."""
+    """Variant E: an LSTM over rounds (same cell at every step, no selectivity); the last step read out. Without
+    biases (magnitude-preserving) an all-zero window gives a zero output, as the Mamba stack does."""
 
     def __init__(self, config: SeqLearnerConfig):
         super().__init__()
-        self.lstm = nn.LSTM(config.num_channels, config.hidden_size, num_layers=config.num_blocks, batch_first=True)
-        self.readout = nn.Linear(config.hidden_size, config.num_channels)
+        bias = not config.magnitude_preserving
+        self.lstm = nn.LSTM(config.num_channels, config.hidden_size, num_layers=config.num_blocks, batch_first=True,
+                            bias=bias)
+        self.readout = nn.Linear(config.hidden_size, config.num_channels, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
         return self.readout(self.lstm(x)[0][:, -1])
@@ -157,33 +184,47 @@ class SeqLearnerModel(PreTrainedModel):
         d, length, n = updates.shape
         if not self.config.cross_client:  # variant C: each client's own sequence, as 1-channel rows
             updates = updates.permute(0, 2, 1).reshape(d * n, length, 1)
-        return self.learners[layer](updates).reshape(d, n) * self.output_scale[layer]
+        out = self.learners[layer](updates)  # [b, c]
+        if self.config.magnitude_preserving:
+            out = updates[:, -1] + out  # the path from the latest update: xi = c * Delta is g = 0
+        return out.reshape(d, n) * self.output_scale[layer]
 
-    def _scaled(self, updates: torch.Tensor, scale: float, layer: int) -> torch.Tensor:
-        return scale * self(updates / scale, layer)
+    def _scaled(self, updates: torch.Tensor, scale: float, layer: int, unit: float | None) -> torch.Tensor:
+        return (scale if unit is None else unit) * self(updates / scale, layer)
 
     @torch.no_grad()
-    def calibrate(self, updates: torch.Tensor, scale: float, layer: int, d_chunk: int | None = None) -> torch.Tensor:
-        """xi = scale * f(updates / scale): [D, L, N] -> [D, N], computed ``d_chunk`` rows at a time."""
-        return torch.cat([self._scaled(updates[rows], scale, layer) for rows in row_chunks(updates.shape[0], d_chunk)])
+    def calibrate(self, updates: torch.Tensor, scale: float, layer: int, d_chunk: int | None = None,
+                  unit: float | None = None) -> torch.Tensor:
+        """xi = unit * f(updates / scale): [D, L, N] -> [D, N], computed ``d_chunk`` rows at a time.
 
-    def proxy_gradient(self, updates: torch.Tensor, scale: float, layer: int, descent: torch.Tensor,
-                       d_chunk: int | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
+        ``unit`` is the output's unit, by default ``scale`` (xi at the updates' size); variant A, whose output is the
+        adapter itself, passes the adapter's own size.
+        """
+        return torch.cat([self._scaled(updates[rows], scale, layer, unit)
+                          for rows in row_chunks(updates.shape[0], d_chunk)])
+
+    def proxy_gradient(self, updates: torch.Tensor, scale: float, layer: int, descent: torch.Tensor | Descent,
+                       d_chunk: int | None = None, unit: float | None = None,
+                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The learner's gradient with a client update as the proxy of the loss gradient (paper eq. 5).
 
         ``descent`` [D, N] is the clients' updates Delta^t, a descent direction, so -Delta stands for dL/dxi:
-        g = sum_i (d xi_i / d psi)^T (-Delta_i), accumulated over chunks of ``d_chunk`` rows.
+        g = sum_i (d xi_i / d psi)^T (-Delta_i), accumulated over chunks of ``d_chunk`` rows. ``descent`` may
+        instead be a function of (xi of a chunk, its rows) giving that chunk's descent: ``target[rows] - xi`` is the
+        gradient of 0.5 ||xi - target||^2 (a regression of xi onto a target, whose gradient at xi = sent is eq. 5's
+        with target = sent + Delta).
         Returns one gradient per parameter of ``self.parameters()`` and xi [D, N] (detached).
         """
-        if descent.shape != (updates.shape[0], updates.shape[2]):
+        if not callable(descent) and descent.shape != (updates.shape[0], updates.shape[2]):
             raise ValueError(f"descent must be [D, N] = {(updates.shape[0], updates.shape[2])}, "
                              f"got {tuple(descent.shape)}")
         params = list(self.parameters())
         grads = [torch.zeros_like(p) for p in params]
         calibrations = []
         for rows in row_chunks(updates.shape[0], d_chunk):
-            xi = self._scaled(updates[rows], scale, layer)
-            for total, grad in zip(grads, update_proxy_gradient(xi, params, descent[rows])):
+            xi = self._scaled(updates[rows], scale, layer, unit)
+            chunk_descent = descent(xi.detach(), rows) if callable(descent) else descent[rows]
+            for total, grad in zip(grads, update_proxy_gradient(xi, params, chunk_descent)):
                 total += grad
             calibrations.append(xi.detach())
         return grads, torch.cat(calibrations)
