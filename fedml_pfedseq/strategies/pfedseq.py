@@ -58,7 +58,7 @@ class RoundUpdates:
 class PFedSeqServer(FedAvgLocalHeadServer):
     """FedAvg on the adapter (heads stay local) plus the learner's per-client calibrations after warm-up."""
 
-    rebuilt = ("seed", "initial_adapter", "output_units")  # from the recipe and theta^0 (checkpoint.py)
+    rebuilt = ("initial_adapter", "output_units")  # from the recipe and theta^0 (checkpoint.py)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
         super().__init__(num_clients, initial_state, recipe)
@@ -72,9 +72,8 @@ class PFedSeqServer(FedAvgLocalHeadServer):
             conv_kernel=self.args.conv_kernel, hidden_size=self.args.learner_hidden_size,
             output_scale_init=self.args.output_scale_init,
             magnitude_preserving=self.args.learner_magnitude_preserving)
-        self.seed = recipe.common_args.random_seed
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(client_seed(self.seed, 0, purpose=5))
+            torch.manual_seed(client_seed(recipe.common_args.random_seed, 0, purpose=5))
             self.learner = SeqLearnerModel(config).to(self.device)
         self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=self.args.learner_lr)
         self.history: deque[RoundUpdates] = deque(maxlen=self.args.seq_len)
@@ -203,7 +202,8 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         steps = self.args.learner_steps
         if steps == 1:
             return [[slice(None)] * len(deltas)]
-        generator = torch.Generator().manual_seed(client_seed(self.seed, self.round, purpose=9000))
+        seed = client_seed(self.recipe.common_args.random_seed, self.round, purpose=9000)
+        generator = torch.Generator().manual_seed(seed)
         parts = [torch.randperm(d.shape[0], generator=generator).tensor_split(steps) for d in deltas]
         return [[part[k] for part in parts] for k in range(steps)]
 
