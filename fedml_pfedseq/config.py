@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from fedml_pfedseq.data.transforms import CLUSTER_TRANSFORMS
 from fedml_pfedseq.errors import UserError
 
 
@@ -70,6 +71,9 @@ class DataArgs:
                                                     "columns), on the machine of client k's party; a party reads only "
                                                     "its own")
     label_names: list[str] | None = recipe_key(None, "'silo': the label space every client's integer labels index")
+    cluster_transforms: list[str] | None = recipe_key(None, "a covariate shift per cluster of clients: client i's "
+                                                            "images pass through cluster_transforms[i % K] (identity, "
+                                                            "rot90, rot180, rot270, hflip, vflip, invert); null: none")
 
 
 @dataclass
@@ -311,6 +315,10 @@ def _validate(recipe: Recipe, where: str) -> None:
             f"got {d.split_fractions}")
     require(d.samples_per_client is None or d.samples_per_client > 0, "data_args.samples_per_client",
             "must be positive")
+    unknown = [name for name in d.cluster_transforms or [] if name not in CLUSTER_TRANSFORMS]
+    require(d.cluster_transforms is None or (bool(d.cluster_transforms) and not unknown),
+            "data_args.cluster_transforms", f"must be null or a non-empty list of {sorted(CLUSTER_TRANSFORMS)}, got "
+            f"{d.cluster_transforms}" + (f" (unknown: {unknown})" if unknown else ""))
     require(recipe.model_args.lora_r > 0, "model_args.lora_r", "must be positive")
     require(bool(recipe.model_args.lora_target_modules), "model_args.lora_target_modules", "must not be empty")
     require(recipe.model_args.client_depths is None or (bool(recipe.model_args.client_depths)

@@ -11,7 +11,7 @@ import numpy as np
 from fedml_pfedseq.config import DataArgs, RecipeError
 from fedml_pfedseq.data.loading import KNOWN_DATASETS, dataset_source, load_image_dataset
 from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
-from fedml_pfedseq.data.transforms import image_classification_transform
+from fedml_pfedseq.data.transforms import cluster_transform, image_classification_transform
 
 
 SPLITS = ("train", "validation", "test")
@@ -20,14 +20,16 @@ SPLITS = ("train", "validation", "test")
 @dataclass
 class ClientData:
     """One client's three splits, each yielding {pixel_values, labels} through a lazy transform, and where they came
-    from: each split's rows of the data file, and the client's value of the partition column (its drawer or domain;
-    None for Dirichlet and silo partitions), which its saved adapter names so that others can find its data."""
+    from: each split's rows of the data file, the client's value of the partition column (its drawer or domain;
+    None for Dirichlet and silo partitions) and the transform its images pass through (``data_args.
+    cluster_transforms``), which its saved adapter names so that others can rebuild its data."""
 
     train: datasets.Dataset
     validation: datasets.Dataset
     test: datasets.Dataset
     rows: dict[str, list[int]] = field(default_factory=dict)
     partition_value: Any = None
+    shift: str = "identity"
 
 
 @dataclass
@@ -114,22 +116,24 @@ def dataset_label_names(args: DataArgs) -> list[str]:
     return list(args.label_names) if args.partition_method == "silo" else _load_labelled(args)[2]
 
 
-def client_splits(dataset: datasets.Dataset, rows: np.ndarray, labels: np.ndarray, args: DataArgs, transform,
-                  client: int, seed: int, partition_value: Any = None) -> ClientData:
-    """Client ``client``'s rows of ``dataset``, subsampled (``samples_per_client``) and split train/val/test."""
+def client_splits(dataset: datasets.Dataset, rows: np.ndarray, labels: np.ndarray, args: DataArgs, processor,
+                  label_column: str, client: int, seed: int, partition_value: Any = None) -> ClientData:
+    """Client ``client``'s rows of ``dataset``, subsampled (``samples_per_client``) and split train/val/test, with
+    the backbone's image transform after the client's cluster shift."""
     if args.samples_per_client is not None and len(rows) > args.samples_per_client:
         rng = np.random.default_rng(client_seed(seed, client, purpose=1))
         rows = np.sort(rng.choice(rows, size=args.samples_per_client, replace=False))
     parts = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, client, 2))
+    shift = cluster_transform(args.cluster_transforms, client)
+    transform = image_classification_transform(processor, columns(args)[0], label_column, shift)
     return ClientData(*(dataset.select(rows[part]).with_transform(transform) for part in parts),
                       rows={name: rows[part].tolist() for name, part in zip(SPLITS, parts)},
-                      partition_value=partition_value)
+                      partition_value=partition_value, shift=shift)
 
 
 def silo_client(args: DataArgs, processor, client: int, seed: int) -> ClientData:
     dataset, labels = load_silo(args, client)
-    return client_splits(dataset, np.arange(len(dataset)), labels, args,
-                         image_classification_transform(processor, *columns(args)), client, seed)
+    return client_splits(dataset, np.arange(len(dataset)), labels, args, processor, columns(args)[1], client, seed)
 
 
 def build_federated_data(args: DataArgs, processor, num_clients: int | None, seed: int) -> FederatedData:
@@ -139,11 +143,10 @@ def build_federated_data(args: DataArgs, processor, num_clients: int | None, see
         return FederatedData([silo_client(args, processor, i, seed) for i in range(len(args.data_files))],
                              list(args.label_names))
     dataset, label_column, label_names = _load_labelled(args)
-    transform = image_classification_transform(processor, columns(args)[0], label_column)
     labels = dataset.data.column(label_column).to_numpy()
     parts = partition_indices(dataset, args, label_column, num_clients, seed)
     values = dataset.data.column(args.partition_column) if partition_column(args) else None  # str or int, as stored
-    clients = [client_splits(dataset, rows, labels, args, transform, i, seed,
+    clients = [client_splits(dataset, rows, labels, args, processor, label_column, i, seed,
                              None if values is None else values[int(rows[0])].as_py())
                for i, rows in enumerate(parts)]
     return FederatedData(clients=clients, label_names=label_names)

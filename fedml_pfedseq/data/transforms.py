@@ -1,17 +1,39 @@
-"""Image transforms applied lazily (``with_transform``): grey -> RGB, resize and normalise by the backbone's
-processor."""
+"""Image transforms applied lazily (``with_transform``): grey -> RGB, a client's covariate shift, then resize and
+normalise by the backbone's processor."""
 from __future__ import annotations
 
 from typing import Callable
 
-import torch
+from PIL import Image, ImageOps
+
+# What ``data_args.cluster_transforms`` may name: shifts a frozen backbone does not undo, applied to every image of
+# a client (all three splits), so clients of different clusters see the same labels through different inputs.
+CLUSTER_TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
+    "identity": lambda image: image,
+    "rot90": lambda image: image.transpose(Image.Transpose.ROTATE_90),
+    "rot180": lambda image: image.transpose(Image.Transpose.ROTATE_180),
+    "rot270": lambda image: image.transpose(Image.Transpose.ROTATE_270),
+    "hflip": lambda image: image.transpose(Image.Transpose.FLIP_LEFT_RIGHT),
+    "vflip": lambda image: image.transpose(Image.Transpose.FLIP_TOP_BOTTOM),
+    "invert": ImageOps.invert,
+}
 
 
-def image_classification_transform(processor, image_column: str, label_column: str) -> Callable[[dict], dict]:
-    """A batch transform turning {image, label} rows into {pixel_values [b,3,H,W], labels [b]}."""
+def cluster_transform(cluster_transforms: list[str] | None, client: int) -> str:
+    """Client ``client``'s transform: clients 0, K, 2K, ... share the first of the K names, 1, K+1, ... the second."""
+    return cluster_transforms[client % len(cluster_transforms)] if cluster_transforms else "identity"
+
+
+def image_classification_transform(processor, image_column: str, label_column: str,
+                                   shift: str = "identity") -> Callable[[dict], dict]:
+    """A batch transform turning {image, label} rows into {pixel_values [b,3,H,W], labels [b]}, each image passed
+    through ``CLUSTER_TRANSFORMS[shift]`` before the processor."""
+    import torch  # here, not at the top: the recipe check reads CLUSTER_TRANSFORMS without importing torch
+
+    shifted = CLUSTER_TRANSFORMS[shift]
 
     def apply(batch: dict) -> dict:
-        images = [image.convert("RGB") for image in batch[image_column]]
+        images = [shifted(image.convert("RGB")) for image in batch[image_column]]
         pixel_values = processor(images=images, return_tensors="pt")["pixel_values"]
         return {"pixel_values": pixel_values, "labels": torch.as_tensor(batch[label_column], dtype=torch.long)}
 

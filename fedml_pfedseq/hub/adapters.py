@@ -160,7 +160,7 @@ class AdapterWriter:
         (directory / SPLITS_FILE).write_text(json.dumps(self.splits(client_id, data)) + "\n")  # one line: long rows
         self.clients[client_id] = {"client": client_id, "path": path, "backbone": own_backbone,
                                    "num_layers": model.backbone.get_base_model().config.num_hidden_layers,
-                                   "partition_value": data.partition_value}
+                                   "partition_value": data.partition_value, "shift": data.shift}
         if report is not None:
             write_json(directory / CLIENT_FILE, reported(self.clients[client_id], report))
 
@@ -170,6 +170,7 @@ class AdapterWriter:
         image_column, label_column = columns(args)
         return {"client": client_id, "partition_method": args.partition_method,
                 "partition_column": partition_column(args), "partition_value": data.partition_value,
+                "shift": data.shift,
                 "load_dataset": load_dataset_args(args, client_id), "image_column": image_column,
                 "label_column": label_column, "rows": data.rows}
 

@@ -54,7 +54,16 @@ def partition_text(data: dict) -> str:
 
 
 def client_meaning(data: dict, manifest: dict, seed: int) -> str:
-    """Which part of the data client k is, in words (the partition is deterministic, but not obvious)."""
+    """Which part of the data client k is, in words (the partition is deterministic, but not obvious), and the
+    transform its images pass through where the recipe gives clusters one."""
+    shifts = data.get("cluster_transforms")
+    shifted = (f"; client k's images pass through transform k mod {len(shifts)} (counting from 0) of "
+               f"{', '.join(shifts)} (`data_args.cluster_transforms`)") if shifts else ""
+    return where_client_data(data, manifest, seed) + shifted
+
+
+def where_client_data(data: dict, manifest: dict, seed: int) -> str:
+    """Which rows of the data client k holds."""
     if data["partition_method"] == "column":
         column = data["partition_column"]
         first = {c["client"]: c.get("partition_value") for c in manifest["clients"]}.get(0)
@@ -89,10 +98,12 @@ def results(clients: list[dict], partition_column: str | None) -> dict:
     test = [c["test_accuracy"] for c in clients]
     sizes = [c["test_samples"] for c in clients]
     by_value = [partition_column] if partition_column else []
-    table = format_table(["client", *by_value, "test accuracy", "validation accuracy", "test images", "own backbone"],
-                         [[c["client"], *[c.get("partition_value") for _ in by_value], c["test_accuracy"],
-                           c["validation_accuracy"], c["test_samples"], "yes" if c.get("backbone") else "no"]
-                          for c in clients])
+    by_shift = ["image transform"] if any(c.get("shift", "identity") != "identity" for c in clients) else []
+    table = format_table(["client", *by_value, *by_shift, "test accuracy", "validation accuracy", "test images",
+                          "own backbone"],
+                         [[c["client"], *[c.get("partition_value") for _ in by_value],
+                           *[c.get("shift") for _ in by_shift], c["test_accuracy"], c["validation_accuracy"],
+                           c["test_samples"], "yes" if c.get("backbone") else "no"] for c in clients])
     return {"results_table": table, "mean_test_accuracy": f"{statistics.fmean(test):.4f}",
             "std_test_accuracy": f"{statistics.pstdev(test):.4f}",
             "mean_validation_accuracy": f"{statistics.fmean(c['validation_accuracy'] for c in clients):.4f}",
