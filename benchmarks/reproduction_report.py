@@ -304,10 +304,33 @@ def plot_l_sweep(curves: dict[str, list[tuple[int, dict]]], path: Path) -> None:
 CONTROL = "FedAvgLocalHead"  # pFedSeq without calibrations: same clients, same global adapter
 
 
+def server_rows(out: GridOutput, scenario: str, method: str) -> list[dict]:
+    """The server rows of every finished seed of ``method`` (pFedSeq's learner statistics among them)."""
+    return [row for cell in out.cells(scenario, method)
+            for row in json.loads((cell.parent / "metrics.json").read_text())["server"]]
+
+
+def learner_summary(server: list[dict]) -> dict:
+    """What the learner sent: each calibration ratio at the last round (mean over seeds), and the surrogate
+    -<xi^{t-1}, Delta^t> after warm-up (negative when clients kept moving the way the calibration pointed, positive
+    when they undid it); None for a method without calibrations."""
+    calibrated = [row for row in server if row.get("calibration_to_drift_ratio_mean") is not None]
+    last = max((row["round"] for row in server), default=None)
+    final = [row for row in calibrated if row["round"] == last]  # the last round, one row per seed
+    return {**{f"{key}_last": statistics.fmean(r[key] for r in final) if final and all(key in r for r in final)
+               else None for key in ("calibration_to_drift_ratio_mean", "calibration_to_update_ratio_mean")},
+            "surrogate_after_warmup": statistics.fmean(r["surrogate_loss"] for r in calibrated) if calibrated else None,
+            "surrogate_negative_share": statistics.fmean(r["surrogate_loss"] < 0 for r in calibrated)
+            if calibrated else None}
+
+
+def number(value: float | None, spec: str) -> str:
+    return "" if value is None else format(value, spec)
+
+
 def investigation_report(out: GridOutput, dest: Path) -> dict:
     """pFedSeq's variants against its no-calibration control: final accuracies, the gain over the control, and what
-    the learner did after warm-up (calibration size ||xi_i|| / ||theta_g||, and the surrogate -<xi^{t-1}, Delta^t>:
-    negative when clients kept moving the way the calibration pointed, positive when they undid it)."""
+    the learner did after warm-up (``learner_summary``)."""
     grid, record = out.grid, {**out.record(), "scenarios": {}}
     text = [out.header("pFedSeq investigation: learner lr, output scale, W and L")]
     for scenario in grid.scenarios:
@@ -316,22 +339,12 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
         control_val = out.stats(scenario, CONTROL, "final_validation_accuracy_mean")
         for method in grid.names:
             test, val = out.stats(scenario, method), out.stats(scenario, method, "final_validation_accuracy_mean")
-            servers[method] = server = [row for cell in out.cells(scenario, method)
-                                        for row in json.loads((cell.parent / "metrics.json").read_text())["server"]]
-            calibrated = [row for row in server if row.get("calibration_to_drift_ratio_mean") is not None]
-            last = max((row["round"] for row in server), default=None)
-            final = [row for row in calibrated if row["round"] == last]  # the last round, one row per seed
+            servers[method] = server_rows(out, scenario, method)
             result[method] = entry = {
                 "test": test, "validation": val,
                 "test_gain": test["mean"] - control["mean"] if test and control else None,
                 "validation_gain": val["mean"] - control_val["mean"] if val and control_val else None,
-                **{f"{key}_last": statistics.fmean(r[key] for r in final) if final and all(key in r for r in final)
-                   else None for key in ("calibration_to_drift_ratio_mean", "calibration_to_update_ratio_mean")},
-                "surrogate_after_warmup": statistics.fmean(r["surrogate_loss"] for r in calibrated)
-                if calibrated else None,
-                "surrogate_negative_share": statistics.fmean(r["surrogate_loss"] < 0 for r in calibrated)
-                if calibrated else None}
-            number = lambda v, f: "" if v is None else format(v, f)  # noqa: E731
+                **learner_summary(servers[method])}
             rows.append([method, fmt(val), signed(entry["validation_gain"]) if method != CONTROL else "",
                          fmt(test), signed(entry["test_gain"]) if method != CONTROL else "",
                          number(entry["calibration_to_drift_ratio_mean_last"], ".4f"),
@@ -347,6 +360,50 @@ def investigation_report(out: GridOutput, dest: Path) -> dict:
                     f"(investigation_{scenario}.png)\n")
         plot_learner(servers, scenario, dest / f"investigation_{scenario}.png")
     (dest / "investigation.md").write_text("".join(text))
+    return record
+
+
+CHOSEN = "pFedSeq_proximal"  # pFedSeq with the learner schedule chosen on the known-answer benchmark
+VARIANTS = ("A_", "B_", "C_", "D_", "E_")  # row-name prefixes of the Tables 2-3 variants (of CHOSEN, in rotated.yaml)
+
+
+def rotated_report(out: GridOutput, dest: Path) -> dict:
+    """The scenario where personalization should matter (rotated clusters): every method with its rank, each
+    method minus pFedSeq's control (FedAvg with local heads) paired by seed, the variants A-E against the schedule
+    they vary, what the learners sent, and the learning curves."""
+    grid, record = out.grid, {**out.record(), "scenarios": {}}
+    text = [out.header("Rotated clusters: where personalization should matter")]
+    for scenario in grid.scenarios:
+        test = {m: s for m in grid.names if (s := out.stats(scenario, m))}
+        rank = ranks({m: s["mean"] for m, s in test.items() if not m.startswith(VARIANTS)})
+        by_seed = {m: out.by_seed(scenario, m) for m in grid.names}
+        servers = {m: server_rows(out, scenario, m) for m in grid.names if m == FULL or m == CHOSEN
+                   or m.startswith(VARIANTS)}
+        result = {m: {"test": test.get(m), "validation": out.stats(scenario, m, "final_validation_accuracy_mean"),
+                      "rank": rank.get(m), "minus_control_paired": paired(by_seed[m], by_seed[CONTROL]),
+                      **({"minus_chosen_paired": paired(by_seed[m], by_seed[CHOSEN])} if m.startswith(VARIANTS)
+                         else {}),
+                      **(learner_summary(servers[m]) if m in servers else {})} for m in grid.names}
+        record["scenarios"][scenario] = result
+        rows = [[m, fmt(r["validation"]), fmt(r["test"]), number(r["rank"], "g"),
+                 fmt(r["minus_control_paired"], "+") if m != CONTROL else "",
+                 fmt(r["minus_chosen_paired"], "+") if "minus_chosen_paired" in r else "",
+                 number(r.get("calibration_to_update_ratio_mean_last"), ".3f"),
+                 number(r.get("calibration_to_drift_ratio_mean_last"), ".3f")] for m, r in result.items()]
+        table = format_table(["method", "validation (%)", "test (%)", "rank", f"minus {CONTROL}, by seed",
+                              f"minus {CHOSEN}, by seed", "||xi||/||Delta|| (last round)",
+                              "||xi||/||theta_g - theta^0|| (last round)"], rows)
+        text.append(f"\n## {scenario}\n\n{table}\n\n"
+                    f"- rank: among the methods (variants A-E left out), by mean test accuracy\n"
+                    f"- minus {CONTROL}, by seed: the difference within each seed (the same partition and "
+                    f"rotations for every method), mean ± std over the seeds both finished; {CONTROL} is "
+                    f"pFedSeq without calibrations\n"
+                    f"- minus {CHOSEN}: variants A-E against the schedule they vary (Tables 2-3)\n"
+                    f"\n![learning curves](curves_{scenario}.png)\n\n![what the learners sent]"
+                    f"(learner_{scenario}.png)\n")
+        plot_curves(out, scenario, dest / f"curves_{scenario}.png")
+        plot_learner(servers, scenario, dest / f"learner_{scenario}.png")
+    (dest / "rotated.md").write_text("".join(text))
     return record
 
 
@@ -376,7 +433,7 @@ def plot_learner(servers: dict[str, list[dict]], scenario: str, path: Path) -> N
 
 
 REPORTS = {"table1": table1_report, "table2_3": table2_3_report, "l_sweep": l_sweep_report,
-           "pfedseq_investigation": investigation_report}
+           "pfedseq_investigation": investigation_report, "rotated": rotated_report}
 
 
 def main(argv: list[str] | None = None) -> dict:

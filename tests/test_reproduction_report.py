@@ -214,3 +214,38 @@ def test_investigation_compares_each_variant_with_the_control_and_summarises_the
     assert result["FedAvgLocalHead"]["calibration_to_drift_ratio_mean_last"] is None
     text = (out / "investigation.md").read_text()
     assert "| lr1e-1" in text and "+5.00" in text and (out / "investigation_omniglot.png").stat().st_size > 0
+
+
+def test_rotated_report_pairs_every_method_with_the_control_and_each_variant_with_its_schedule(tmp_path):
+    definition = write_definition(
+        tmp_path / "rotated.yaml",
+        [str(RECIPES / "omniglot_fedavg.yaml"), str(RECIPES / "omniglot_fedavg_local_head.yaml"),
+         {"recipe": PFEDSEQ, "name": "pFedSeq"}, {"recipe": PFEDSEQ, "name": "pFedSeq_proximal"},
+         {"recipe": PFEDSEQ, "name": "B_no_cross_step", "set": ["algorithm_args.seq_len=1"]}],
+        {"cifar10_rotated": []}, [0, 1])
+    root = tmp_path / "runs"
+    accuracy = {"FedAvg": [0.40, 0.50], "FedAvgLocalHead": [0.60, 0.64], "pFedSeq": [0.60, 0.65],
+                "pFedSeq_proximal": [0.63, 0.70], "B_no_cross_step": [0.62, 0.66]}
+    for method, values in accuracy.items():
+        for seed, value in enumerate(values):
+            fake_cell(root, "cifar10_rotated", method, seed, value)
+            ratio = {"pFedSeq": 0.1, "pFedSeq_proximal": 0.8}.get(method)
+            (root / "cifar10_rotated" / method / f"seed_{seed}" / "metrics.json").write_text(json.dumps(
+                {"eval": [{"round": 12, "client": 0, "test_accuracy": value}],
+                 "server": [{"round": 12, "surrogate_loss": 0.0, "calibration_to_drift_ratio_mean": ratio,
+                             "calibration_to_update_ratio_mean": ratio}]}))
+    out = tmp_path / "report"
+    out.mkdir()
+    result = report.rotated_report(report.GridOutput(root, definition), out)["scenarios"]["cifar10_rotated"]
+    assert result["FedAvg"]["minus_control_paired"]["mean"] == pytest.approx(-17.0)  # (-20 - 14) / 2
+    assert result["FedAvg"]["minus_control_paired"]["std"] == pytest.approx(statistics.stdev([-20, -14]))
+    assert result["pFedSeq_proximal"]["minus_control_paired"]["mean"] == pytest.approx(4.5)  # (3 + 6) / 2
+    assert result["B_no_cross_step"]["minus_chosen_paired"]["mean"] == pytest.approx(-2.5)  # (-1 - 4) / 2
+    assert "minus_chosen_paired" not in result["pFedSeq"]
+    assert result["pFedSeq_proximal"]["rank"] == 1 and result["FedAvg"]["rank"] == 4  # variants are not ranked
+    assert result["B_no_cross_step"]["rank"] is None
+    assert result["pFedSeq_proximal"]["calibration_to_update_ratio_mean_last"] == pytest.approx(0.8)
+    text = (out / "rotated.md").read_text()
+    assert "+4.50 ± 2.12" in text and "-17.00 ± 4.24" in text
+    assert (out / "curves_cifar10_rotated.png").stat().st_size > 0
+    assert (out / "learner_cifar10_rotated.png").stat().st_size > 0
