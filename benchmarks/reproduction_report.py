@@ -441,16 +441,20 @@ def main(argv: list[str] | None = None) -> dict:
     for key in REPORTS:
         flag = key.replace("_", "-")
         parser.add_argument(f"--{flag}", type=Path, help=f"output folder of a recipes/grids/{key}.yaml grid "
-                            "(left out: that part of the report says so)")
+                            "(left out: a page --out already has stays as it is, else the page says it is "
+                            "not reported)")
         parser.add_argument(f"--{flag}-grid", type=Path, default=HERE.parent / "recipes" / "grids" / f"{key}.yaml",
                             help="the grid definition it ran, which says which cells to expect (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    before = json.loads((args.out / "summary.json").read_text()) if (args.out / "summary.json").is_file() else {}
     summary = {"paper": PAPER}
     for key, report in REPORTS.items():
         folder = getattr(args, key)
-        if folder is None:
+        if folder is None and before.get(key) is not None and (args.out / f"{key}.md").is_file():
+            summary[key] = before[key]  # reported before from cells not given now: that page stays as it is
+        elif folder is None:
             (args.out / f"{key}.md").write_text(f"# {key}\n\nNot reported: no grid output was given "
                                                 f"(--{key.replace('_', '-')}).\n")
             summary[key] = None

@@ -249,3 +249,14 @@ def test_rotated_report_pairs_every_method_with_the_control_and_each_variant_wit
     assert "+4.50 ± 2.12" in text and "-17.00 ± 4.24" in text
     assert (out / "curves_cifar10_rotated.png").stat().st_size > 0
     assert (out / "learner_cifar10_rotated.png").stat().st_size > 0
+
+
+def test_a_part_left_out_keeps_the_page_and_numbers_reported_before(tmp_path):
+    sweep = write_definition(tmp_path / "l_sweep.yaml", [{"recipe": PFEDSEQ, "name": "L1"}], {"omniglot": []}, [0])
+    fake_cell(tmp_path / "ls", "omniglot", "L1", 0, 0.40)
+    out = tmp_path / "report"
+    first = report.main(["--l-sweep", str(tmp_path / "ls"), "--l-sweep-grid", str(sweep), "--out", str(out)])
+    page = (out / "l_sweep.md").read_text()
+    again = report.main(["--out", str(out)])  # no grid given: what was reported stays, what never was says so
+    assert (out / "l_sweep.md").read_text() == page and again["l_sweep"] == json.loads(json.dumps(first["l_sweep"]))
+    assert again["table1"] is None and "Not reported" in (out / "table1.md").read_text()
