@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["grid"].add_argument("path", type=Path, help="the grid file (methods x scenarios x seeds)")
     p["grid"].add_argument("--workers", type=int, default=1, help="cells run at once, one process each (several "
                            "`pfedseq grid` processes may also share the output folder)")
+    p["grid"].add_argument("--rows", nargs="+", default=None, metavar="NAME",
+                           help="run only these rows (method names as in the grid's table); their cells are the "
+                                "whole grid's, so a later run of every row keeps them")
     p["deploy"].add_argument("path", type=Path, help="the recipe")
     p["check"].add_argument("path", type=Path, help="a recipe, suite or grid file")
     for name in ("run", "suite", "grid", "deploy"):
@@ -144,7 +147,7 @@ def grid(args) -> None:
     from fedml_pfedseq.grid import run_grid
 
     print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress,
-                   workers=args.workers)["markdown"])
+                   workers=args.workers, rows=args.rows)["markdown"])
 
 
 def deploy(args) -> None:

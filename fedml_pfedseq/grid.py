@@ -140,6 +140,13 @@ class Grid:
                                       candidate))
         return cells
 
+    def select(self, rows: list[str] | None) -> set[str]:
+        """The row names to run: ``rows`` (each checked to be a row of this grid), else every row."""
+        unknown = [row for row in rows or [] if row not in self.names]
+        if unknown:
+            raise RecipeError(f"{self.path}: {unknown} are not rows of this grid; its rows are {self.names}")
+        return set(rows or self.names)
+
     def stand_in_choice(self) -> dict[str, dict] | None:
         """With ``grid_chosen_by``, the grid's first values in every scenario, standing in for the choice before
         it is made (to count and validate the runs); else None."""
@@ -368,12 +375,14 @@ def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None) -> 
 
 
 def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
-             progress: bool = True, workers: int = 1) -> dict:
+             progress: bool = True, workers: int = 1, rows: list[str] | None = None) -> dict:
     """Tune (if the grid says so), run every seed cell that is not done yet (``workers`` at once), then write the
-    summary (see ``summarize``) and return it."""
+    summary (see ``summarize``) and return it. ``rows``: only these methods' cells (the grid's values are still
+    chosen by ``grid_chosen_by``), in the folders the whole grid uses, so a later full run keeps them."""
     if workers < 1:
         raise RecipeError(f"workers must be >= 1, got {workers}")
     grid = load_grid(path, extra_overrides, output_dir)
+    selected = grid.select(rows)
     chooser = (grid.tuning or {}).get("grid_chosen_by")
     shared = None
     if chooser is not None:  # first the chooser's runs pick the grid's values per scenario
@@ -381,13 +390,13 @@ def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_
         _run(first, f"tune {grid.path.stem} ({chooser}: {', '.join(grid.tuning['grid'])})", progress, workers)
         picked, _ = choose(first)
         shared = {scenario: picked[(scenario, chooser)] for scenario in grid.scenarios}
-    tuning = grid.tuning_cells(shared=shared)
+    tuning = [cell for cell in grid.tuning_cells(shared=shared) if cell.method in selected]
     _run(tuning, f"tune {grid.path.stem}", progress, workers)
     chosen, candidates = choose(tuning)
     for scenario in grid.scenarios:  # methods with a single candidate run with it
         for name in grid.names:
             chosen.setdefault((scenario, name), grid.candidates(name, (shared or {}).get(scenario))[0])
-    cells = grid.seed_cells(chosen)
+    cells = [cell for cell in grid.seed_cells(chosen) if cell.method in selected]
     _run(cells, f"grid {grid.path.stem}", progress, workers)
     return summarize(cells, grid.root, candidates)
 

@@ -98,6 +98,26 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     assert ran == []
 
 
+def test_rows_run_only_those_methods_in_the_whole_grids_folders(tiny_vit, tmp_path, monkeypatch):
+    path = write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, seeds=[0],
+                      tuning={"rounds": 1, "grid": {"train_args.learning_rate": [0.05, 0.5]},
+                              "grid_chosen_by": "FedAvg"})
+    ran = []
+    real_run = simulation.run_recipe
+    monkeypatch.setattr(simulation, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(
+        out.relative_to(tmp_path / "grid/small").as_posix()) or real_run(recipe, out, progress=progress, resume=resume))
+    part = grid.run_grid(path, progress=False, rows=["local_heads"])
+    # the chooser's tuning still picks the grid's values; of the seed cells only the row asked for runs
+    assert sorted(ran) == ["FedAvg/tune/learning_rate=0.05", "FedAvg/tune/learning_rate=0.5", "local_heads/seed_0"]
+    assert set(part["table"]) == {"local_heads"}
+    ran.clear()
+    whole = grid.run_grid(path, progress=False)
+    assert ran == ["FedAvg/seed_0"]  # the row's cell is the whole grid's: kept, not rerun
+    assert whole["table"]["local_heads"] == part["table"]["local_heads"]
+    with pytest.raises(RecipeError, match=r"\['FedRep'\] are not rows of this grid"):
+        grid.run_grid(path, progress=False, rows=["FedRep"])
+
+
 # --- parallel cells and several processes on one folder -----------------------------------------------------
 
 def one_scenario_grid(tmp_path, tiny_vit, **changes) -> Path:
