@@ -84,8 +84,13 @@ class _Encoder:
 
 
 class _Decoder:
-    def __init__(self, tensors: dict[str, torch.Tensor]):
+    """Rebuilds nested state from a skeleton. A tensor saved on an accelerator comes back on ``device`` (the
+    running process's), so a checkpoint written on a GPU resumes on a CPU-only machine and the other way round;
+    one saved on the CPU (generator states, bookkeeping) stays there."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], device: torch.device | str = "cpu"):
         self.tensors = tensors
+        self.device = torch.device(device)
         self.restored: dict[str, torch.Tensor] = {}  # key -> the one object every reference gets
 
     def __call__(self, node):
@@ -98,7 +103,8 @@ class _Decoder:
             if key not in self.restored:
                 # a fresh copy: tensors read from the file may sit at unaligned addresses, where BLAS takes
                 # other kernels and the continuation would differ in the last bits
-                self.restored[key] = self.tensors[key].to(node["device"], copy=True)
+                saved_on = torch.device(node["device"])
+                self.restored[key] = self.tensors[key].to("cpu" if saved_on.type == "cpu" else self.device, copy=True)
             return self.restored[key]
         if "__module__" in node or "__optimizer__" in node:
             return node  # loaded into the live object by ``restore``
@@ -169,8 +175,9 @@ def save_checkpoint(path: Path, parts: dict[str, object], extra: dict) -> None:
     os.replace(tmp, path)
 
 
-def read_checkpoint(path: Path) -> tuple[dict, _Decoder]:
-    """The skeleton and a decoder for its tensors; CheckpointError names what is wrong."""
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> tuple[dict, _Decoder]:
+    """The skeleton and a decoder for its tensors (accelerator tensors onto ``device``); CheckpointError names
+    what is wrong."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: the run saved none (common_args.checkpoint: false?) "
@@ -183,13 +190,15 @@ def read_checkpoint(path: Path) -> tuple[dict, _Decoder]:
         raise CheckpointError(f"{path} is not a readable safetensors checkpoint: {err}") from err
     if metadata.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a {FORMAT} checkpoint (format {metadata.get('format')!r})")
-    return json.loads(metadata["skeleton"]), _Decoder(tensors)
+    return json.loads(metadata["skeleton"]), _Decoder(tensors, device)
 
 
-def load_checkpoint(path: Path, parts: dict[str, object], check: Callable[[dict], None] | None = None) -> dict:
-    """Restore every part of ``parts`` from ``path`` and the RNGs; return the checkpoint's ``extra``.
-    ``check(extra)`` runs before anything is restored: a checkpoint it refuses leaves ``parts`` untouched."""
-    skeleton, decode = read_checkpoint(path)
+def load_checkpoint(path: Path, parts: dict[str, object], check: Callable[[dict], None] | None = None,
+                    device: torch.device | str = "cpu") -> dict:
+    """Restore every part of ``parts`` from ``path`` and the RNGs, accelerator tensors onto ``device`` (this
+    process's); return the checkpoint's ``extra``. ``check(extra)`` runs before anything is restored: a checkpoint
+    it refuses leaves ``parts`` untouched."""
+    skeleton, decode = read_checkpoint(path, device)
     extra = decode(skeleton["extra"])
     if check is not None:
         check(extra)

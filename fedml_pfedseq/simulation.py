@@ -31,6 +31,7 @@ from fedml_pfedseq.hub.push import push_run
 from fedml_pfedseq.hub.round_push import RoundPusher
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.round_close import round_record, screen
+from fedml_pfedseq.training import select_device
 from fedml_pfedseq.transport import check_plain
 
 RECIPE_FILE, SUMMARY_FILE = "recipe.yaml", "summary.json"  # what a run writes beside its checkpoint
@@ -54,7 +55,8 @@ def resume_federation(path: Path, fed: Federation) -> tuple[int, dict, MetricsLo
     Only the number of rounds (and what is saved or pushed) may differ from the run that wrote it; that is checked
     before anything is restored, so a refused checkpoint names the recipe keys that differ."""
     extra = load_checkpoint(path, federation_parts(fed),
-                            check=lambda saved: check_resumable(path, saved["recipe"], saved["round"], fed.recipe))
+                            check=lambda saved: check_resumable(path, saved["recipe"], saved["round"], fed.recipe),
+                            device=select_device(fed.recipe.device_args.using_gpu))
     return extra["round"] + 1, extra["payloads"], MetricsLog(**extra["log"])
 
 

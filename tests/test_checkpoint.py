@@ -240,3 +240,63 @@ def test_an_unsupported_attribute_is_named():
     with pytest.raises(CheckpointError, match=r"server.handle: cannot checkpoint a TextIOWrapper"):
         ckpt.save_checkpoint(Path("unused"), {"server": strategy}, {})
     strategy.handle.close()
+
+
+def retag(path: Path, device: str) -> None:
+    """Rewrite a checkpoint as if every non-generator tensor had been saved from ``device`` (a GPU run's file)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    skeleton = json.loads(metadata["skeleton"])
+
+    def walk(node):
+        if isinstance(node, dict):
+            if "__tensor__" in node:
+                node["device"] = device
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(skeleton["parts"])
+    walk(skeleton["extra"])
+    save_file(tensors, str(path), metadata={**metadata, "skeleton": json.dumps(skeleton)})
+
+
+class Holder:
+    """A strategy-like object with one tensor attribute."""
+
+    def __init__(self, tensor: torch.Tensor):
+        self.weights = tensor
+
+
+def test_a_checkpoint_written_on_a_gpu_restores_onto_this_processes_device(tmp_path):
+    path = tmp_path / CHECKPOINT_FILE
+    ckpt.save_checkpoint(path, {"server": Holder(torch.arange(4.0))}, {"round": 3, "payload": torch.ones(2)})
+    retag(path, "cuda:0")
+    assert read_checkpoint(path)[0]["parts"]["server"]["weights"]["device"] == "cuda:0"
+
+    here = Holder(torch.zeros(4))
+    extra = ckpt.load_checkpoint(path, {"server": here})  # no GPU here: restoring to cuda:0 would raise
+    assert here.weights.device.type == "cpu" and torch.equal(here.weights, torch.arange(4.0))
+    assert extra["payload"].device.type == "cpu" and extra["round"] == 3
+
+    # onto whatever device the process runs on (meta stands in for a GPU); CPU-saved generator states stay put
+    on_meta = Holder(torch.zeros(4))
+    extra = ckpt.load_checkpoint(path, {"server": on_meta}, device="meta")
+    assert on_meta.weights.device.type == "meta" and extra["payload"].device.type == "meta"
+    assert torch.get_rng_state().device.type == "cpu"
+
+
+def test_a_gpu_written_run_checkpoint_resumes_on_cpu(tiny_vit, tmp_path):
+    recipe = small("pFedSeq", tiny_vit, tmp_path, rounds=2, warmup_rounds=1)
+    run = tmp_path / "run"
+    whole = run_recipe(recipe, run, progress=False)
+    partial = tmp_path / "partial"
+    run_recipe(small("pFedSeq", tiny_vit, tmp_path, rounds=1, warmup_rounds=1), partial, progress=False)
+    retag(partial / CHECKPOINT_FILE, "cuda:0")
+    resumed = run_recipe(recipe, partial, progress=False, resume=True)
+    assert resumed["final_test_accuracy_mean"] == whole["final_test_accuracy_mean"]
+    assert_same(json.loads((partial / "metrics.json").read_text()), json.loads((run / "metrics.json").read_text()))

@@ -85,7 +85,8 @@ def load_party(path: Path, name: str, strategy, recipe: Recipe) -> dict:
     """Restore ``strategy`` from ``path`` and return the saved ``state``; a checkpoint that cannot go on under
     ``recipe`` is refused before anything is loaded, as ``pfedseq run --resume`` refuses one."""
     state = load_checkpoint(path, {name: strategy},
-                            check=lambda extra: check_resumable(path, extra["recipe"], extra["round"], recipe))
+                            check=lambda extra: check_resumable(path, extra["recipe"], extra["round"], recipe),
+                            device=select_device(recipe.device_args.using_gpu))
     del state["recipe"]
     return state
 
