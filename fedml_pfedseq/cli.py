@@ -45,6 +45,8 @@ COMMANDS = {
             "($HF_ENDPOINT, $HF_TOKEN)",
     "hub-eval": "evaluate client K's pushed adapter on its split of the data",
     "hub-serve": "serve a Hub-compatible endpoint on this machine (offline rehearsal of push and load)",
+    "env": "print library versions, the devices torch and accelerate see, bf16, and which selective scan the "
+           "learner runs on CUDA (mamba-ssm's kernel, or why not)",
 }
 
 
@@ -217,8 +219,16 @@ def hub_serve(args) -> None:
     serve(args.root, args.host, args.port, args.token)
 
 
+def env(args) -> None:
+    from fedml_pfedseq.environment import describe
+
+    rows = describe()
+    width = max(len(what) for what, _ in rows)
+    print("\n".join(f"{what:<{width}}  {value}" for what, value in rows))
+
+
 HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "check": check, "keys": keys,
-            "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve}
+            "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

@@ -10,18 +10,41 @@ On CUDA, mamba-ssm's fused kernel is used when it imports (``pip install .[cuda]
 """
 from __future__ import annotations
 
+import functools
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
+
+
+@functools.lru_cache(maxsize=1)
+def kernel_status() -> tuple[object | None, str]:
+    """(mamba-ssm's ``selective_scan_fn`` or None, a line saying which scan CUDA tensors get and why).
+
+    Any failure to import counts, not only a missing package: mamba-ssm releases built against another torch, or
+    before their transformers-5 fix, raise other errors at import, and the loop must then run, visibly."""
+    try:
+        import mamba_ssm
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+    except Exception as err:  # any failure: its reason is reported and the loop stands in
+        return None, f"PyTorch loop (mamba-ssm's kernel did not import: {type(err).__name__}: {err})"
+    return selective_scan_fn, f"mamba-ssm {getattr(mamba_ssm, '__version__', '?')} selective_scan_fn (CUDA kernel)"
+
+
+@functools.lru_cache(maxsize=1)
+def _announce(line: str) -> None:
+    logger.warning("selective scan on CUDA tensors: %s", line)  # once per process
 
 
 def cuda_kernel(u: torch.Tensor):
-    """mamba-ssm's ``selective_scan_fn`` for CUDA tensors when that optional package imports, else None."""
+    """mamba-ssm's ``selective_scan_fn`` for CUDA tensors when that optional package imports, else None; the first
+    call on a CUDA tensor logs which scan runs."""
     if not u.is_cuda:
         return None
-    try:
-        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
-    except ImportError:
-        return None
-    return selective_scan_fn
+    kernel, line = kernel_status()
+    _announce(line)
+    return kernel
 
 
 def selective_scan_loop(u, dt, A, B, C, D):
