@@ -27,7 +27,9 @@ with a single candidate is not tuned. The seed cells then run in ``<scenario>/<m
 values. A cell is done when its ``summary.json`` exists, so an interrupted grid resumes with the
 cells that are not; a done cell whose saved recipe differs from the grid's is an error, never mixed into a table.
 A method's row name is its entry's ``name``, else its method (``train_args.federated_optimizer``); an entry's own
-``set`` overrides are applied last, so they win over scenarios and tuning.
+``set`` overrides are applied last, so they win over scenarios and tuning. Overrides given to the command
+(``--set``) come after the grid's ``overrides`` and the scenario's, so they win over both (and lose only to an
+entry's own ``set`` and to tuning values).
 
 Cells run in parallel with ``workers`` > 1 (one process per cell, ``cores // workers`` torch threads each where
 the recipe does not set ``device_args.num_threads``), and several ``pfedseq grid`` processes may share one output
@@ -97,14 +99,16 @@ class Grid:
     methods: list  # suite-style entries
     scenarios: dict[str, list[str]]
     seeds: list[int]
-    overrides: list[str]  # every cell
+    overrides: list[str]  # every cell: the grid file's
     root: Path
     tuning: dict | None
+    command_overrides: list[str] = field(default_factory=list)  # every cell, after its scenario's: ``--set``
     names: list[str] = field(default_factory=list)  # each method's row name, set by load_grid
 
     def recipe(self, scenario: str, index: int, extra: list[str]) -> Recipe:
         """Method ``index``'s recipe in ``scenario`` with ``extra`` overrides."""
-        return load_entry(self.path, index, self.methods[index], [*self.overrides, *self.scenarios[scenario], *extra])
+        return load_entry(self.path, index, self.methods[index],
+                          [*self.overrides, *self.scenarios[scenario], *self.command_overrides, *extra])
 
     def candidates(self, method: str, shared: dict[str, object] | None = None) -> list[dict[str, object]]:
         """Every tuning candidate of ``method``: {"section.key": value} (one empty candidate without tuning);
@@ -234,8 +238,9 @@ def load_grid(path: str | Path, extra_overrides: list[str] | None = None, output
     if raw.get("tuning") is not None:
         _check_tuning(raw["tuning"], where)
     grid = Grid(path, methods, {name: _string_list(o, f"{where}: scenarios.{name}") for name, o in scenarios.items()},
-                seeds, _string_list(raw.get("overrides"), f"{where}: overrides") + list(extra_overrides or []),
-                Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"), raw.get("tuning"))
+                seeds, _string_list(raw.get("overrides"), f"{where}: overrides"),
+                Path(output_dir or raw.get("output_dir") or f"runs/{path.stem}"), raw.get("tuning"),
+                list(extra_overrides or []))
     first = next(iter(grid.scenarios))
     names = [entry["name"] if isinstance(entry, dict) and entry.get("name") else
              grid.recipe(first, i, []).train_args.federated_optimizer for i, entry in enumerate(methods)]

@@ -118,6 +118,19 @@ def test_rows_run_only_those_methods_in_the_whole_grids_folders(tiny_vit, tmp_pa
         grid.run_grid(path, progress=False, rows=["FedRep"])
 
 
+def test_command_overrides_win_over_the_grids_and_the_scenarios_but_not_an_entrys_own(tiny_vit, tmp_path):
+    path = write_grid(tmp_path, tiny_vit, methods=[
+        str(RECIPES / "omniglot_fedavg.yaml"),
+        {"recipe": str(RECIPES / "omniglot_fedavg_local_head.yaml"), "name": "local_heads",
+         "set": ["data_args.samples_per_client=25"]}])
+    loaded = grid.load_grid(path, ["data_args.samples_per_client=35", "train_args.comm_round=2"])
+    sizes = {(c.scenario, c.method): c.recipe.data_args.samples_per_client for c in loaded.seed_cells({})}
+    assert sizes == {("small", "FedAvg"): 35, ("smaller", "FedAvg"): 35,  # the scenarios say 40 and 30
+                     ("small", "local_heads"): 25, ("smaller", "local_heads"): 25}
+    assert {c.recipe.train_args.comm_round for c in loaded.seed_cells({})} == {2}  # the grid's overrides say 1
+    assert {c.recipe.data_args.samples_per_client for c in grid.load_grid(path).seed_cells({})} == {40, 30, 25}
+
+
 # --- parallel cells and several processes on one folder -----------------------------------------------------
 
 def one_scenario_grid(tmp_path, tiny_vit, **changes) -> Path:
