@@ -114,6 +114,21 @@ class NoArgs:
 
 
 @dataclass
+class FedAvgLocalHeadArgs:
+    """``algorithm_args`` of FedAvg with local heads (pFedSeq's no-calibration control)."""
+
+    oracle_clusters: bool = recipe_key(False, "average the adapter only within each data cluster (client i in "
+                                              "cluster i mod K of data_args.cluster_transforms): an oracle told the "
+                                              "clusters, a reference for cluster-level adapter personalization; not "
+                                              "a method of the paper")
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if self.oracle_clusters and not recipe.data_args.cluster_transforms:
+            raise RecipeError("algorithm_args.oracle_clusters needs data_args.cluster_transforms (the clusters it is "
+                              "told)")
+
+
+@dataclass
 class FedRepArgs:
     """``algorithm_args`` of FedRep (the adapter's epochs are train_args.epochs)."""
 
@@ -328,7 +343,7 @@ class PFedSeqArgs:
 
 # train_args.federated_optimizer -> its algorithm_args, in the order `pfedseq keys` lists them
 ALGORITHM_ARGS: dict[str, type] = {
-    "APPLE": AppleArgs, "Ditto": DittoArgs, "FedALA": FedALAArgs, "FedAvg": NoArgs, "FedAvgLocalHead": NoArgs,
+    "APPLE": AppleArgs, "Ditto": DittoArgs, "FedALA": FedALAArgs, "FedAvg": NoArgs, "FedAvgLocalHead": FedAvgLocalHeadArgs,
     "FedRep": FedRepArgs, "Local": NoArgs, "PeFLL": PeFLLArgs, "PerAda": PerAdaArgs, "PerFedAvg": PerFedAvgArgs,
     "pFedHN": PFedHNArgs, "pFedLA": PFedLAArgs, "pFedLoRA": PFedLoRAArgs, "pFedMe": PFedMeArgs, "pFedSeq": PFedSeqArgs,
 }

@@ -1,4 +1,6 @@
 """Server aggregation against hand-computed values, and what each method sends."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -18,9 +20,12 @@ def initial_state():
     return {"lora": {"l.layers.0.q.lora_A": torch.tensor([1.0, 1.0])}, "head": {"weight": torch.tensor([0.0])}}
 
 
-def make_server(name, num_clients=3):
+def make_server(name, num_clients=3, cluster_transforms=None, **algorithm_args):
+    """The method's server over ``initial_state``, with only the recipe sections these servers read."""
     method = method_class(name)
-    return method.Server(num_clients, initial_state(), recipe=None)
+    recipe = SimpleNamespace(algorithm_args=method.Args(**algorithm_args),
+                             data_args=SimpleNamespace(cluster_transforms=cluster_transforms))
+    return method.Server(num_clients, initial_state(), recipe=recipe)
 
 
 def upload(i, n, lora_delta, head_delta=None):
@@ -43,6 +48,32 @@ def test_fedavg_rebuilds_sent_plus_delta_and_averages_by_sample_count():
     # the next round starts from what was sent: a zero delta keeps the average
     again = server.aggregate({i: upload(i, 1, [0.0, 0.0], [0.0]) for i in range(3)})
     assert torch.allclose(again[0]["lora"]["l.layers.0.q.lora_A"], torch.tensor([0.5, 2.2]))
+
+
+def test_the_cluster_oracle_averages_within_each_cluster_by_sample_count():
+    server = make_server("FedAvgLocalHead", num_clients=5, cluster_transforms=["identity", "rot90"],
+                         oracle_clusters=True)
+    server.initial_payloads()  # every client starts from [1, 1]
+    payloads = server.aggregate({0: upload(0, 10, [1.0, 0.0]), 2: upload(2, 30, [0.0, 2.0]),
+                                 4: upload(4, 60, [-1.0, 1.0]), 1: upload(1, 1, [3.0, 3.0])})
+    # cluster 0 (clients 0, 2, 4): trained [2,1], [1,3], [0,2], weights .1 .3 .6 -> [0.5, 2.2]
+    # cluster 1 (clients 1, 3): only client 1 reported, trained [4, 4]; client 3 gets it too
+    got = {i: p["lora"]["l.layers.0.q.lora_A"] for i, p in payloads.items()}
+    for i in (0, 2, 4):
+        assert torch.allclose(got[i], torch.tensor([0.5, 2.2]))
+    for i in (1, 3):
+        assert torch.allclose(got[i], torch.tensor([4.0, 4.0]))
+    # the global adapter is the average over every client that reported: (10*[2,1] + 30*[1,3] + 60*[0,2] + [4,4])/101
+    assert torch.allclose(server.global_state["lora"]["l.layers.0.q.lora_A"],
+                          torch.tensor([54.0 / 101, 224.0 / 101]))
+    # a cluster none of whose clients reported keeps what it was sent
+    again = server.aggregate({0: upload(0, 1, [0.0, 0.0])})
+    assert torch.allclose(again[0]["lora"]["l.layers.0.q.lora_A"], torch.tensor([0.5, 2.2]))
+    assert torch.allclose(again[3]["lora"]["l.layers.0.q.lora_A"], torch.tensor([4.0, 4.0]))
+    plain = make_server("FedAvgLocalHead", num_clients=5, cluster_transforms=["identity", "rot90"])
+    plain.initial_payloads()
+    same = plain.aggregate({0: upload(0, 10, [1.0, 0.0]), 1: upload(1, 30, [0.0, 2.0])})
+    assert torch.equal(same[0]["lora"]["l.layers.0.q.lora_A"], same[1]["lora"]["l.layers.0.q.lora_A"])
 
 
 def test_each_method_sends_only_what_it_declares():

@@ -76,3 +76,11 @@ def test_saved_adapters_and_the_card_name_each_clients_transform(tiny_vit, tmp_p
     assert "transform k mod 4 (counting from 0) of identity, rot90, rot180, invert" in card
     assert "| image transform |" in card
     assert re.search(r"^\| 1 +\| 2 +\| rot90 +\|", card, re.M)  # client 1, drawer 2, its transform
+
+
+def test_the_cluster_oracle_needs_clusters(tiny_vit, tmp_path):
+    with pytest.raises(RecipeError, match="oracle_clusters needs data_args.cluster_transforms"):
+        small_recipe("FedAvgLocalHead", tiny_vit, tmp_path, algorithm_args={"oracle_clusters": True})
+    recipe = small_recipe("FedAvgLocalHead", tiny_vit, tmp_path, algorithm_args={"oracle_clusters": True},
+                          data_args={"cluster_transforms": ["identity", "rot180"]})
+    assert recipe.algorithm_args.oracle_clusters

@@ -19,9 +19,15 @@ CLUSTER_TRANSFORMS: dict[str, Callable[[Image.Image], Image.Image]] = {
 }
 
 
+def cluster_of(cluster_transforms: list[str] | None, client: int) -> int:
+    """Client ``client``'s cluster: clients 0, K, 2K, ... are cluster 0, 1, K+1, ... cluster 1 (one cluster when
+    there are no cluster transforms)."""
+    return client % len(cluster_transforms) if cluster_transforms else 0
+
+
 def cluster_transform(cluster_transforms: list[str] | None, client: int) -> str:
-    """Client ``client``'s transform: clients 0, K, 2K, ... share the first of the K names, 1, K+1, ... the second."""
-    return cluster_transforms[client % len(cluster_transforms)] if cluster_transforms else "identity"
+    """Client ``client``'s transform: its cluster's name in ``cluster_transforms``."""
+    return cluster_transforms[cluster_of(cluster_transforms, client)] if cluster_transforms else "identity"
 
 
 def image_classification_transform(processor, image_column: str, label_column: str,
