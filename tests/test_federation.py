@@ -99,7 +99,8 @@ def test_default_suite_runs_every_recipe_and_writes_the_comparison(tiny_vit, tmp
     overrides = [f"model_args.model={tiny_vit}", "data_args.samples_per_client=20", "train_args.comm_round=1"]
     summaries = run_suite(Path(__file__).resolve().parents[1] / "recipes/suites/default.yaml", overrides,
                           output_dir=tmp_path, progress=False)
-    assert [s["method"] for s in summaries] == ["Local", "FedAvg", "FedAvgLocalHead", "pFedSeq"]
+    assert [s["method"] for s in summaries] == ["Local", "FedAvg", "FedAvgLocalHead", "pFedSeq", "pFedSeq"]
+    assert summaries[-1]["recipe"] == "omniglot_pfedseq_proximal"
     for name in ["suite_summary.md", "suite_summary.csv", "suite_learning_curves.png"]:
         assert (tmp_path / name).is_file(), name
     table = (tmp_path / "suite_summary.md").read_text()
