@@ -22,6 +22,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from fedml_pfedseq.data.transforms import cluster_of  # noqa: E402
 from fedml_pfedseq.grid import load_grid  # noqa: E402
 from fedml_pfedseq.results import format_table, mean_test_curve, save_accuracy_plot  # noqa: E402
 
@@ -61,6 +62,21 @@ class GridOutput:
         """Mean and std (%) over the finished seeds of the final mean test (or ``key``) accuracy; None if none
         finished."""
         return describe(list(self.by_seed(scenario, method, key).values()))
+
+    def per_cluster(self, scenario: str, method: str) -> dict[str, float] | None:
+        """Final test accuracy (%) per data cluster (``data_args.cluster_transforms``, client i in cluster i mod K):
+        the mean over a cluster's clients, then over the finished seeds; None without clusters or cells."""
+        seeds = []
+        for path in self.cells(scenario, method):
+            names = yaml.safe_load((path.parent / "recipe.yaml").read_text())["data_args"].get("cluster_transforms")
+            rows = json.loads((path.parent / "metrics.json").read_text())["eval"]
+            if not names:
+                return None
+            last = max(r["round"] for r in rows)
+            seeds.append({name: statistics.fmean(100 * r["test_accuracy"] for r in rows if r["round"] == last
+                                                 and cluster_of(names, r["client"]) == c)
+                          for c, name in enumerate(names)})
+        return {name: statistics.fmean(s[name] for s in seeds) for name in seeds[0]} if seeds else None
 
     @property
     def missing(self) -> list[str]:
@@ -394,6 +410,12 @@ def rotated_report(out: GridOutput, dest: Path) -> dict:
         table = format_table(["method", "validation (%)", "test (%)", "rank", f"minus {CONTROL}, by seed",
                               f"minus {CHOSEN}, by seed", "||xi||/||Delta|| (last round)",
                               "||xi||/||theta_g - theta^0|| (last round)"], rows)
+        clusters = {m: c for m in grid.names if (c := out.per_cluster(scenario, m))}
+        for m, c in clusters.items():
+            result[m]["test_per_cluster"] = c
+        names = list(next(iter(clusters.values()), {}))
+        cluster_table = format_table(["method", *names], [[m, *(f"{c[n]:.1f}" for n in names)]
+                                                          for m, c in clusters.items()])
         text.append(f"\n## {scenario}\n\n{table}\n\n"
                     f"- rank: among the methods (variants A-E and {ORACLE} left out), by mean test accuracy\n"
                     f"- {ORACLE}: not a method; {CONTROL} told the clusters (the adapter averaged within each "
@@ -402,6 +424,8 @@ def rotated_report(out: GridOutput, dest: Path) -> dict:
                     f"rotations for every method), mean ± std over the seeds both finished; {CONTROL} is "
                     f"pFedSeq without calibrations\n"
                     f"- minus {CHOSEN}: variants A-E against the schedule they vary (Tables 2-3)\n"
+                    f"\nTest accuracy (%) per cluster after the last round (mean over the cluster's clients, then "
+                    f"over seeds):\n\n{cluster_table}\n"
                     f"\n![learning curves](curves_{scenario}.png)\n\n![what the learners sent]"
                     f"(learner_{scenario}.png)\n")
         plot_curves(out, scenario, dest / f"curves_{scenario}.png")

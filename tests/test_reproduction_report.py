@@ -230,8 +230,14 @@ def test_rotated_report_pairs_every_method_with_the_control_and_each_variant_wit
         for seed, value in enumerate(values):
             fake_cell(root, "cifar10_rotated", method, seed, value)
             ratio = {"pFedSeq": 0.1, "pFedSeq_proximal": 0.8}.get(method)
-            (root / "cifar10_rotated" / method / f"seed_{seed}" / "metrics.json").write_text(json.dumps(
-                {"eval": [{"round": 12, "client": 0, "test_accuracy": value}],
+            cell = root / "cifar10_rotated" / method / f"seed_{seed}"
+            (cell / "recipe.yaml").write_text(yaml.safe_dump({"data_args": {"cluster_transforms": ["identity",
+                                                                                                  "rot90"]}}))
+            (cell / "metrics.json").write_text(json.dumps(
+                {"eval": [{"round": 12, "client": 0, "test_accuracy": value},  # clients 0, 2: upright; 1: rot90
+                          {"round": 12, "client": 2, "test_accuracy": value + 0.02},
+                          {"round": 12, "client": 1, "test_accuracy": value - 0.10},
+                          {"round": 11, "client": 1, "test_accuracy": 0.0}],
                  "server": [{"round": 12, "surrogate_loss": 0.0, "calibration_to_drift_ratio_mean": ratio,
                              "calibration_to_update_ratio_mean": ratio}]}))
     out = tmp_path / "report"
@@ -245,8 +251,10 @@ def test_rotated_report_pairs_every_method_with_the_control_and_each_variant_wit
     assert result["pFedSeq_proximal"]["rank"] == 1 and result["FedAvg"]["rank"] == 4  # variants are not ranked
     assert result["B_no_cross_step"]["rank"] is None
     assert result["pFedSeq_proximal"]["calibration_to_update_ratio_mean_last"] == pytest.approx(0.8)
+    # per cluster: the last round's clients of each cluster, then the mean over seeds (FedAvg: 40 % and 50 %)
+    assert result["FedAvg"]["test_per_cluster"] == pytest.approx({"identity": 46.0, "rot90": 35.0})
     text = (out / "rotated.md").read_text()
-    assert "+4.50 ± 2.12" in text and "-17.00 ± 4.24" in text
+    assert "+4.50 ± 2.12" in text and "-17.00 ± 4.24" in text and "| FedAvg           | 46.0     | 35.0  |" in text
     assert (out / "curves_cifar10_rotated.png").stat().st_size > 0
     assert (out / "learner_cifar10_rotated.png").stat().st_size > 0
 
