@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="recipe override; algorithm_args keys go to the methods that have them")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
+    parser.add_argument("--workers", type=int, default=1, help="seeds run at once, one process and one torch thread "
+                        "each (the same numbers as --threads 1)")
     parser.add_argument("--out", type=Path, default=Path("runs/known_answer"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -43,7 +45,7 @@ def main() -> None:
     settings = Settings(clients=args.clients, rounds=args.rounds, clusters=args.clusters, scale=args.scale,
                         shared=args.shared, spread=args.spread, noise=args.noise, lr=args.lr, batches=args.batches,
                         per_round=args.per_round, model=args.model)
-    bench = run_benchmark(settings, args.methods, args.seeds, args.overrides)
+    bench = run_benchmark(settings, args.methods, args.seeds, args.overrides, workers=args.workers)
     print(write_outputs(bench, args.out))
     print(f"\n{bench.seconds:.0f} s in all; outputs in {args.out}")
 

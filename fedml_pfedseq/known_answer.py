@@ -38,8 +38,10 @@ import dataclasses
 import functools
 import json
 import math
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -453,30 +455,54 @@ def select_methods(methods: list[str] | None) -> tuple[list[str], dict[str, str]
     return run, skipped
 
 
+def run_seed(settings: Settings, seed: int, methods: list[str], overrides: list[str], bar=None) -> list[MethodRun]:
+    """One seed's instance (shared by all methods): its oracle, then each method's run."""
+    recipes = {m: method_recipe(m, settings, seed, overrides) for m in methods}
+    layouts = {m: r.model_args for m, r in recipes.items()}
+    if any(a != layouts["FedAvg"] for a in layouts.values()):
+        raise RecipeError(f"the methods' recipes give different LoRA layouts: {layouts}")
+    model = build_model(recipes["FedAvg"], NUM_LABELS)
+    problem = make_problem(model.get_lora_state(), settings, seed)
+    nothing = [None] * (settings.rounds + 1)
+    runs = [MethodRun("oracle", seed, losses=[problem.mean_loss(problem.optima)] * (settings.rounds + 1),
+                      xi_ratio=nothing, xi_cos=nothing)]
+    for method in methods:
+        if bar is not None:
+            bar.set_postfix(seed=seed, method=method)
+        runs.append(run_method(recipes[method], model, problem, bar))
+    return runs
+
+
+def _run_seed_alone(settings: Settings, seed: int, methods: list[str], overrides: list[str]) -> list[MethodRun]:
+    """``run_seed`` in a worker process, on one torch thread (as the benchmark's default ``--threads 1``)."""
+    torch.set_num_threads(1)
+    return run_seed(settings, seed, methods, overrides)
+
+
 def run_benchmark(settings: Settings, methods: list[str] | None = None, seeds: list[int] = (0,),
-                  overrides: list[str] = (), progress: bool = True) -> Benchmark:
-    """Every selected method on every seed's instance (one instance per seed, shared by all methods)."""
+                  overrides: list[str] = (), progress: bool = True, workers: int = 1) -> Benchmark:
+    """Every selected method on every seed's instance; with ``workers`` > 1 the seeds run in that many processes
+    at once (one torch thread each; the same numbers as one process at one thread)."""
+    if workers < 1:
+        raise RecipeError(f"workers must be >= 1, got {workers}")
     started = time.perf_counter()
     run, skipped = select_methods(methods)
     overrides = list(overrides)
     check_overrides(overrides, run)
     bench = Benchmark(settings, list(seeds), overrides, run, skipped)
-    with tqdm(total=len(seeds) * len(run) * settings.rounds, desc="known-answer", unit="round",
-              disable=not progress) as bar:
-        for seed in seeds:
-            recipes = {m: method_recipe(m, settings, seed, overrides) for m in run}
-            layouts = {m: r.model_args for m, r in recipes.items()}
-            if any(a != layouts["FedAvg"] for a in layouts.values()):
-                raise RecipeError(f"the methods' recipes give different LoRA layouts: {layouts}")
-            model = build_model(recipes["FedAvg"], NUM_LABELS)
-            problem = make_problem(model.get_lora_state(), settings, seed)
-            nothing = [None] * (settings.rounds + 1)
-            oracle = MethodRun("oracle", seed, losses=[problem.mean_loss(problem.optima)] * (settings.rounds + 1),
-                               xi_ratio=nothing, xi_cos=nothing)
-            bench.runs.append(oracle)
-            for method in run:
-                bar.set_postfix(seed=seed, method=method)
-                bench.runs.append(run_method(recipes[method], model, problem, bar))
+    if workers == 1:
+        with tqdm(total=len(seeds) * len(run) * settings.rounds, desc="known-answer", unit="round",
+                  disable=not progress) as bar:
+            for seed in seeds:
+                bench.runs += run_seed(settings, seed, run, overrides, bar)
+    else:
+        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no state shared with this one
+        with ProcessPoolExecutor(workers, mp_context=context) as pool, \
+                tqdm(total=len(seeds), desc="known-answer", unit="seed", disable=not progress) as bar:
+            futures = [pool.submit(_run_seed_alone, settings, seed, run, overrides) for seed in seeds]
+            for future in futures:  # in seed order, whichever finishes first
+                bench.runs += future.result()
+                bar.update()
     bench.seconds = time.perf_counter() - started
     return bench
 

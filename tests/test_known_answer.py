@@ -139,3 +139,21 @@ def test_a_diverging_method_is_a_row_of_the_table_not_a_crash(tiny_vit, tmp_path
     row = next(line for line in ka.write_outputs(bench, tmp_path).splitlines() if line.startswith("| pFedSeq"))
     assert "inf (diverged)" in row and "0: 2" in row
     assert math.isfinite(bench.run_of("FedAvg", 0).losses[-1])
+
+
+def test_seeds_in_worker_processes_give_the_one_process_numbers(tiny_vit):
+    settings = ka.Settings(clients=3, rounds=3, clusters=2, lr=0.5, batches=1, model=tiny_vit)
+    overrides = ["algorithm_args.warmup_rounds=1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # what each worker runs on
+    try:
+        alone = ka.run_benchmark(settings, ["pFedSeq"], seeds=[0, 1], progress=False, overrides=overrides)
+    finally:
+        torch.set_num_threads(threads)
+    parallel = ka.run_benchmark(settings, ["pFedSeq"], seeds=[0, 1], progress=False, overrides=overrides, workers=2)
+    assert [(r.method, r.seed) for r in parallel.runs] == [(r.method, r.seed) for r in alone.runs]
+    for a, b in zip(alone.runs, parallel.runs):
+        assert (a.losses, a.xi_ratio, a.xi_cos, a.trained) == (b.losses, b.xi_ratio, b.xi_cos, b.trained)
+    assert parallel.run_of("pFedSeq", 1).xi_ratio[-1] is not None  # calibrations were sent after warm-up
+    with pytest.raises(RecipeError, match="workers must be >= 1"):
+        ka.run_benchmark(settings, ["FedAvg"], seeds=[0], progress=False, workers=0)
