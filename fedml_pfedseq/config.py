@@ -74,6 +74,10 @@ class DataArgs:
     cluster_transforms: list[str] | None = recipe_key(None, "a covariate shift per cluster of clients: client i's "
                                                             "images pass through cluster_transforms[i % K] (identity, "
                                                             "rot90, rot180, rot270, hflip, vflip, invert); null: none")
+    preprocess: bool = recipe_key(True, "run each client's image transform (cluster shift, resize, normalise) once "
+                                        "and keep the tensors (datasets' on-disk cache, keyed by the rows, the "
+                                        "transform and the processor's config, reused by later runs) instead of on "
+                                        "every epoch; the same tensors either way")
 
 
 @dataclass

@@ -105,7 +105,7 @@ def test_cifar10_recipe_data_path_federates_the_test_split_with_dirichlet_skew()
     sizes = [len(c.train) + len(c.validation) + len(c.test) for c in data.clients]
     assert len(data.clients) == 10 and sum(sizes) == 10_000  # the test split only, every image once
     assert min(sizes) >= recipe.data_args.partition_min_size
-    labels = [np.bincount(np.array(c.train.with_format(None)["label"]), minlength=10) for c in data.clients]
+    labels = [np.bincount(np.asarray(c.train["labels"]), minlength=10) for c in data.clients]
     assert np.mean([lab.max() / lab.sum() for lab in labels]) > 0.4  # Dirichlet(0.1): one class dominates
 
 

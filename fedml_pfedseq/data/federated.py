@@ -126,9 +126,25 @@ def client_splits(dataset: datasets.Dataset, rows: np.ndarray, labels: np.ndarra
     parts = split_train_val_test(labels[rows], tuple(args.split_fractions), client_seed(seed, client, 2))
     shift = cluster_transform(args.cluster_transforms, client)
     transform = image_classification_transform(processor, columns(args)[0], label_column, shift)
-    return ClientData(*(dataset.select(rows[part]).with_transform(transform) for part in parts),
+    return ClientData(*(transformed(dataset.select(rows[part]), transform, args.preprocess) for part in parts),
                       rows={name: rows[part].tolist() for name, part in zip(SPLITS, parts)},
                       partition_value=partition_value, shift=shift)
+
+
+def transformed(split: datasets.Dataset, transform, preprocess: bool) -> datasets.Dataset:
+    """``split`` yielding {pixel_values, labels}: transformed once and kept as tensors (``preprocess``: datasets'
+    ``map``, cached on disk under a fingerprint of the rows and the transform with its processor, so a later run
+    of the same data reads the tensors back), or transformed lazily on every access."""
+    if not preprocess:
+        return split.with_transform(transform)
+    def as_arrays(batch: dict) -> dict:
+        return {key: value.numpy() for key, value in transform(batch).items()}
+
+    shape = transform(split[:1])["pixel_values"].shape[1:]
+    features = datasets.Features({  # fixed-shape arrays: read back as whole blocks, not as nested lists
+        "pixel_values": datasets.Array3D(shape=tuple(shape), dtype="float32"), "labels": datasets.Value("int64")})
+    return split.map(as_arrays, batched=True, remove_columns=split.column_names, features=features
+                     ).with_format("torch")
 
 
 def silo_client(args: DataArgs, processor, client: int, seed: int) -> ClientData:

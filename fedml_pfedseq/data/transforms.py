@@ -1,5 +1,5 @@
-"""Image transforms applied lazily (``with_transform``): grey -> RGB, a client's covariate shift, then resize and
-normalise by the backbone's processor."""
+"""Image transforms, applied once per client (``data_args.preprocess``) or on every access: grey -> RGB, a client's
+covariate shift, then resize and normalise by the backbone's processor."""
 from __future__ import annotations
 
 from typing import Callable

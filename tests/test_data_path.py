@@ -1,0 +1,62 @@
+"""The data path: each client's images are transformed once (``data_args.preprocess``) into exactly the tensors the
+lazy transform gives on every access, so a run is the same either way; the tensors are cached by datasets under a
+fingerprint of the rows and the transform, so a second build reads them back instead of transforming again."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from fedml_pfedseq.federation import build_data
+from fedml_pfedseq.simulation import run_recipe
+
+from conftest import small_recipe
+
+
+def recipe_with(tiny_vit, tmp_path, preprocess: bool, **data_args):
+    return small_recipe("FedAvgLocalHead", tiny_vit, tmp_path,
+                        data_args={"samples_per_client": 30, "preprocess": preprocess,
+                                   "cluster_transforms": ["identity", "rot90"], **data_args},
+                        train_args={"comm_round": 2, "learning_rate": 0.5},
+                        device_args={"num_threads": 1, "using_gpu": False})
+
+
+def test_preprocessed_tensors_equal_the_lazy_transforms(tiny_vit, tmp_path):
+    once, lazy = (build_data(recipe_with(tiny_vit, tmp_path, p)) for p in (True, False))
+    assert len(once.clients) == len(lazy.clients) > 2
+    for a, b in zip(once.clients, lazy.clients):
+        assert (a.rows, a.shift) == (b.rows, b.shift)
+        for split in ("train", "validation", "test"):
+            x, y = getattr(a, split), getattr(b, split)
+            assert len(x) == len(y) > 0
+            for i in range(len(x)):
+                assert torch.equal(x[i]["pixel_values"], y[i]["pixel_values"])
+                assert int(x[i]["labels"]) == int(y[i]["labels"])
+    assert once.clients[1].shift == "rot90"  # the shift is part of what was kept
+
+
+def test_a_run_is_the_same_with_and_without_preprocessing(tiny_vit, tmp_path):
+    logs = []
+    for preprocess in (True, False):
+        out = tmp_path / f"preprocess_{preprocess}"
+        run_recipe(recipe_with(tiny_vit, tmp_path, preprocess), out, progress=False)
+        logs.append(json.loads((out / "metrics.json").read_text())["eval"])
+    assert logs[0] == logs[1]
+
+
+def test_a_second_build_reads_the_cached_tensors(tiny_vit, tmp_path):
+    def build():
+        recipe = recipe_with(tiny_vit, tmp_path, True, dataset="cifar10", dataset_split="test",
+                             partition_method="dirichlet", partition_alpha=1.0)
+        recipe.train_args.client_num_in_total = 3
+        return build_data(recipe)
+
+    first = build()
+    files = [f["filename"] for f in first.clients[0].train.cache_files]
+    assert files and all(Path(f).name.startswith("cache-") for f in files)  # on disk, in datasets' cache
+    written = {f: Path(f).stat().st_mtime_ns for f in files}
+    again = build()
+    assert [f["filename"] for f in again.clients[0].train.cache_files] == files
+    assert {f: Path(f).stat().st_mtime_ns for f in files} == written  # read back, not transformed and written again
+    assert torch.equal(again.clients[0].train[0]["pixel_values"], first.clients[0].train[0]["pixel_values"])
