@@ -19,31 +19,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from torch import nn
 from transformers import AutoImageProcessor, ViTForImageClassification
 
+from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.lora_state import StateDict
-
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "hf_models"
-
-
-def bundled_models() -> list[str]:
-    return sorted(p.parent.name for p in BUNDLED_MODELS_DIR.glob("*/config.json"))
-
-
-def resolve_backbone(name: str) -> str:
-    """A local directory, a model bundled under ``hf_models/``, or a Hub id ``owner/name`` (returned unchanged).
-
-    A bare name that is neither a directory nor bundled fails here, rather than after minutes of Hub retries.
-    """
-    if Path(name).is_dir():
-        if not (Path(name) / "config.json").is_file():
-            raise FileNotFoundError(f"backbone directory {name!r} has no config.json")
-        return str(Path(name))
-    if (BUNDLED_MODELS_DIR / name / "config.json").is_file():
-        return str(BUNDLED_MODELS_DIR / name)
-    if "/" not in name or name.startswith((".", "/")):
-        raise FileNotFoundError(f"backbone {name!r} is not a directory, not a model bundled in {BUNDLED_MODELS_DIR} "
-                                f"(bundled: {bundled_models()}), and not a Hub id of the form owner/name")
-    return name
-
 
 def load_image_processor(name: str):
     return AutoImageProcessor.from_pretrained(resolve_backbone(name))

@@ -39,7 +39,8 @@ COMMANDS = {
     "deploy": "run a recipe as a FedML cross-silo deployment on this machine (server + one process per client, gRPC "
               "on 127.0.0.1)",
     "party": "run one FedML cross-silo party (what each silo runs)",
-    "check": "load and validate a recipe (or suite, or grid) and say what it would run; runs nothing",
+    "check": "load and validate a recipe (or suite, or grid), find its data and backbone on this machine, and say "
+             "what it would run; runs nothing",
     "keys": "print every recipe key with its default and meaning (from the config dataclasses)",
     "push": "push a finished run (adapters, learners, recipe, metrics, card) to a Hub repo in one commit "
             "($HF_ENDPOINT, $HF_TOKEN)",
@@ -188,6 +189,14 @@ def check(args) -> None:
         summary = f"1 recipe(s): {recipes[0].name}"
     for message in dict.fromkeys(m for recipe in recipes for m in recipe_warnings(recipe)):
         print(f"pfedseq: warning: {message}", file=sys.stderr)
+    from fedml_pfedseq.inputs import missing_inputs
+
+    found = [missing_inputs(recipe) for recipe in recipes]
+    for item in dict.fromkeys(d for _, downloads in found for d in downloads):
+        print(f"pfedseq: note: a run will download {item}", file=sys.stderr)
+    missing = list(dict.fromkeys(m for lacking, _ in found for m in lacking))
+    if missing:
+        raise UserError(f"this machine lacks {len(missing)} input(s) of {summary}: {'; '.join(missing)}")
     print(f"ok: {summary}")
 
 

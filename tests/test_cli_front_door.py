@@ -4,6 +4,7 @@ them."""
 from __future__ import annotations
 
 import dataclasses
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -66,13 +67,16 @@ def test_help_and_a_failed_check_import_neither_torch_nor_fedml(argv, tmp_path):
 
 @pytest.mark.parametrize("argv", [["check", "recipes/omniglot_pfedseq.yaml"], ["check", "recipes/suites/default.yaml"],
                                   ["check", "recipes/grids/table1.yaml"], ["keys"]], ids=" ".join)
-def test_check_and_keys_import_no_torch(argv):
+def test_check_and_keys_import_no_torch(argv, tmp_path):
     """`pfedseq check` (of a recipe, a suite or a grid) and `pfedseq keys` read algorithm_args from
     fedml_pfedseq.algorithm_args, not from the strategies: none of the libraries that take seconds to import."""
+    for name in ("pacs112.parquet", "cifar10_test.parquet"):  # the check looks for the grid's data files
+        (tmp_path / name).write_bytes(b"")
     probe = ("import sys\nfrom fedml_pfedseq.cli import main\nassert main(sys.argv[1:]) == 0\n"
              "print(sorted({'torch', 'transformers', 'peft', 'evaluate', 'datasets', 'fedml'}"
              " & {m.split('.')[0] for m in sys.modules}))")
-    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run([sys.executable, "-c", probe, *argv], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, "PFEDSEQ_DATA_DIR": str(tmp_path)})
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
@@ -81,3 +85,21 @@ def test_every_method_has_its_algorithm_args_under_its_name():
     lists them, an unknown name is refused with the list), and pFedSeq's architectures are the learner's."""
     assert [m.name for m in METHODS.values()] == list(ALGORITHM_ARGS)
     assert LEARNER_ARCHITECTURES == ARCHITECTURES
+
+
+def test_check_names_the_data_and_backbone_this_machine_lacks(tmp_path, monkeypatch, capsys):
+    grid = str(REPO / "recipes" / "grids" / "paper_scale" / "table1.yaml")
+    monkeypatch.setenv("PFEDSEQ_DATA_DIR", str(tmp_path))
+    monkeypatch.setattr("huggingface_hub.try_to_load_from_cache", lambda *args, **kwargs: None)  # nothing cached
+    assert main(["check", grid]) == 2
+    err = capsys.readouterr().err
+    assert "this machine lacks 2 input(s) of grid of 117 seed cell(s)" in err
+    assert f"data file 'pacs112.parquet' not found in: {tmp_path}" in err and "'cifar10_test.parquet'" in err
+    assert "omniglot28.parquet" not in err  # embedded in the repository
+    assert "a run will download backbone 'google/vit-base-patch16-224-in21k' from the Hub" in err  # not an error
+    for name in ("pacs112.parquet", "cifar10_test.parquet"):
+        (tmp_path / name).write_bytes(b"")
+    assert main(["check", grid]) == 0 and "ok: grid of 117 seed cell(s)" in capsys.readouterr().out
+    recipe = str(REPO / "recipes" / "omniglot_fedavg.yaml")
+    assert main(["check", recipe, "--set", "model_args.model=no-such-backbone"]) == 2
+    assert "backbone 'no-such-backbone' is not a directory, not a model bundled" in capsys.readouterr().err

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 
-from fedml_pfedseq.adapter_model import resolve_backbone
+from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.config import DataArgs
 from fedml_pfedseq.data.federated import build_federated_data
 from fedml_pfedseq.data.loading import load_image_dataset

@@ -9,8 +9,10 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
+if TYPE_CHECKING:
+    import datasets
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 EMBEDDED_DATA_DIR = REPO_ROOT / "data"
@@ -78,6 +80,8 @@ def load_image_dataset(
     hub_id: str | None = None,
 ) -> datasets.Dataset:
     """Load one split of a known dataset from parquet, or of ``hub_id`` from the Hub when one is given."""
+    import datasets  # here: finding a file (``pfedseq check``) must not pay for importing datasets
+
     if hub_id:
         return datasets.load_dataset(hub_id, split=split)
     if name not in KNOWN_DATASETS:

@@ -43,7 +43,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import ViTForImageClassification
 
-from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor, resolve_backbone
+from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
+from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.data.federated import ClientData, columns, load_dataset_args, partition_column
 
 MANIFEST = "manifest.json"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
-from fedml_pfedseq.adapter_model import resolve_backbone
+from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
 from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, MANIFEST, client_dir_name
