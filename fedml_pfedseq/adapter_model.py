@@ -60,9 +60,16 @@ class AdapterModel(nn.Module):
             self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
         self.head = nn.Linear(vit.config.hidden_size, num_labels)
 
+    precision = "no"  # device_args.mixed_precision; build_model sets it per recipe
+
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self.backbone(pixel_values=pixel_values).logits  # [batch, hidden]
-        return self.head(features)  # [batch, num_labels]
+        """Logits [batch, num_labels], always fp32 (the loss and every method's regulariser stay fp32); with
+        ``precision`` "bf16" the ViT and the head compute under bf16 autocast, so their backward does too."""
+        device_type = self.head.weight.device.type
+        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+            features = self.backbone(pixel_values=pixel_values).logits  # [batch, hidden]
+            logits = self.head(features)
+        return logits.float()
 
     def get_lora_state(self) -> StateDict:
         """A detached CPU copy of the LoRA tensors (PEFT's names, without the adapter name)."""

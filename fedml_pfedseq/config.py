@@ -116,10 +116,19 @@ class ValidationArgs:
     eval_batch_size: int = recipe_key(256, "batch size of evaluation")
 
 
+PRECISIONS = ("no", "bf16")  # device_args.mixed_precision
+
+
 @dataclass
 class DeviceArgs:
     using_gpu: bool = recipe_key(True, "use an accelerator when accelerate finds one")
     num_threads: int | None = recipe_key(None, "torch threads; None: torch's default")
+    mixed_precision: str = recipe_key("no", "'no' (fp32) or 'bf16': the client model's forward (and so its backward) "
+                                            "under bf16 autocast, weights, optimiser and loss in fp32; the server's "
+                                            "networks (pFedSeq's learner, hypernetworks) always run in fp32. fp16 "
+                                            "would need loss scaling in every method's own loop, so it is not offered")
+    tf32: bool = recipe_key(True, "on a CUDA device, let fp32 matrix products use TF32 tensor cores (Ampere and "
+                                  "later; about 3 significant digits fewer in each product)")
 
 
 @dataclass
@@ -358,6 +367,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")
+    require(recipe.device_args.mixed_precision in PRECISIONS, "device_args.mixed_precision",
+            f"must be one of {list(PRECISIONS)}, got {recipe.device_args.mixed_precision!r}")
     h = recipe.hub_args
     require(h.hub_learner_init is None or t.federated_optimizer.lower() == "pfedseq", "hub_args.hub_learner_init",
             f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")

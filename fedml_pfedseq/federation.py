@@ -62,7 +62,11 @@ def build_model(recipe: Recipe, num_labels: int, depth: int | None = None) -> Ad
     torch.manual_seed(recipe.common_args.random_seed)
     model = AdapterModel(m.model, num_labels, m.lora_r, m.lora_alpha, m.lora_dropout, m.lora_target_modules,
                          num_layers=depth, lora_layers=min(m.client_depths) if m.client_depths else None)
-    return model.to(select_device(recipe.device_args.using_gpu))
+    model.precision = recipe.device_args.mixed_precision
+    device = select_device(recipe.device_args.using_gpu)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = recipe.device_args.tf32
+    return model.to(device)
 
 
 def build_server(recipe: Recipe, model: AdapterModel, num_clients: int, resuming: bool = False):

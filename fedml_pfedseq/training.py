@@ -18,8 +18,10 @@ ACCURACY_METRIC_DIR = Path(__file__).parent / "metrics" / "accuracy"
 
 
 def select_device(using_gpu: bool = True) -> torch.device:
-    """The device accelerate picks for this process (an accelerator when present and allowed, else CPU)."""
-    return PartialState(cpu=not using_gpu).device
+    """This process's device: the accelerator accelerate picks for it (its local rank's GPU) when the recipe allows
+    one, else the CPU. accelerate's state is one per process, so it is asked only for the accelerator: a recipe
+    that says CPU never fixes the answer for a later one that allows a GPU."""
+    return PartialState().device if using_gpu else torch.device("cpu")
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,70 @@
+"""Device and precision: one place picks a process's device (the recipe's using_gpu, then accelerate's accelerator),
+and device_args.mixed_precision "bf16" runs the client model's forward under bf16 autocast while weights, logits,
+losses and the server's networks stay fp32; "no" is the fp32 model exactly."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fedml_pfedseq.training as training
+from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.config import RecipeError
+from fedml_pfedseq.simulation import run_recipe
+
+from conftest import small_recipe
+
+
+def test_the_device_follows_the_recipe_whatever_was_asked_before(monkeypatch):
+    monkeypatch.setattr(training, "PartialState", lambda: SimpleNamespace(device=torch.device("cuda", 1)))
+    assert training.select_device(False) == torch.device("cpu")  # asked first: must not fix the later answer
+    assert training.select_device(True) == torch.device("cuda", 1)
+    assert training.select_device(False) == torch.device("cpu")
+
+
+@pytest.fixture()
+def model(tiny_vit):
+    torch.manual_seed(0)
+    model = AdapterModel(tiny_vit, num_labels=5, lora_r=4, lora_alpha=8)
+    model.set_lora_state({k: torch.randn(v.shape) * 0.1 for k, v in model.get_lora_state().items()})
+    return model
+
+
+def test_no_mixed_precision_is_the_plain_fp32_forward(model):
+    x = torch.randn(4, 3, 32, 32)
+    plain = model.head(model.backbone(pixel_values=x).logits)
+    assert model.precision == "no" and torch.equal(model(x), plain)
+
+
+def test_bf16_computes_in_bf16_and_keeps_logits_weights_and_gradients_in_fp32(model):
+    x = torch.randn(4, 3, 32, 32)
+    full = model(x)
+    model.precision = "bf16"
+    half = model(x)
+    assert half.dtype == torch.float32
+    assert not torch.equal(half, full)  # the products were rounded to bf16 ...
+    assert torch.allclose(half, full, atol=0.05, rtol=0.05)  # ... about 3 significant digits
+    half.logsumexp(-1).sum().backward()
+    grads = [p.grad for p in model.trainable_parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_a_bf16_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path):
+    recipe = small_recipe("pFedSeq", tiny_vit, tmp_path, algorithm_args={"warmup_rounds": 1},
+                          train_args={"comm_round": 3, "learning_rate": 0.5},
+                          device_args={"num_threads": 1, "using_gpu": False, "mixed_precision": "bf16"})
+    summary = run_recipe(recipe, tmp_path / "run", progress=False)
+    losses = [float(row.split(",")[2]) for row in (tmp_path / "run" / "train_metrics.csv").read_text().split()[1:]]
+    assert len(losses) == 3 * summary["clients"] \
+        and all(0 < loss < 10 for loss in losses)  # every client, every round: finite cross-entropies
+    assert 0 <= summary["final_test_accuracy_mean"] <= 1
+    from hf_models.seq_learner import SeqLearnerModel
+    learner = SeqLearnerModel.from_pretrained(tmp_path / "run" / "seq_learner")
+    assert {p.dtype for p in learner.parameters()} == {torch.float32}
+
+
+def test_fp16_is_refused_with_the_choices(tiny_vit, tmp_path):
+    with pytest.raises(RecipeError, match=r"device_args.mixed_precision must be one of \['no', 'bf16'\], got 'fp16'"):
+        small_recipe("FedAvg", tiny_vit, tmp_path, device_args={"mixed_precision": "fp16"})
