@@ -30,12 +30,16 @@ def main() -> None:
     trained = sum(c.num_samples for c in fed.clients)
     print(f"build: {time.perf_counter() - started:.1f} s; {len(fed.clients)} clients, {trained} training images "
           f"per round, torch threads {torch.get_num_threads()}")
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     log = run_federation(fed, progress=False)
     for t, (total, train_s, eval_s) in enumerate(zip(log.round_seconds, log.train_seconds, log.eval_seconds), 1):
         evaluated = sum(r["validation_samples"] + r["test_samples"] for r in log.at(t - 1))
         print(f"round {t}: {total:.1f} s = train {train_s:.1f} s ({trained / train_s:.0f} img/s) "
               f"+ eval {eval_s:.1f} s ({evaluated / eval_s:.0f} img/s) + aggregate and rest "
               f"{total - train_s - eval_s:.2f} s")
+    if torch.cuda.is_available():
+        print(f"peak GPU memory: {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 
 
 if __name__ == "__main__":

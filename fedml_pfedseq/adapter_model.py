@@ -60,7 +60,7 @@ class AdapterModel(nn.Module):
             self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
         self.head = nn.Linear(vit.config.hidden_size, num_labels)
 
-    precision = "no"  # device_args.mixed_precision; build_model sets it per recipe
+    precision = "fp32"  # device_args.mixed_precision; build_model sets it per recipe
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits [batch, num_labels], always fp32 (the loss and every method's regulariser stay fp32); with

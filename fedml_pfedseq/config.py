@@ -116,14 +116,14 @@ class ValidationArgs:
     eval_batch_size: int = recipe_key(256, "batch size of evaluation")
 
 
-PRECISIONS = ("no", "bf16")  # device_args.mixed_precision
+PRECISIONS = ("fp32", "bf16")  # device_args.mixed_precision ("no", accelerate's word, is False in YAML)
 
 
 @dataclass
 class DeviceArgs:
     using_gpu: bool = recipe_key(True, "use an accelerator when accelerate finds one")
     num_threads: int | None = recipe_key(None, "torch threads; None: torch's default")
-    mixed_precision: str = recipe_key("no", "'no' (fp32) or 'bf16': the client model's forward (and so its backward) "
+    mixed_precision: str = recipe_key("fp32", "'fp32' or 'bf16': the client model's forward (and so its backward) "
                                             "under bf16 autocast, weights, optimiser and loss in fp32; the server's "
                                             "networks (pFedSeq's learner, hypernetworks) always run in fp32. fp16 "
                                             "would need loss scaling in every method's own loop, so it is not offered")

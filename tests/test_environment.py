@@ -69,3 +69,9 @@ def test_pfedseq_env_prints_versions_devices_and_the_scan(capsys):
     expected = scan.kernel_status()[1]
     assert rows["selective scan on CUDA tensors"] == (expected if torch.cuda.is_available() else
                                                       f"none (no CUDA); the kernel would be: {expected}")
+
+
+def test_the_loop_can_be_asked_for_where_the_kernel_imports(fake_mamba, monkeypatch):
+    fake_mamba('__version__ = "9.9.9"', "def selective_scan_fn(*args):\n    return 'kernel'\n")
+    monkeypatch.setenv("PFEDSEQ_SCAN", "loop")
+    assert scan.kernel_status() == (None, "PyTorch loop (PFEDSEQ_SCAN=loop)")

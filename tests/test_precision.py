@@ -1,6 +1,6 @@
 """Device and precision: one place picks a process's device (the recipe's using_gpu, then accelerate's accelerator),
 and device_args.mixed_precision "bf16" runs the client model's forward under bf16 autocast while weights, logits,
-losses and the server's networks stay fp32; "no" is the fp32 model exactly."""
+losses and the server's networks stay fp32; "fp32" is the fp32 model exactly."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -31,10 +31,10 @@ def model(tiny_vit):
     return model
 
 
-def test_no_mixed_precision_is_the_plain_fp32_forward(model):
+def test_fp32_is_the_plain_forward(model):
     x = torch.randn(4, 3, 32, 32)
     plain = model.head(model.backbone(pixel_values=x).logits)
-    assert model.precision == "no" and torch.equal(model(x), plain)
+    assert model.precision == "fp32" and torch.equal(model(x), plain)
 
 
 def test_bf16_computes_in_bf16_and_keeps_logits_weights_and_gradients_in_fp32(model):
@@ -66,5 +66,5 @@ def test_a_bf16_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path
 
 
 def test_fp16_is_refused_with_the_choices(tiny_vit, tmp_path):
-    with pytest.raises(RecipeError, match=r"device_args.mixed_precision must be one of \['no', 'bf16'\], got 'fp16'"):
+    with pytest.raises(RecipeError, match=r"device_args.mixed_precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
         small_recipe("FedAvg", tiny_vit, tmp_path, device_args={"mixed_precision": "fp16"})

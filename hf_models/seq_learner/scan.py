@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 import torch
 
@@ -24,6 +25,8 @@ def kernel_status() -> tuple[object | None, str]:
 
     Any failure to import counts, not only a missing package: mamba-ssm releases built against another torch, or
     before their transformers-5 fix, raise other errors at import, and the loop must then run, visibly."""
+    if os.environ.get("PFEDSEQ_SCAN") == "loop":  # to time or check the loop where the kernel exists
+        return None, "PyTorch loop (PFEDSEQ_SCAN=loop)"
     try:
         import mamba_ssm
         from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
