@@ -308,8 +308,9 @@ def release(cell: Cell) -> None:
     (cell.output_dir / LOCK_FILE).unlink(missing_ok=True)
 
 
-def run_cell(recipe: Recipe, output_dir: Path, threads: int | None = None) -> None:
-    """Run one cell, from its checkpoint if it was cut short; the summary is what the grid keeps."""
+def run_cell(recipe: Recipe, output_dir: Path, threads: int | None = None, gpu: int | None = None) -> None:
+    """Run one cell, from its checkpoint if it was cut short, on CUDA device ``gpu`` where the recipe allows one;
+    the summary is what the grid keeps."""
     # here, not at the top: loading a grid (`pfedseq check`) needs no torch
     import torch
 
@@ -318,6 +319,8 @@ def run_cell(recipe: Recipe, output_dir: Path, threads: int | None = None) -> No
 
     if threads and not recipe.device_args.num_threads:
         torch.set_num_threads(threads)
+    if gpu is not None and recipe.device_args.using_gpu:
+        torch.cuda.set_device(gpu)  # accelerate's single-process device is "cuda": the current one
     checkpoint = output_dir / CHECKPOINT_FILE
     run_recipe(recipe, output_dir, progress=False, resume=checkpoint.is_file())
     checkpoint.unlink(missing_ok=True)
@@ -337,7 +340,10 @@ def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_se
     bar = tqdm(total=sum(not c.done for c in cells), desc=desc, disable=not progress)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     threads = max(1, (os.cpu_count() or 1) // workers) if pool else None
+    slots = list(range(workers))  # worker slot k runs its cells on GPU k mod the GPUs there are (if any)
+    gpus = visible_gpus() if pool else 0
     running: dict[Future, Cell] = {}
+    held: dict[Future, int] = {}
     try:
         while True:
             busy = {id(c) for c in running.values()}
@@ -346,7 +352,9 @@ def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_se
                 if len(running) >= workers:
                     break
                 if claim(cell):
-                    running[start(pool, cell, threads)] = cell
+                    slot = slots.pop(0)
+                    future = start(pool, cell, threads, slot % gpus if gpus else None)
+                    running[future], held[future] = cell, slot
             if not running:
                 if not waiting:
                     break
@@ -356,6 +364,7 @@ def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_se
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
                 release(running.pop(future))
+                slots.append(held.pop(future))
                 future.result()  # a failed cell raises here
                 bar.update()
     finally:
@@ -366,10 +375,17 @@ def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_se
         bar.close()
 
 
-def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None) -> Future:
-    """Run ``cell`` in ``pool``, or here and now without one (a future already done)."""
+def visible_gpus() -> int:
+    """The CUDA devices the grid's cells may use (CUDA_VISIBLE_DEVICES applied)."""
+    import torch  # here: loading a grid needs no torch
+
+    return torch.cuda.device_count()
+
+
+def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None, gpu: int | None = None) -> Future:
+    """Run ``cell`` in ``pool`` (on GPU ``gpu``), or here and now without one (a future already done)."""
     if pool is not None:
-        return pool.submit(run_cell, cell.recipe, cell.output_dir, threads)
+        return pool.submit(run_cell, cell.recipe, cell.output_dir, threads, gpu)
     future = Future()
     try:
         run_cell(cell.recipe, cell.output_dir)

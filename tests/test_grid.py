@@ -152,6 +152,40 @@ def test_two_workers_give_the_one_worker_table_and_leave_no_lock(tiny_vit, tmp_p
         grid.run_grid(path, progress=False, workers=0)
 
 
+def test_cells_running_at_once_get_gpus_round_robin(tiny_vit, tmp_path, monkeypatch):
+    path = write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, seeds=[0, 1, 2])
+    started = []
+
+    def fake_start(pool, cell, threads, gpu=None):  # finishes at once, as a cell that ran
+        started.append((cell.method, cell.seed, gpu))
+        cell.output_dir.mkdir(parents=True, exist_ok=True)
+        (cell.output_dir / "summary.json").write_text(json.dumps({
+            "final_test_accuracy_mean": 0.5, "final_validation_accuracy_mean": 0.5, "mean_round_seconds": 1.0}))
+        future = grid.Future()
+        future.set_result(None)
+        return future
+
+    monkeypatch.setattr(grid, "start", fake_start)
+    monkeypatch.setattr(grid, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(grid, "summarize", lambda cells, root, candidates=None: {})
+    grid.run_grid(path, progress=False, workers=3)
+    assert len(started) == 6 and {gpu for _, _, gpu in started} == {0, 1}
+    # three slots on two GPUs: the first three cells start together on GPUs 0, 1, 0
+    assert [gpu for _, _, gpu in started[:3]] == [0, 1, 0]
+    monkeypatch.setattr(grid, "visible_gpus", lambda: 0)
+    started.clear()
+    grid.run_grid(path, progress=False, workers=2, output_dir=tmp_path / "cpu")
+    assert {gpu for _, _, gpu in started} == {None}
+
+
+def test_parties_get_one_gpu_each_round_robin():
+    from fedml_pfedseq.cross_silo.launcher import party_env
+
+    env = {"PATH": "/bin"}
+    assert [party_env(env, rank, ["2", "3"])["CUDA_VISIBLE_DEVICES"] for rank in range(4)] == ["2", "3", "2", "3"]
+    assert party_env(env, 1, ["0"]) is env and party_env(env, 1, []) is env  # one GPU or none: as it is
+
+
 def test_a_cell_another_live_process_holds_is_left_to_it_and_waited_for(tiny_vit, tmp_path, monkeypatch):
     path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
     held = tmp_path / "grid/small/FedAvg/seed_0"

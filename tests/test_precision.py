@@ -68,3 +68,12 @@ def test_a_bf16_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path
 def test_fp16_is_refused_with_the_choices(tiny_vit, tmp_path):
     with pytest.raises(RecipeError, match=r"device_args.mixed_precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
         small_recipe("FedAvg", tiny_vit, tmp_path, device_args={"mixed_precision": "fp16"})
+
+
+def test_the_gpus_a_process_may_use_follow_cuda_visible_devices(monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
+    assert training.gpu_ids() == ["2", "3"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert training.gpu_ids() == []  # none allowed
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert training.gpu_ids() == [str(i) for i in range(torch.cuda.device_count())]

@@ -35,6 +35,7 @@ from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import complete_manifest, remove_stale
 from fedml_pfedseq.hub.push import PushError
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
+from fedml_pfedseq.training import gpu_ids
 
 POLL_SECONDS = 0.2
 DONE = (0, EXIT_NOT_PUSHED)  # exit codes of a party that completed its run
@@ -190,6 +191,12 @@ def collect_metrics(output_dir: Path, num_clients: int, dead: set[int] = frozens
                       train_seconds=slowest("train_seconds"), eval_seconds=slowest("eval_seconds"))
 
 
+def party_env(env: dict[str, str], rank: int, gpus: list[str]) -> dict[str, str]:
+    """Party ``rank``'s environment: with several GPUs, one of them (round robin over ``gpus``, CUDA_VISIBLE_DEVICES'
+    names), so that the parties do not all land on the first."""
+    return env if len(gpus) < 2 else {**env, "CUDA_VISIBLE_DEVICES": gpus[rank % len(gpus)]}
+
+
 def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
     """Run ``recipe`` as a cross-silo deployment on this machine; returns the summary (also in summary.json)."""
     output_dir = Path(output_dir or f"{recipe.output_dir}_cross_silo").resolve()  # beside the simulator's run
@@ -201,13 +208,15 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
     n = recipe.train_args.client_num_in_total
     threads = str(recipe.device_args.num_threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "PYTHONUNBUFFERED": "1"}
+    gpus = gpu_ids() if recipe.device_args.using_gpu else []
 
     def start(rank: int) -> Party:
         log_path = output_dir / "logs" / f"{party_name(rank)}.log"
         command = [sys.executable, "-m", "fedml_pfedseq.cli", "party", "--cf", str(recipe_path), "--rank", str(rank),
                    "--role", "server" if rank == 0 else "client", "--output-dir", str(output_dir)]
         with log_path.open("w") as log:
-            return Party(rank, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log_path)
+            return Party(rank, subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                env=party_env(env, rank, gpus)), log_path)
 
     parties = [start(0)]
     try:
