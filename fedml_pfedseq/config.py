@@ -56,7 +56,10 @@ class DataArgs:
     dataset_split: str = recipe_key("train", "the split federated (CIFAR-10: 'test', the images the backbone never "
                                              "saw)")
     data_dir: str | None = recipe_key(None, "None: $PFEDSEQ_DATA_DIR, else ../shared/data, then the embedded data/")
-    hub_id: str | None = recipe_key(None, "a Hub dataset id, for machines with a network")
+    hub_id: str | None = recipe_key(None, "a Hub dataset id (or a local folder in the Hub's layout), read with "
+                                          "datasets.load_dataset instead of the parquet file of `dataset`")
+    image_column: str | None = recipe_key(None, "None: the dataset's own image column ('image'; CIFAR-10 on the Hub, "
+                                                "uoft-cs/cifar10, names it 'img')")
     label_column: str | None = recipe_key(None, "None: the dataset's own label column")
     partition_method: str = recipe_key("column", "'column', 'dirichlet', or 'silo': each client's data is its own file")
     partition_column: str | None = recipe_key("drawer", "'column': one client per value of this column (Omniglot's "

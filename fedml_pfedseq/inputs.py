@@ -39,7 +39,8 @@ def missing_inputs(recipe) -> tuple[list[str], list[str]]:
     missing, downloads = [], []
     data = recipe.data_args
     if data.hub_id:
-        downloads.append(f"dataset {data.hub_id!r} from the Hub")
+        if not Path(data.hub_id).is_dir():  # a local folder in the Hub's layout is read as it is
+            downloads.append(f"dataset {data.hub_id!r} from the Hub")
     elif data.partition_method != "silo" and data.dataset in KNOWN_DATASETS and \
             data.dataset_split in KNOWN_DATASETS[data.dataset].files:
         try:

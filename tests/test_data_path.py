@@ -6,8 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
+from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.federation import build_data
 from fedml_pfedseq.simulation import run_recipe
 
@@ -60,3 +62,33 @@ def test_a_second_build_reads_the_cached_tensors(tiny_vit, tmp_path):
     assert [f["filename"] for f in again.clients[0].train.cache_files] == files
     assert {f: Path(f).stat().st_mtime_ns for f in files} == written  # read back, not transformed and written again
     assert torch.equal(again.clients[0].train[0]["pixel_values"], first.clients[0].train[0]["pixel_values"])
+
+
+def test_a_hub_style_dataset_with_its_own_column_names_runs(tiny_vit, tmp_path, monkeypatch, capsys):
+    """CIFAR-10 on the Hub names its image column "img": data_args.image_column maps it. The folder is laid out as
+    a Hub dataset repo (data/<split>-*.parquet), so datasets.load_dataset reads it as it would read the Hub's."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    from fedml_pfedseq.cli import main
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(60)]
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    repo = tmp_path / "hub_cifar"
+    (repo / "data").mkdir(parents=True)
+    datasets.Dataset.from_dict({"img": images, "label": [i % 3 for i in range(60)]}, features=features).to_parquet(
+        str(repo / "data" / "test-00000-of-00001.parquet"))
+    recipe = recipe_with(tiny_vit, tmp_path, True, dataset="cifar10", hub_id=str(repo), image_column="img",
+                         dataset_split="test", partition_method="dirichlet", partition_alpha=1.0, partition_min_size=5)
+    recipe.train_args.client_num_in_total = 2
+    summary = run_recipe(recipe, tmp_path / "run", progress=False)
+    assert summary["clients"] == 2 and 0 <= summary["final_test_accuracy_mean"] <= 1
+    (tmp_path / "recipe.yaml").write_text((tmp_path / "run" / "recipe.yaml").read_text())
+    monkeypatch.setenv("PFEDSEQ_DATA_DIR", str(tmp_path / "empty"))  # no parquet files: the Hub folder is the data
+    assert main(["check", str(tmp_path / "recipe.yaml")]) == 0
+    assert "dataset" not in capsys.readouterr().err  # a local folder: nothing to download
+    recipe.data_args.image_column = None
+    with pytest.raises(RecipeError, match=r"has no column 'image' \(data_args.image_column"):
+        run_recipe(recipe, tmp_path / "run2", progress=False)

@@ -73,16 +73,17 @@ def source(args: DataArgs) -> str:
 
 
 def columns(args: DataArgs) -> tuple[str, str]:
-    """The (image, label) columns: the recipe's label column, else the known dataset's, else "label"."""
+    """The (image, label) columns: the recipe's, else the known dataset's, else "image" and "label"."""
     info = KNOWN_DATASETS.get(args.dataset)
-    return (info.image_column if info else "image"), args.label_column or (info.label_column if info else "label")
+    return (args.image_column or (info.image_column if info else "image"),
+            args.label_column or (info.label_column if info else "label"))
 
 
 def _load_labelled(args: DataArgs) -> tuple[datasets.Dataset, str, list[str]]:
     """The dataset, its label column and its label names (ClassLabel names, else the sorted distinct values)."""
     dataset = load_image_dataset(args.dataset, split=args.dataset_split, data_dir=args.data_dir, hub_id=args.hub_id)
     image_column, label_column = columns(args)
-    for column, key in ((image_column, "the image column"), (label_column, "data_args.label_column")):
+    for column, key in ((image_column, "data_args.image_column"), (label_column, "data_args.label_column")):
         if column not in dataset.column_names:
             raise RecipeError(f"{source(args)} has no column {column!r} ({key} of dataset {args.dataset!r}; "
                               f"columns: {dataset.column_names})")
