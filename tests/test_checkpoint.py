@@ -102,6 +102,24 @@ def test_every_method_resumes_to_the_uninterrupted_run(method, tiny_vit, tmp_pat
     assert_same(decoded(straight), decoded(resumed))
 
 
+def test_the_cluster_oracle_resumes_to_the_uninterrupted_run(tiny_vit, tmp_path):
+    """FedAvg with local heads told the clusters (oracle_clusters): the per-cluster adapters it sent before the
+    kill are what the resumed run starts from."""
+    recipe = small_recipe("FedAvgLocalHead", tiny_vit, tmp_path, algorithm_args={"oracle_clusters": True},
+                          data_args={"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 30,
+                                     "cluster_transforms": ["identity", "rot90"]},
+                          train_args={"client_num_in_total": 3, "learning_rate": 0.5, "comm_round": 3},
+                          device_args={"num_threads": 1, "using_gpu": False})
+    straight = tmp_path / "straight" / CHECKPOINT_FILE
+    run_federation(build_federation(recipe), progress=False, checkpoint=straight)
+    resumed = interrupted_and_resumed(recipe, tmp_path, crash_round=3)
+    a = decoded(straight)
+    assert_same(a, decoded(resumed))
+    sent = a["parts"]["server"]["sent"]
+    lora = lambda i: torch.cat([v.reshape(-1) for v in sent[i]["lora"].values()])  # noqa: E731
+    assert torch.equal(lora(0), lora(2)) and not torch.equal(lora(0), lora(1))  # one adapter per cluster
+
+
 def test_pfedseq_six_rounds_equal_three_plus_resume_plus_three(tiny_vit, tmp_path):
     """The issue's check on pFedSeq with the learner personalizing on both sides of the cut (W=1, L=3): the
     metrics and the final learner, Adam state, history and calibrations equal."""
