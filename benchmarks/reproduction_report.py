@@ -461,6 +461,7 @@ def plot_learner(servers: dict[str, list[dict]], scenario: str, path: Path) -> N
 
 REPORTS = {"table1": table1_report, "table2_3": table2_3_report, "l_sweep": l_sweep_report,
            "pfedseq_investigation": investigation_report, "rotated": rotated_report}
+PAGES = {key: f"{key}.md" for key in REPORTS} | {"pfedseq_investigation": "investigation.md"}  # what each writes
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -479,11 +480,11 @@ def main(argv: list[str] | None = None) -> dict:
     summary = {"paper": PAPER}
     for key, report in REPORTS.items():
         folder = getattr(args, key)
-        if folder is None and before.get(key) is not None and (args.out / f"{key}.md").is_file():
+        if folder is None and before.get(key) is not None and (args.out / PAGES[key]).is_file():
             summary[key] = before[key]  # reported before from cells not given now: that page stays as it is
         elif folder is None:
-            (args.out / f"{key}.md").write_text(f"# {key}\n\nNot reported: no grid output was given "
-                                                f"(--{key.replace('_', '-')}).\n")
+            (args.out / PAGES[key]).write_text(f"# {key}\n\nNot reported: no grid output was given "
+                                               f"(--{key.replace('_', '-')}).\n")
             summary[key] = None
         else:
             summary[key] = report(GridOutput(folder, getattr(args, f"{key}_grid")), args.out)

@@ -268,3 +268,11 @@ def test_a_part_left_out_keeps_the_page_and_numbers_reported_before(tmp_path):
     again = report.main(["--out", str(out)])  # no grid given: what was reported stays, what never was says so
     assert (out / "l_sweep.md").read_text() == page and again["l_sweep"] == json.loads(json.dumps(first["l_sweep"]))
     assert again["table1"] is None and "Not reported" in (out / "table1.md").read_text()
+    # a report whose page is named otherwise than its key (the investigation writes investigation.md) is kept too
+    kept = {"folder": "somewhere", "scenarios": {}}
+    summary = json.loads((out / "summary.json").read_text())
+    (out / "summary.json").write_text(json.dumps({**summary, "pfedseq_investigation": kept}))
+    (out / "investigation.md").write_text("# the investigation\n")
+    assert report.main(["--out", str(out)])["pfedseq_investigation"] == kept
+    assert (out / "investigation.md").read_text() == "# the investigation\n"
+    assert not (out / "pfedseq_investigation.md").exists()
