@@ -6,7 +6,7 @@ reads carry. This reruns one finished grid cell (its saved recipe.yaml, so the s
 every round, measures the mean cosine between clients' LoRA updates Delta_i for pairs in the same cluster and for
 pairs in different clusters, raw and centred (the mean update over clients removed, as pFedSeq's centred
 calibrations are); for pFedSeq also between its calibrations xi_i = payload_i - theta_g. At the end: the mean test
-accuracy per cluster.
+accuracy per cluster and, for APPLE, the mean weight a client gives a peer of its own cluster and of another.
 
     python benchmarks/cluster_structure.py runs/rotated/cifar10_rotated/pFedSeq_proximal/seed_0 \
         --out runs/cluster_structure/pFedSeq_proximal_seed0
@@ -77,7 +77,22 @@ def measure(cell: Path) -> dict:
     return {"cell": str(cell), "method": recipe.train_args.federated_optimizer,
             "clusters": recipe.data_args.cluster_transforms, "rounds": rows,
             "test_accuracy_per_cluster": {str((recipe.data_args.cluster_transforms or ["all"])[c]): a
-                                          for c, a in accuracy.items()}}
+                                          for c, a in accuracy.items()},
+            **mixing_weights(fed.clients, k)}
+
+
+def mixing_weights(clients: list, k: int) -> dict:
+    """For methods whose clients learn a weight per peer (APPLE's p_i), the mean weight a client gives a peer of
+    its own cluster and a peer of another one, after the last round; nothing for the other methods."""
+    if not all(getattr(c, "p", None) is not None for c in clients):
+        return {}
+    same, other = [], []
+    for i, client in enumerate(clients):
+        for j, weight in enumerate(client.p.tolist()):
+            if j != i:
+                (same if j % k == i % k else other).append(weight)
+    return {"mixing_weight_per_peer": {"same_cluster": statistics.fmean(same), "other_cluster": statistics.fmean(other),
+                                       "self": statistics.fmean(float(c.p[i]) for i, c in enumerate(clients))}}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,6 +111,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(format_table(keys, [[row["round"], *(f"{row[key]:.3f}" if key in row else "" for key in keys[1:])]
                               for row in result["rounds"]]))
     print("test accuracy per cluster:", {c: round(a, 4) for c, a in result["test_accuracy_per_cluster"].items()})
+    if "mixing_weight_per_peer" in result:
+        print("mixing weight per peer:", {key: round(w, 4) for key, w in result["mixing_weight_per_peer"].items()})
     return result
 
 
