@@ -47,7 +47,7 @@ def data_search_path(data_dir: str | os.PathLike | None = None) -> list[Path]:
     else:
         candidates.append(REPO_ROOT.parent / "shared" / "data")
     candidates.append(EMBEDDED_DATA_DIR)
-    return candidates
+    return [path.absolute() for path in candidates]  # a relative one means this process's folder, named once
 
 
 def find_data_file(file_name: str, data_dir: str | os.PathLike | None = None) -> Path:
