@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from fedml_pfedseq.config import load_recipe
+from fedml_pfedseq.data.transforms import cluster_of
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.results import format_table
 from fedml_pfedseq.simulation import run_federation
@@ -53,14 +54,14 @@ def structure(vectors: torch.Tensor, clusters: torch.Tensor, name: str) -> dict[
 
 def measure(cell: Path) -> dict:
     recipe = load_recipe(cell / "recipe.yaml")
-    k = len(recipe.data_args.cluster_transforms or [None])
+    names = recipe.data_args.cluster_transforms
     fed = build_federation(recipe)
     server, rows = fed.server, []
     aggregate = server.aggregate
 
     def recording(uploads):
         order = sorted(uploads)
-        clusters = torch.tensor([i % k for i in order])
+        clusters = torch.tensor([cluster_of(names, i) for i in order])
         row = {"round": len(rows) + 1,
                **structure(torch.stack([flat(uploads[i]["lora"]) for i in order]), clusters, "update")}
         payloads = aggregate(uploads)
@@ -73,15 +74,13 @@ def measure(cell: Path) -> dict:
     server.aggregate = recording
     log = run_federation(fed, progress=True)
     final = [r for r in log.rows if r["round"] == recipe.train_args.comm_round]
-    accuracy = {c: statistics.fmean(r["test_accuracy"] for r in final if r["client"] % k == c) for c in range(k)}
-    return {"cell": str(cell), "method": recipe.train_args.federated_optimizer,
-            "clusters": recipe.data_args.cluster_transforms, "rounds": rows,
-            "test_accuracy_per_cluster": {str((recipe.data_args.cluster_transforms or ["all"])[c]): a
-                                          for c, a in accuracy.items()},
-            **mixing_weights(fed.clients, k)}
+    accuracy = {name: statistics.fmean(r["test_accuracy"] for r in final if cluster_of(names, r["client"]) == c)
+                for c, name in enumerate(names or ["all"])}
+    return {"cell": str(cell), "method": recipe.train_args.federated_optimizer, "clusters": names, "rounds": rows,
+            "test_accuracy_per_cluster": accuracy, **mixing_weights(fed.clients, names)}
 
 
-def mixing_weights(clients: list, k: int) -> dict:
+def mixing_weights(clients: list, names: list[str] | None) -> dict:
     """For methods whose clients learn a weight per peer (APPLE's p_i), the mean weight a client gives a peer of
     its own cluster and a peer of another one, after the last round; nothing for the other methods."""
     if not all(getattr(c, "p", None) is not None for c in clients):
@@ -90,7 +89,7 @@ def mixing_weights(clients: list, k: int) -> dict:
     for i, client in enumerate(clients):
         for j, weight in enumerate(client.p.tolist()):
             if j != i:
-                (same if j % k == i % k else other).append(weight)
+                (same if cluster_of(names, j) == cluster_of(names, i) else other).append(weight)
     return {"mixing_weight_per_peer": {"same_cluster": statistics.fmean(same), "other_cluster": statistics.fmean(other),
                                        "self": statistics.fmean(float(c.p[i]) for i, c in enumerate(clients))}}
 

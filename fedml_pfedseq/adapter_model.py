@@ -12,7 +12,6 @@ depth carry an adapter of one shape (the same tensor names, and the same init fo
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
@@ -28,6 +27,8 @@ def load_image_processor(name: str):
 
 class AdapterModel(nn.Module):
     """Frozen ViT + LoRA adapter (trainable) + classification head (trainable, outside the adapter)."""
+
+    precision = "fp32"  # device_args.mixed_precision; build_model sets it per recipe
 
     def __init__(
         self,
@@ -59,8 +60,6 @@ class AdapterModel(nn.Module):
             warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             self.backbone = get_peft_model(vit, lora)  # freezes everything but the LoRA matrices
         self.head = nn.Linear(vit.config.hidden_size, num_labels)
-
-    precision = "fp32"  # device_args.mixed_precision; build_model sets it per recipe
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits [batch, num_labels], always fp32 (the loss and every method's regulariser stay fp32); with

@@ -170,6 +170,7 @@ def party(args) -> None:
 
 def check(args) -> None:
     from fedml_pfedseq.config import load_recipe, load_yaml, recipe_warnings
+    from fedml_pfedseq.inputs import missing_inputs
 
     raw = load_yaml(args.path)
     if isinstance(raw, dict) and "methods" in raw:
@@ -189,8 +190,6 @@ def check(args) -> None:
         summary = f"1 recipe(s): {recipes[0].name}"
     for message in dict.fromkeys(m for recipe in recipes for m in recipe_warnings(recipe)):
         print(f"pfedseq: warning: {message}", file=sys.stderr)
-    from fedml_pfedseq.inputs import missing_inputs
-
     found = [missing_inputs(recipe) for recipe in recipes]
     for item in dict.fromkeys(d for _, downloads in found for d in downloads):
         print(f"pfedseq: note: a run will download {item}", file=sys.stderr)

@@ -2,6 +2,7 @@
 selective scan the learner gets on CUDA tensors (``pfedseq env``). The first thing to read on a GPU machine."""
 from __future__ import annotations
 
+import os
 import platform
 from importlib import metadata
 
@@ -14,6 +15,17 @@ def version(package: str) -> str:
         return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def gpu_ids() -> list[str]:
+    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (its list, else 0..count-1); grid
+    cells and cross-silo parties are spread over them."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return [i.strip() for i in visible.split(",") if i.strip()]
+    import torch  # here: `pfedseq check` and grids import this module without torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def describe() -> list[tuple[str, str]]:

@@ -56,6 +56,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, load_yaml, recipe_changes
+from fedml_pfedseq.environment import gpu_ids
 from fedml_pfedseq.suite import load_entry
 
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
@@ -341,20 +342,18 @@ def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_se
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     threads = max(1, (os.cpu_count() or 1) // workers) if pool else None
     slots = list(range(workers))  # worker slot k runs its cells on GPU k mod the GPUs there are (if any)
-    gpus = visible_gpus() if pool else 0
-    running: dict[Future, Cell] = {}
-    held: dict[Future, int] = {}
+    gpus = len(gpu_ids()) if pool else 0
+    running: dict[Future, tuple[Cell, int]] = {}  # each running cell and its slot
     try:
         while True:
-            busy = {id(c) for c in running.values()}
+            busy = {id(c) for c, _ in running.values()}
             waiting = [c for c in cells if not c.done and id(c) not in busy]
             for cell in waiting:
                 if len(running) >= workers:
                     break
                 if claim(cell):
                     slot = slots.pop(0)
-                    future = start(pool, cell, threads, slot % gpus if gpus else None)
-                    running[future], held[future] = cell, slot
+                    running[start(pool, cell, threads, slot % gpus if gpus else None)] = cell, slot
             if not running:
                 if not waiting:
                     break
@@ -363,23 +362,17 @@ def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_se
                 continue
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
-                release(running.pop(future))
-                slots.append(held.pop(future))
+                cell, slot = running.pop(future)
+                release(cell)
+                slots.append(slot)
                 future.result()  # a failed cell raises here
                 bar.update()
     finally:
         if pool:
             pool.shutdown(wait=True, cancel_futures=True)
-        for cell in running.values():
+        for cell, _ in running.values():
             release(cell)
         bar.close()
-
-
-def visible_gpus() -> int:
-    """The CUDA devices the grid's cells may use (CUDA_VISIBLE_DEVICES applied)."""
-    import torch  # here: loading a grid needs no torch
-
-    return torch.cuda.device_count()
 
 
 def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None, gpu: int | None = None) -> Future:

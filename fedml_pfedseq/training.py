@@ -1,7 +1,6 @@
 """Local training and evaluation: the one implementation every engine (simulator, FedML) and method calls."""
 from __future__ import annotations
 
-import os
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -16,14 +15,6 @@ from torch.utils.data import DataLoader
 from fedml_pfedseq.adapter_model import AdapterModel
 
 ACCURACY_METRIC_DIR = Path(__file__).parent / "metrics" / "accuracy"
-
-
-def gpu_ids() -> list[str]:
-    """The CUDA devices this process may use, as CUDA_VISIBLE_DEVICES names them (its list, else 0..count-1)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return [i.strip() for i in visible.split(",") if i.strip()]
-    return [str(i) for i in range(torch.cuda.device_count())]
 
 
 def select_device(using_gpu: bool = True) -> torch.device:

@@ -65,8 +65,8 @@ def test_mixing_weights_by_cluster_by_hand():
     # 4 clients in 2 clusters (0, 2 and 1, 3); client i's weights p_i over clients 0..3
     p = [[0.5, 0.1, 0.3, 0.1], [0.2, 0.4, 0.2, 0.2], [0.3, 0.1, 0.6, 0.0], [0.1, 0.3, 0.1, 0.5]]
     clients = [SimpleNamespace(p=torch.tensor(row)) for row in p]
-    weights = cluster_structure.mixing_weights(clients, 2)["mixing_weight_per_peer"]
+    weights = cluster_structure.mixing_weights(clients, ["identity", "rot90"])["mixing_weight_per_peer"]
     assert weights["same_cluster"] == pytest.approx((0.3 + 0.2 + 0.3 + 0.3) / 4)  # p_02, p_13, p_20, p_31
     assert weights["other_cluster"] == pytest.approx((0.1 + 0.1 + 0.2 + 0.2 + 0.1 + 0.0 + 0.1 + 0.1) / 8)
     assert weights["self"] == pytest.approx((0.5 + 0.4 + 0.6 + 0.5) / 4)
-    assert cluster_structure.mixing_weights([SimpleNamespace(), SimpleNamespace()], 2) == {}
+    assert cluster_structure.mixing_weights([SimpleNamespace(), SimpleNamespace()], ["identity", "rot90"]) == {}

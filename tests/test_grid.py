@@ -166,13 +166,13 @@ def test_cells_running_at_once_get_gpus_round_robin(tiny_vit, tmp_path, monkeypa
         return future
 
     monkeypatch.setattr(grid, "start", fake_start)
-    monkeypatch.setattr(grid, "visible_gpus", lambda: 2)
+    monkeypatch.setattr(grid, "gpu_ids", lambda: ["0", "1"])
     monkeypatch.setattr(grid, "summarize", lambda cells, root, candidates=None: {})
     grid.run_grid(path, progress=False, workers=3)
     assert len(started) == 6 and {gpu for _, _, gpu in started} == {0, 1}
     # three slots on two GPUs: the first three cells start together on GPUs 0, 1, 0
     assert [gpu for _, _, gpu in started[:3]] == [0, 1, 0]
-    monkeypatch.setattr(grid, "visible_gpus", lambda: 0)
+    monkeypatch.setattr(grid, "gpu_ids", lambda: [])
     started.clear()
     grid.run_grid(path, progress=False, workers=2, output_dir=tmp_path / "cpu")
     assert {gpu for _, _, gpu in started} == {None}

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import fedml_pfedseq.environment as environment
 import fedml_pfedseq.training as training
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import RecipeError
@@ -72,8 +73,8 @@ def test_fp16_is_refused_with_the_choices(tiny_vit, tmp_path):
 
 def test_the_gpus_a_process_may_use_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2, 3")
-    assert training.gpu_ids() == ["2", "3"]
+    assert environment.gpu_ids() == ["2", "3"]
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    assert training.gpu_ids() == []  # none allowed
+    assert environment.gpu_ids() == []  # none allowed
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert training.gpu_ids() == [str(i) for i in range(torch.cuda.device_count())]
+    assert environment.gpu_ids() == [str(i) for i in range(torch.cuda.device_count())]

@@ -138,6 +138,7 @@ def transformed(split: datasets.Dataset, transform, preprocess: bool) -> dataset
     of the same data reads the tensors back), or transformed lazily on every access."""
     if not preprocess:
         return split.with_transform(transform)
+
     def as_arrays(batch: dict) -> dict:
         return {key: value.numpy() for key, value in transform(batch).items()}
 

@@ -22,13 +22,15 @@ class ClusterOracleServer(FedAvgLocalHeadServer):
             return super().aggregate(uploads)
         states = self.trained_states(uploads)
         clusters = self.recipe.data_args.cluster_transforms
-        self.global_state = {"lora": weighted_average([states[i]["lora"] for i in states],
-                                                      [uploads[i]["num_samples"] for i in states])}
+
+        def average(group: list[int]):  # FedAvg's rule over ``group``'s trained adapters
+            return weighted_average([states[i]["lora"] for i in group], [uploads[i]["num_samples"] for i in group])
+
+        self.global_state = {"lora": average(list(states))}
         members: dict[int, list[int]] = {}
         for i in states:
             members.setdefault(cluster_of(clusters, i), []).append(i)
-        averages = {c: weighted_average([states[i]["lora"] for i in group], [uploads[i]["num_samples"] for i in group])
-                    for c, group in members.items()}
+        averages = {c: average(group) for c, group in members.items()}
         # a cluster none of whose clients reported keeps what its clients were sent
         return self._send({i: {"lora": averages.get(cluster_of(clusters, i), self.sent[i]["lora"])}
                            for i in range(self.num_clients)})
