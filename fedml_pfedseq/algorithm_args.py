@@ -344,7 +344,8 @@ class PFedSeqArgs:
 # train_args.federated_optimizer -> its algorithm_args, in the order `pfedseq keys` lists them
 ALGORITHM_ARGS: dict[str, type] = {
     "APPLE": AppleArgs, "Ditto": DittoArgs, "FedALA": FedALAArgs, "FedAvg": NoArgs,
-    "FedAvgLocalHead": FedAvgLocalHeadArgs, "FedRep": FedRepArgs, "Local": NoArgs, "PeFLL": PeFLLArgs, "PerAda": PerAdaArgs, "PerFedAvg": PerFedAvgArgs,
+    "FedAvgLocalHead": FedAvgLocalHeadArgs, "FedRep": FedRepArgs, "Local": NoArgs, "PeFLL": PeFLLArgs,
+    "PerAda": PerAdaArgs, "PerFedAvg": PerFedAvgArgs,
     "pFedHN": PFedHNArgs, "pFedLA": PFedLAArgs, "pFedLoRA": PFedLoRAArgs, "pFedMe": PFedMeArgs, "pFedSeq": PFedSeqArgs,
 }
 

@@ -106,5 +106,6 @@ def test_check_names_the_data_and_backbone_this_machine_lacks(tmp_path, monkeypa
     (tmp_path / "pacs112.parquet").unlink()
     assert main(["check", str(REPO / "recipes" / "grids" / "paper_scale" / "table1.yaml")]) == 0
     err = capsys.readouterr().err
-    for note in ("backbone 'google/vit-base-patch16-224-in21k'", "dataset 'flwrlabs/pacs'", "dataset 'uoft-cs/cifar10'"):
+    downloads = ("backbone 'google/vit-base-patch16-224-in21k'", "dataset 'flwrlabs/pacs'", "dataset 'uoft-cs/cifar10'")
+    for note in downloads:
         assert f"pfedseq: note: a run will download {note} from the Hub" in err
