@@ -21,6 +21,9 @@ from transformers import AutoImageProcessor, ViTForImageClassification
 from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.lora_state import StateDict
 
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # device_args.mixed_precision -> autocast's type
+
+
 def load_image_processor(name: str):
     return AutoImageProcessor.from_pretrained(resolve_backbone(name))
 
@@ -63,9 +66,10 @@ class AdapterModel(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Logits [batch, num_labels], always fp32 (the loss and every method's regulariser stay fp32); with
-        ``precision`` "bf16" the ViT and the head compute under bf16 autocast, so their backward does too."""
-        device_type = self.head.weight.device.type
-        with torch.autocast(device_type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
+        ``precision`` "bf16" or "fp16" the ViT and the head compute under autocast in that type, so their backward
+        does too."""
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(self.head.weight.device.type, dtype=dtype, enabled=dtype is not None):
             features = self.backbone(pixel_values=pixel_values).logits  # [batch, hidden]
             logits = self.head(features)
         return logits.float()

@@ -81,8 +81,19 @@ class DittoArgs:
         return self.ditto_personal_epochs
 
 
+class OwnGradientSteps:
+    """Args of a method whose client also takes gradient steps of its own (``torch.autograd.grad``) outside the
+    shared training loop, which alone scales the loss for fp16: such a method refuses fp16 (bf16 needs no scaling)."""
+
+    def check_recipe(self, recipe: Recipe) -> None:
+        if recipe.device_args.mixed_precision == "fp16":
+            raise RecipeError(f"device_args.mixed_precision fp16 needs loss scaling, which "
+                              f"{recipe.train_args.federated_optimizer}'s own gradient steps do not do; use bf16 (same "
+                              "speed where the GPU has it) or fp32")
+
+
 @dataclass
-class FedALAArgs:
+class FedALAArgs(OwnGradientSteps):
     """``algorithm_args`` of FedALA (defaults: the official code's, except the start-phase bound)."""
 
     fedala_eta: float = recipe_key(1.0, "learning rate of W")
@@ -197,7 +208,7 @@ class PerAdaArgs:
 
 
 @dataclass
-class PerFedAvgArgs:
+class PerFedAvgArgs(OwnGradientSteps):
     """``algorithm_args`` of Per-FedAvg (FO); beta, the outer step, is train_args.learning_rate."""
 
     perfedavg_alpha: float = recipe_key(0.01, "inner (adaptation) step size; FLGo's default")
@@ -237,7 +248,7 @@ class PFedLoRAArgs:
 
 
 @dataclass
-class PFedMeArgs:
+class PFedMeArgs(OwnGradientSteps):
     """``algorithm_args`` of pFedMe; eta, the rate of the local-model update, is train_args.learning_rate."""
 
     pfedme_lambda: float = recipe_key(1.0, "lambda of the Moreau envelope (official 15 at eta 0.005; here eta * lambda "
@@ -264,7 +275,8 @@ class PFedMeArgs:
 
     def check_recipe(self, recipe: Recipe) -> None:
         """What depends on train_args as well (parse_recipe calls this): eta * lambda < 1, and plain gradient steps
-        (no momentum, no decay)."""
+        (no momentum, no decay), and no fp16."""
+        super().check_recipe(recipe)
         eta, lam = recipe.train_args.learning_rate, self.pfedme_lambda
         if eta * lam >= 1:
             raise RecipeError(f"train_args.learning_rate * algorithm_args.pfedme_lambda must be < 1 (pFedMe's local "

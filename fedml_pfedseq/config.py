@@ -119,17 +119,22 @@ class ValidationArgs:
     eval_batch_size: int = recipe_key(256, "batch size of evaluation")
 
 
-PRECISIONS = ("fp32", "bf16")  # device_args.mixed_precision ("no", accelerate's word, is False in YAML)
+PRECISIONS = ("fp32", "bf16", "fp16")  # device_args.mixed_precision ("no", accelerate's word, is False in YAML)
 
 
 @dataclass
 class DeviceArgs:
     using_gpu: bool = recipe_key(True, "use an accelerator when accelerate finds one")
     num_threads: int | None = recipe_key(None, "torch threads; None: torch's default")
-    mixed_precision: str = recipe_key("fp32", "'fp32' or 'bf16': the client model's forward (and so its backward) "
-                                            "under bf16 autocast, weights, optimiser and loss in fp32; the server's "
-                                            "networks (pFedSeq's learner, hypernetworks) always run in fp32. fp16 "
-                                            "would need loss scaling in every method's own loop, so it is not offered")
+    mixed_precision: str = recipe_key("fp32", "'fp32', 'bf16' or 'fp16': the client model's forward (and so its "
+                                            "backward) under autocast in that type, weights, optimiser and loss in "
+                                            "fp32; fp16 scales the loss (torch.amp.GradScaler) and is refused by the "
+                                            "methods with gradient steps of their own (FedALA, PerFedAvg, pFedMe). "
+                                            "The server's networks (pFedSeq's learner, hypernetworks) always run in "
+                                            "fp32")
+    loader_workers: int | None = recipe_key(None, "DataLoader worker processes per client loader; None: 4 where a "
+                                                  "CUDA device trains (capped by the cores), else 0 (the batches are "
+                                                  "the same either way)")
     tf32: bool = recipe_key(True, "on a CUDA device, let fp32 matrix products use TF32 tensor cores (Ampere and "
                                   "later; about 3 significant digits fewer in each product)")
 
@@ -370,6 +375,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
     require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
             "device_args.num_threads", "must be >= 1")
+    require(recipe.device_args.loader_workers is None or recipe.device_args.loader_workers >= 0,
+            "device_args.loader_workers", "must be >= 0")
     require(recipe.device_args.mixed_precision in PRECISIONS, "device_args.mixed_precision",
             f"must be one of {list(PRECISIONS)}, got {recipe.device_args.mixed_precision!r}")
     h = recipe.hub_args

@@ -1,6 +1,7 @@
 """Local training and evaluation: the one implementation every engine (simulator, FedML) and method calls."""
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
@@ -29,11 +30,26 @@ def accuracy_metric() -> evaluate.EvaluationModule:
     return evaluate.load(str(ACCURACY_METRIC_DIR))
 
 
-def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0) -> DataLoader:
-    """Batches of ``dataset``, shuffled by ``seed``; in page-locked memory where a GPU will read them."""
+def loader_workers(device_args) -> int:
+    """``device_args.loader_workers``, or by default 4 worker processes where a CUDA device trains (so decoding
+    and collating overlap its steps; capped by the cores) and none on the CPU, where they would take its cores."""
+    if device_args.loader_workers is not None:
+        return device_args.loader_workers
+    return min(4, os.cpu_count() or 1) if device_args.using_gpu and torch.cuda.is_available() else 0
+
+
+def make_loader(dataset, batch_size: int, shuffle: bool, seed: int = 0, workers: int = 0) -> DataLoader:
+    """Batches of ``dataset``, shuffled by ``seed`` in this process (so ``workers`` processes give the same
+    batches as none); in page-locked memory where a GPU will read them."""
     generator = torch.Generator().manual_seed(seed) if shuffle else None
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=workers,
                       pin_memory=torch.cuda.is_available())
+
+
+def loss_scaler(model: AdapterModel) -> torch.amp.GradScaler:
+    """fp16's dynamic loss scaling (a step whose gradients overflow is skipped and the scale lowered); for every
+    other precision a pass-through, so fp32 and bf16 steps are the plain ones bit for bit."""
+    return torch.amp.GradScaler(model.head.weight.device.type, enabled=model.precision == "fp16")
 
 
 def train_epochs(
@@ -53,6 +69,7 @@ def train_epochs(
     device = next(model.head.parameters()).device
     params = parameters if parameters is not None else model.trainable_parameters()
     optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=momentum, weight_decay=weight_decay)
+    scaler = loss_scaler(model)
     model.train()
     seen, loss_sum = 0, 0.0
     for _ in range(epochs):
@@ -61,8 +78,9 @@ def train_epochs(
             loss = F.cross_entropy(logits, batch["labels"].to(device))
             objective = loss if extra_loss is None else loss + extra_loss(logits, batch)
             optimizer.zero_grad(set_to_none=True)
-            objective.backward()
-            optimizer.step()
+            scaler.scale(objective).backward()
+            scaler.step(optimizer)
+            scaler.update()
             seen += len(batch["labels"])
             loss_sum += loss.item() * len(batch["labels"])
     if seen and not torch.isfinite(torch.tensor(loss_sum)):

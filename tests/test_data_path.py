@@ -4,6 +4,7 @@ fingerprint of the rows and the transform, so a second build reads them back ins
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import torch
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.federation import build_data
 from fedml_pfedseq.simulation import run_recipe
+from fedml_pfedseq.training import loader_workers
 
 from conftest import small_recipe
 
@@ -45,6 +47,38 @@ def test_a_run_is_the_same_with_and_without_preprocessing(tiny_vit, tmp_path):
         run_recipe(recipe_with(tiny_vit, tmp_path, preprocess), out, progress=False)
         logs.append(json.loads((out / "metrics.json").read_text())["eval"])
     assert logs[0] == logs[1]
+
+
+def test_loader_worker_processes_give_the_same_run(tiny_vit, tmp_path):
+    """Shuffling happens in the main process, so worker processes (lazy transforms, where they pay) change nothing."""
+    logs = []
+    for workers in (0, 2):
+        recipe = recipe_with(tiny_vit, tmp_path, False)
+        recipe.device_args.loader_workers = workers
+        run_recipe(recipe, tmp_path / f"workers_{workers}", progress=False)
+        logs.append(json.loads((tmp_path / f"workers_{workers}" / "metrics.json").read_text())["eval"])
+    assert logs[0] == logs[1]
+
+
+def test_loader_workers_default_to_four_on_a_cuda_device_and_none_on_the_cpu(tiny_vit, tmp_path, monkeypatch):
+    args = recipe_with(tiny_vit, tmp_path, True).device_args
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert loader_workers(args) == 0  # the recipe says CPU
+    args.using_gpu = True
+    assert loader_workers(args) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert loader_workers(args) == 2
+    args.loader_workers = 1
+    assert loader_workers(args) == 1
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args.loader_workers = None
+    assert loader_workers(args) == 0
+
+
+def test_negative_loader_workers_are_refused(tiny_vit, tmp_path):
+    with pytest.raises(RecipeError, match="device_args.loader_workers"):
+        small_recipe("FedAvg", tiny_vit, tmp_path, device_args={"loader_workers": -1})
 
 
 def test_a_second_build_reads_the_cached_tensors(tiny_vit, tmp_path):

@@ -165,6 +165,21 @@ def test_pfedla_layer_whose_weights_are_all_zero_keeps_the_clients_own_layer():
     assert torch.allclose(alpha[[0, 2]].sum(-1), torch.ones(2)) and (alpha[[0, 2]] < 1).all()
 
 
+def test_pfedla_latest_adapters_keep_a_left_out_clients_column_on_the_servers_device():
+    """Uploads arrive on the CPU while the stored adapters live on the server's device (meta stands in for a GPU):
+    a client left out of the round must not bring a device column into a stack of CPU states."""
+    server, payloads = started(1)
+    trained = trained_by_hand(payloads, uploads_for(2))
+    on_cpu = server.latest_adapters({i: trained[i] for i in (0, 1, 3)})  # client 2 left out
+    expected = server.layout.stack([trained[0], trained[1], server.layout.column(server.adapters, 2), trained[3]])
+    assert all(torch.equal(a, b) for a, b in zip(on_cpu, expected))
+    server.device = torch.device("meta")
+    server.adapters = [a.to("meta") for a in server.adapters]
+    on_device = server.latest_adapters({i: trained[i] for i in (0, 1, 3)})
+    assert [a.device.type for a in on_device] == ["meta"] * len(expected)
+    assert [a.shape for a in on_device] == [a.shape for a in expected]
+
+
 def test_pfedla_hypernetwork_gradient_and_step_equal_autograd_on_the_written_surrogate(monkeypatch):
     """Gradient of -sum_i sum_l <sum_j alpha_ij^l theta_j^l, Delta_i^l> over every hypernetwork, then Adam."""
     server, _ = started(1)

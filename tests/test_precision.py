@@ -1,12 +1,16 @@
 """Device and precision: one place picks a process's device (the recipe's using_gpu, then accelerate's accelerator),
-and device_args.mixed_precision "bf16" runs the client model's forward under bf16 autocast while weights, logits,
-losses and the server's networks stay fp32; "fp32" is the fp32 model exactly."""
+and device_args.mixed_precision "bf16" / "fp16" runs the client model's forward under autocast in that type while
+weights, logits, losses and the server's networks stay fp32 (fp16 with loss scaling); "fp32" is the fp32 model
+exactly."""
 from __future__ import annotations
 
+import copy
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fedml_pfedseq.environment as environment
 import fedml_pfedseq.training as training
@@ -38,24 +42,26 @@ def test_fp32_is_the_plain_forward(model):
     assert model.precision == "fp32" and torch.equal(model(x), plain)
 
 
-def test_bf16_computes_in_bf16_and_keeps_logits_weights_and_gradients_in_fp32(model):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_computes_in_half_and_keeps_logits_weights_and_gradients_in_fp32(model, precision):
     x = torch.randn(4, 3, 32, 32)
     full = model(x)
-    model.precision = "bf16"
+    model.precision = precision
     half = model(x)
     assert half.dtype == torch.float32
-    assert not torch.equal(half, full)  # the products were rounded to bf16 ...
-    assert torch.allclose(half, full, atol=0.05, rtol=0.05)  # ... about 3 significant digits
+    assert not torch.equal(half, full)  # the products were rounded to 16 bits ...
+    assert torch.allclose(half, full, atol=0.05, rtol=0.05)  # ... about 3 significant digits (bf16), or more
     half.logsumexp(-1).sum().backward()
     grads = [p.grad for p in model.trainable_parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
     assert all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def test_a_bf16_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path):
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_a_half_precision_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path, precision):
     recipe = small_recipe("pFedSeq", tiny_vit, tmp_path, algorithm_args={"warmup_rounds": 1},
                           train_args={"comm_round": 3, "learning_rate": 0.5},
-                          device_args={"num_threads": 1, "using_gpu": False, "mixed_precision": "bf16"})
+                          device_args={"num_threads": 1, "using_gpu": False, "mixed_precision": precision})
     summary = run_recipe(recipe, tmp_path / "run", progress=False)
     losses = [float(row.split(",")[2]) for row in (tmp_path / "run" / "train_metrics.csv").read_text().split()[1:]]
     assert len(losses) == 3 * summary["clients"] \
@@ -66,9 +72,44 @@ def test_a_bf16_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path
     assert {p.dtype for p in learner.parameters()} == {torch.float32}
 
 
-def test_fp16_is_refused_with_the_choices(tiny_vit, tmp_path):
-    with pytest.raises(RecipeError, match=r"device_args.mixed_precision must be one of \['fp32', 'bf16'\], got 'fp16'"):
-        small_recipe("FedAvg", tiny_vit, tmp_path, device_args={"mixed_precision": "fp16"})
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_fp16_skips_a_step_whose_gradients_overflow_where_fp32_takes_it(model, precision):
+    """The loss scaler sees the non-finite gradients and skips the step (lowering its scale); fp32 has no scaler."""
+    model.precision = precision
+    batch = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])}
+    before = [p.detach().clone() for p in model.trainable_parameters()]
+    training.train_epochs(model, [batch], 1, learning_rate=0.1, extra_loss=lambda logits, _: logits.sum() * math.inf)
+    after = list(model.trainable_parameters())
+    if precision == "fp16":
+        assert all(torch.equal(a, b) for a, b in zip(after, before))
+    else:
+        assert not all(torch.isfinite(p).all() for p in after)
+
+
+def test_fp32_training_with_the_scaler_in_place_is_the_plain_sgd_loop(model):
+    """The pass-through scaler changes nothing: train_epochs equals a hand-written SGD loop bit for bit."""
+    batches = [{"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 3])} for _ in range(2)]
+    reference = copy.deepcopy(model)
+    training.train_epochs(model, batches, 1, learning_rate=0.1, momentum=0.9)
+    optimizer = torch.optim.SGD(reference.trainable_parameters(), lr=0.1, momentum=0.9)
+    for batch in batches:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(reference(batch["pixel_values"]), batch["labels"]).backward()
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(model.trainable_parameters(), reference.trainable_parameters()))
+
+
+@pytest.mark.parametrize("method", ["FedALA", "PerFedAvg", "pFedMe"])
+def test_fp16_is_refused_by_methods_with_gradient_steps_of_their_own(tiny_vit, tmp_path, method):
+    with pytest.raises(RecipeError, match=f"fp16 needs loss scaling, which {method}'s own gradient steps"):
+        small_recipe(method, tiny_vit, tmp_path, train_args={"learning_rate": 0.1},
+                     device_args={"mixed_precision": "fp16"})
+
+
+def test_an_unknown_precision_is_refused_with_the_choices(tiny_vit, tmp_path):
+    with pytest.raises(RecipeError, match=r"device_args.mixed_precision must be one of \['fp32', 'bf16', 'fp16'\], "
+                                          r"got 'fp8'"):
+        small_recipe("FedAvg", tiny_vit, tmp_path, device_args={"mixed_precision": "fp8"})
 
 
 def test_the_gpus_a_process_may_use_follow_cuda_visible_devices(monkeypatch):

@@ -125,12 +125,14 @@ def evaluate_client(repo_or_dir: str | Path, client: int, recipe, split: str = "
 
     Returns the metrics beside the accuracy the run reported for that client."""
     from fedml_pfedseq.federation import build_party_data, set_threads
-    from fedml_pfedseq.training import evaluate_model, make_loader
+    from fedml_pfedseq.training import evaluate_model, loader_workers, make_loader, select_device
 
     set_threads(recipe)
     model = load_client_classifier(repo_or_dir, client, revision, endpoint)
+    model.to(select_device(recipe.device_args.using_gpu))
     own, _ = build_party_data(recipe, client)  # with "silo" data, only its own file
-    loader = make_loader(getattr(own, split), recipe.validation_args.eval_batch_size, shuffle=False)
+    loader = make_loader(getattr(own, split), recipe.validation_args.eval_batch_size, shuffle=False,
+                         workers=loader_workers(recipe.device_args))
     metrics = evaluate_model(model, loader)
     return {"client": client, "split": split, **metrics,
             "reported_accuracy": model.info.get(f"{split}_accuracy")}

@@ -65,6 +65,7 @@ from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.strategies.fedala import trainable_by_key
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
 from fedml_pfedseq.strategies.method import Method
+from fedml_pfedseq.training import loss_scaler
 
 Core = dict[str, StateDict]  # {"lora": ..., "head": ...}
 EXPONENTIAL_EPSILON = 0.001  # utils/losses.py: lambda falls from 1 to this at the end of the regularized rounds
@@ -207,6 +208,7 @@ class AppleClient(FedAvgClient):
                                       "weight_decay": args.weight_decay},
                                      {"params": [p], "lr": self.args.apple_p_lr, "weight_decay": 0.0}],
                                     momentum=args.momentum)
+        scaler = loss_scaler(self.model)
         self.model.train()
         seen, loss_sum = 0, 0.0
         for _ in range(args.epochs):
@@ -216,8 +218,9 @@ class AppleClient(FedAvgClient):
                 loss = F.cross_entropy(logits, batch["labels"].to(device))
                 objective = loss + coef * ((p - p0) ** 2).sum()
                 optimizer.zero_grad(set_to_none=True)
-                objective.backward()
-                optimizer.step()
+                scaler.scale(objective).backward()
+                scaler.step(optimizer)
+                scaler.update()
                 seen += len(batch["labels"])
                 loss_sum += loss.item() * len(batch["labels"])
         if not (math.isfinite(loss_sum) and torch.isfinite(p).all()):

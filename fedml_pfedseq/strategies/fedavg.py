@@ -15,7 +15,7 @@ from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict, add, check_finite, subtract, weighted_average
 from fedml_pfedseq.strategies.method import Method
-from fedml_pfedseq.training import evaluate_model, make_loader, train_epochs
+from fedml_pfedseq.training import evaluate_model, loader_workers, make_loader, train_epochs
 
 Payload = dict  # {"client_id": int, "<part>": StateDict, ...}: what the server sends one client
 Upload = dict  # {"client_id": int, "num_samples": int, "<part>": StateDict delta, ...}: what a client sends
@@ -112,6 +112,10 @@ class FedAvgClient:
         self.last_train_stats: dict[str, float] = {}
 
     @property
+    def loader_workers(self) -> int:
+        return loader_workers(self.recipe.device_args)
+
+    @property
     def num_samples(self) -> int:
         return len(self.data.train)
 
@@ -134,15 +138,16 @@ class FedAvgClient:
         batch_size = self.recipe.validation_args.eval_batch_size
         out = {}
         for split in splits:
-            for key, value in evaluate_model(self.model, make_loader(getattr(self.data, split), batch_size,
-                                                                     shuffle=False)).items():
+            loader = make_loader(getattr(self.data, split), batch_size, shuffle=False, workers=self.loader_workers)
+            for key, value in evaluate_model(self.model, loader).items():
                 out[f"{split}_{key}"] = value
         return out
 
     def round_loader(self, round_idx: int) -> DataLoader:
         """This round's shuffled training batches, seeded by client and round (the same in every engine)."""
         seed = client_seed(self.recipe.common_args.random_seed, self.client_id, purpose=1000 + round_idx)
-        return make_loader(self.data.train, self.recipe.train_args.batch_size, shuffle=True, seed=seed)
+        return make_loader(self.data.train, self.recipe.train_args.batch_size, shuffle=True, seed=seed,
+                           workers=self.loader_workers)
 
     def upload(self) -> Upload:
         """What local training changed in each shared part (``self.state`` - what was received), with n_i."""

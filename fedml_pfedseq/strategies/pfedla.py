@@ -110,8 +110,7 @@ class PFedLAServer(FedAvgLocalHeadServer):
         self.round += 1
         order = range(self.num_clients)
         stats = {} if self.alphas is None else self._train_hypernetworks(self.lora_updates(uploads))
-        self.adapters = self._on_device(self.layout.stack([states[i]["lora"] if i in states else
-                                                           self.layout.column(self.adapters, i) for i in order]))
+        self.adapters = self.latest_adapters({i: s["lora"] for i, s in states.items()})
         with torch.no_grad():
             self.alphas = self.weights()
             thetas = [theta.cpu() for theta in self.personalize(self.alphas, self.adapters)]
@@ -121,6 +120,12 @@ class PFedLAServer(FedAvgLocalHeadServer):
                                  "self_weight_max": float(self_weights.max()),
                                  "server_seconds": time.perf_counter() - started}
         return self._send({i: {"lora": self._own_adapter(thetas, i)} for i in order})
+
+    def latest_adapters(self, trained: dict[int, StateDict]) -> list[torch.Tensor]:
+        """theta_j per layer [D_l, N] on the server's device: the trained adapter where client j sent one this round
+        (uploads arrive on the CPU), else the column it had (a client left out keeps its adapter)."""
+        return self.layout.stack([{k: v.to(self.device) for k, v in trained[i].items()} if i in trained else
+                                  self.layout.column(self.adapters, i) for i in range(self.num_clients)])
 
     def _own_adapter(self, thetas: list[torch.Tensor], i: int) -> StateDict:
         """Column i as a state in its own storage: a view would carry (pickle) every client's adapter with it."""
