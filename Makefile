@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup run deploy test clean
+.PHONY: setup run deploy lint docs test clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,13 @@ run: setup
 
 deploy: setup  # the pFedSeq recipe as a FedML cross-silo deployment: server + 20 client processes on 127.0.0.1
 	$(BIN)/pfedseq deploy recipes/omniglot_pfedseq.yaml
+
+lint: setup  # CI runs this before the tests: ruff (pyproject.toml) and the generated reference pages up to date
+	$(BIN)/ruff check .
+	$(BIN)/pfedseq docs --check
+
+docs: setup  # rewrite docs/reference/ from the code's docstrings and help texts
+	$(BIN)/pfedseq docs
 
 test: setup
 	$(BIN)/python -m pytest

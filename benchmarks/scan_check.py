@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-from hf_models.seq_learner.scan import kernel_status, selective_scan, selective_scan_loop
+from fedml_pfedseq.models.seq_learner.scan import kernel_status, selective_scan, selective_scan_loop
 
 
 def relative(a: torch.Tensor, b: torch.Tensor) -> float:

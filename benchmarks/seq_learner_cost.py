@@ -19,7 +19,7 @@ import time
 
 import torch
 
-from hf_models.seq_learner import SeqLearnerConfig, SeqLearnerModel
+from fedml_pfedseq.models.seq_learner import SeqLearnerConfig, SeqLearnerModel
 
 # (what, D per layer, N, L, layers timed, layers of the backbone, d_chunk)
 GRID = [

@@ -8,7 +8,6 @@ import importlib
 _PUBLIC = {
     "AdapterModel": "fedml_pfedseq.adapter_model",
     "LayerLayout": "fedml_pfedseq.lora_state",
-    "LocalHubServer": "fedml_pfedseq.hub.local_endpoint",
     "METHODS": "fedml_pfedseq.strategies",
     "PushError": "fedml_pfedseq.hub.push",
     "Recipe": "fedml_pfedseq.config",

@@ -13,8 +13,17 @@ from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 
 SCHEDULERS = ("cosine", "exponential")  # APPLE's lambda(r)
 CORE_INITS = ("distinct", "shared")  # APPLE's cores
-# pFedSeq's learner: hf_models.seq_learner.ARCHITECTURES, which imports transformers (a test keeps the two equal)
+# pFedSeq's learner: fedml_pfedseq.models.seq_learner.ARCHITECTURES, which imports transformers (a test keeps the
+# two equal)
 LEARNER_ARCHITECTURES = ("mamba", "mlp", "lstm")
+# pFedSeq's recipe key -> the SeqLearnerConfig argument it sets (the model package cannot import recipes; a test keeps
+# each default equal to the config's)
+LEARNER_CONFIG_KEYS = {
+    "seq_len": "max_seq_len", "learner_architecture": "architecture", "cross_client": "cross_client",
+    "num_blocks": "num_blocks", "state_size": "state_size", "expand": "expand", "conv_kernel": "conv_kernel",
+    "learner_hidden_size": "hidden_size", "output_scale_init": "output_scale_init",
+    "learner_magnitude_preserving": "magnitude_preserving",
+}
 LEARNER_OBJECTIVES = ("proxy", "proximal")
 
 
@@ -342,6 +351,11 @@ class PFedSeqArgs:
             raise RecipeError(f"{where}: center_calibrations and calibration_bound act on a calibration added to "
                               "theta_g; variant A (global_aggregation: false) sends the learner's output as the "
                               "adapter")
+
+    def learner_config(self, num_clients: int, num_adapter_layers: int) -> dict:
+        """SeqLearnerConfig's arguments for a federation of ``num_clients`` with that many adapted layers."""
+        return {"num_clients": num_clients, "num_adapter_layers": num_adapter_layers,
+                **{argument: getattr(self, key) for key, argument in LEARNER_CONFIG_KEYS.items()}}
 
     def recipe_warnings(self, recipe: Recipe) -> list[str]:
         """A recipe that runs but never does what pFedSeq is for."""

@@ -19,8 +19,8 @@ import json
 import os
 import random
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -112,7 +112,7 @@ class _Decoder:
             return deque((self(v) for v in node["__deque__"]), maxlen=node["maxlen"])
         if "__dataclass__" in node:
             module, name = node["__dataclass__"].split(":")
-            if module.split(".")[0] not in ("fedml_pfedseq", "hf_models"):
+            if module.split(".")[0] != "fedml_pfedseq":
                 raise CheckpointError(f"refusing to rebuild {node['__dataclass__']}: not a class of this package")
             cls = importlib.import_module(module)
             for part in name.split("."):

@@ -46,6 +46,8 @@ COMMANDS = {
             "($HF_ENDPOINT, $HF_TOKEN)",
     "hub-eval": "evaluate client K's pushed adapter on its split of the data",
     "hub-serve": "serve a Hub-compatible endpoint on this machine (offline rehearsal of push and load)",
+    "docs": "write the reference pages (docs/reference/: recipe keys, commands, API, methods, layout) from the "
+            "code's docstrings and help texts; --check: fail if they are stale",
     "env": "print library versions, the devices torch and accelerate see, bf16, and which selective scan the "
            "learner runs on CUDA (mamba-ssm's kernel, or why not)",
 }
@@ -96,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with its saved state (fresh without one); needs comm_args.upload_timeout")
     add_recipe_options(party, progress=False)
 
+    p["docs"].add_argument("--check", action="store_true", help="write nothing; exit 1 naming the pages that "
+                           "differ from the code")
     p["keys"].add_argument("--method", default=None, help="only this method's algorithm_args (default: every method)")
     p["keys"].add_argument("--markdown", action="store_true", help="as Markdown tables (the docs' recipe reference)")
 
@@ -205,6 +209,22 @@ def keys(args) -> None:
     print(recipe_key_reference(args.method, markdown=args.markdown), end="")
 
 
+def docs(args) -> int:
+    from fedml_pfedseq import reference_docs
+
+    if args.check:
+        pages = reference_docs.stale(reference_docs.DOCS)
+        if pages:
+            print(f"pfedseq: stale reference pages in {reference_docs.DOCS}: {pages}; run `pfedseq docs`",
+                  file=sys.stderr)
+            return 1
+        print(f"{reference_docs.DOCS}: up to date")
+        return 0
+    changed = reference_docs.write(reference_docs.DOCS)
+    print(f"{reference_docs.DOCS}: {len(changed)} page(s) rewritten {changed}")
+    return 0
+
+
 def push(args) -> None:
     from fedml_pfedseq.hub.push import push_run
 
@@ -222,7 +242,7 @@ def hub_eval(args) -> None:
 
 
 def hub_serve(args) -> None:
-    from fedml_pfedseq.hub.local_endpoint import serve
+    from fedml_pfedseq.testing.hub_server import serve
 
     serve(args.root, args.host, args.port, args.token)
 
@@ -236,7 +256,7 @@ def env(args) -> None:
 
 
 HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "check": check, "keys": keys,
-            "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
+            "docs": docs, "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -260,11 +280,10 @@ def main(argv: list[str] | None = None) -> int:
 
         quiet_libraries()
     try:
-        HANDLERS[args.command](args)
+        return HANDLERS[args.command](args) or 0  # a handler returns an exit code only where it can fail quietly
     except (UserError, FileNotFoundError, NotADirectoryError) as err:
         print(f"pfedseq: error: {one_line(err)}", file=sys.stderr)
         return 2
-    return 0
 
 
 def one_line(err: Exception) -> str:

@@ -37,6 +37,12 @@ def recipe_key(default: Any, meaning: str):
     return field(default=default, metadata={"help": meaning})
 
 
+def require(ok: bool, key: str, message: str) -> None:
+    """A recipe rule: ``key`` (section.key) ``message`` unless ``ok``; parse_recipe adds the recipe's name."""
+    if not ok:
+        raise RecipeError(f"{key} {message}")
+
+
 @dataclass
 class CommonArgs:
     training_type: str = recipe_key("simulation", "'simulation' (our in-process simulator) or 'cross_silo' (FedML)")
@@ -48,6 +54,9 @@ class CommonArgs:
     federated_scenario: str = recipe_key("", "free text for reports, e.g. 'real-world (Omniglot drawers)'; FedML keeps "
                                              "'scenario' for its own horizontal|hierarchical switch")
 
+    def __post_init__(self):
+        require(self.training_type in ("simulation", "cross_silo"), "common_args.training_type",
+                f"must be 'simulation' or 'cross_silo', got {self.training_type!r}")
 
 @dataclass
 class DataArgs:
@@ -82,6 +91,32 @@ class DataArgs:
                                         "transform and the processor's config, reused by later runs) instead of on "
                                         "every epoch; the same tensors either way")
 
+    def __post_init__(self):
+        require(self.partition_method in ("column", "dirichlet", "silo"), "data_args.partition_method",
+                f"must be 'column', 'dirichlet' or 'silo', got {self.partition_method!r}")
+        silo = self.partition_method == "silo"
+        require(not silo or (bool(self.data_files) and all(bool(f) for f in self.data_files)),
+                "data_args.data_files", "must list one parquet file per client when partition_method is 'silo'")
+        require(silo or self.data_files is None, "data_args.data_files", "is only read with partition_method 'silo'")
+        require(not silo or (bool(self.label_names) and len(set(self.label_names)) == len(self.label_names)),
+                "data_args.label_names", "must list the distinct label names every silo's integer labels index when "
+                "partition_method is 'silo' (the server holds no data to read them from)")
+        require(not silo or self.hub_id is None, "data_args.hub_id", "cannot be combined with partition_method 'silo'")
+        require(self.partition_method != "column" or bool(self.partition_column), "data_args.partition_column",
+                "is required when partition_method is 'column'")
+        require(self.partition_alpha > 0, "data_args.partition_alpha", f"must be > 0, got {self.partition_alpha}")
+        require(self.partition_min_size >= 0, "data_args.partition_min_size", "must be >= 0")
+        require(self.partition_max_retries >= 1, "data_args.partition_max_retries", "must be >= 1")
+        fractions = self.split_fractions
+        require(len(fractions) == 3 and all(f >= 0 for f in fractions) and abs(sum(fractions) - 1.0) < 1e-6
+                and fractions[0] > 0, "data_args.split_fractions",
+                f"must be three non-negative fractions (train > 0) summing to 1, got {fractions}")
+        require(self.samples_per_client is None or self.samples_per_client > 0, "data_args.samples_per_client",
+                "must be positive")
+        unknown = [name for name in self.cluster_transforms or [] if name not in CLUSTER_TRANSFORMS]
+        require(self.cluster_transforms is None or (bool(self.cluster_transforms) and not unknown),
+                "data_args.cluster_transforms", f"must be null or a non-empty list of {sorted(CLUSTER_TRANSFORMS)}, "
+                f"got {self.cluster_transforms}" + (f" (unknown: {unknown})" if unknown else ""))
 
 @dataclass
 class ModelArgs:
@@ -97,6 +132,12 @@ class ModelArgs:
                                                        "null: every client has the whole backbone, with LoRA on every "
                                                        "layer")
 
+    def __post_init__(self):
+        require(self.lora_r > 0, "model_args.lora_r", "must be positive")
+        require(bool(self.lora_target_modules), "model_args.lora_target_modules", "must not be empty")
+        require(self.client_depths is None or (bool(self.client_depths) and min(self.client_depths) >= 1),
+                "model_args.client_depths", f"must be null or a non-empty list of layer counts >= 1, "
+                f"got {self.client_depths}")
 
 @dataclass
 class TrainArgs:
@@ -112,12 +153,29 @@ class TrainArgs:
     momentum: float = recipe_key(0.0, "the clients' SGD momentum")
     weight_decay: float = recipe_key(0.0, "the clients' SGD weight decay")
 
+    def __post_init__(self):
+        require(self.comm_round >= 1, "train_args.comm_round", f"must be >= 1, got {self.comm_round}")
+        require(self.epochs >= 1, "train_args.epochs", f"must be >= 1, got {self.epochs}")
+        require(self.batch_size >= 1, "train_args.batch_size", f"must be >= 1, got {self.batch_size}")
+        require(self.learning_rate > 0, "train_args.learning_rate", f"must be > 0, got {self.learning_rate}")
+        require(self.client_optimizer in ("sgd",), "train_args.client_optimizer",
+                f"must be 'sgd' (the paper's), got {self.client_optimizer!r}")
+        total, per_round = self.client_num_in_total, self.client_num_per_round
+        require(total is None or total >= 1, "train_args.client_num_in_total", "must be >= 1")
+        require(per_round is None or per_round >= 1, "train_args.client_num_per_round", "must be >= 1")
+        require(not (total and per_round) or per_round <= total, "train_args.client_num_per_round",
+                f"({per_round}) exceeds client_num_in_total ({total})")
+        require(self.min_uploads_per_round >= 1, "train_args.min_uploads_per_round", "must be >= 1")
+        require(per_round is None or self.min_uploads_per_round <= per_round, "train_args.min_uploads_per_round",
+                f"({self.min_uploads_per_round}) exceeds client_num_per_round ({per_round})")
 
 @dataclass
 class ValidationArgs:
     frequency_of_the_test: int = recipe_key(1, "evaluate every k rounds (the final round is always evaluated)")
     eval_batch_size: int = recipe_key(256, "batch size of evaluation")
 
+    def __post_init__(self):
+        require(self.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # device_args.mixed_precision ("no", accelerate's word, is False in YAML)
 
@@ -138,6 +196,11 @@ class DeviceArgs:
     tf32: bool = recipe_key(True, "on a CUDA device, let fp32 matrix products use TF32 tensor cores (Ampere and "
                                   "later; about 3 significant digits fewer in each product)")
 
+    def __post_init__(self):
+        require(self.num_threads is None or self.num_threads >= 1, "device_args.num_threads", "must be >= 1")
+        require(self.loader_workers is None or self.loader_workers >= 0, "device_args.loader_workers", "must be >= 0")
+        require(self.mixed_precision in PRECISIONS, "device_args.mixed_precision",
+                f"must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}")
 
 @dataclass
 class CommArgs:
@@ -152,6 +215,15 @@ class CommArgs:
                                                     "aggregates the uploads that arrived (at least "
                                                     "train_args.min_uploads_per_round); None: wait for every client")
 
+    def __post_init__(self):
+        require(self.backend == "GRPC", "comm_args.backend", f"must be 'GRPC' (FedML's gRPC transport, the one this "
+                f"plugin patches and tests), got {self.backend!r}")
+        require(self.round_timeout > 0, "comm_args.round_timeout", "must be > 0 seconds")
+        require(self.startup_timeout > 0, "comm_args.startup_timeout", "must be > 0 seconds")
+        u = self.upload_timeout
+        require(u is None or 0 < u < self.round_timeout, "comm_args.upload_timeout",
+                f"must be null or > 0 seconds and below comm_args.round_timeout ({self.round_timeout}, after which a "
+                f"waiting party stops), got {u}")
 
 @dataclass
 class TrackingArgs:
@@ -176,6 +248,14 @@ class HubArgs:
                                                     "starts from (its weights only, for a new run; `pfedseq run "
                                                     "--resume-from` continues a run exactly)")
 
+    def __post_init__(self):
+        require(self.hub_push_every is None or self.push_to_hub, "hub_args.hub_push_every", "needs push_to_hub: true")
+        if self.push_to_hub:
+            repo = self.hub_repo_id
+            require(bool(repo) and repo.count("/") == 1 and all(repo.split("/")), "hub_args.hub_repo_id",
+                    f"must be 'owner/name' when push_to_hub is true, got {repo!r}")
+            require(self.save_adapters, "hub_args.save_adapters", "must be true when push_to_hub is true (the push "
+                    "uploads the adapters the run writes)")
 
 SECTIONS: dict[str, type] = {
     "common_args": CommonArgs,
@@ -192,6 +272,9 @@ SECTIONS: dict[str, type] = {
 
 @dataclass
 class Recipe:
+    """One run as its YAML describes it: FedML's sections, ``hub_args`` and the method's ``algorithm_args``, each a
+    dataclass that checked its own keys (``load_recipe`` builds and cross-checks them)."""
+
     common_args: CommonArgs = field(default_factory=CommonArgs)
     data_args: DataArgs = field(default_factory=DataArgs)
     model_args: ModelArgs = field(default_factory=ModelArgs)
@@ -232,9 +315,7 @@ def recipe_key_reference(method: str | None = None, markdown: bool = False) -> s
     groups = list(SECTIONS.items()) + [(f"algorithm_args ({name})", ALGORITHM_ARGS[name]) for name in names
                                        if dataclasses.fields(ALGORITHM_ARGS[name])]
     hints = {cls: typing.get_type_hints(cls) for _, cls in groups}
-    out = ["# Recipe keys", "", "Every key of a recipe, with its type, default and meaning. Generated from the config "
-           "dataclasses by `pfedseq keys --markdown > docs/recipe-keys.md` (a test fails when it is stale).", ""] \
-        if markdown else []
+    out = []
     for title, cls in groups:
         rows = [(f.name, _type_name(hints[cls][f.name]), json.dumps(_default(f)), f.metadata.get("help", ""))
                 for f in dataclasses.fields(cls)]
@@ -289,7 +370,8 @@ def _check_type(where: str, value: Any, annotation: Any) -> Any:
 
 
 def build_section(cls: type, values: dict | None, where: str):
-    """Build dataclass ``cls`` from a YAML mapping, naming unknown keys and wrong types."""
+    """Build dataclass ``cls`` (the section ``where``) from a YAML mapping, naming unknown keys and wrong types;
+    the section's ``__post_init__`` checks its own rules."""
     if values is None:
         values = {}
     if not isinstance(values, dict):
@@ -304,95 +386,21 @@ def build_section(cls: type, values: dict | None, where: str):
     return cls(**kwargs)
 
 
-def _validate(recipe: Recipe, where: str) -> None:
-    c, d, t, v = recipe.common_args, recipe.data_args, recipe.train_args, recipe.validation_args
-
-    def require(ok: bool, key: str, message: str) -> None:
-        if not ok:
-            raise RecipeError(f"{where}: {key} {message}")
-
-    require(c.training_type in ("simulation", "cross_silo"), "common_args.training_type",
-            f"must be 'simulation' or 'cross_silo', got {c.training_type!r}")
-    require(d.partition_method in ("column", "dirichlet", "silo"), "data_args.partition_method",
-            f"must be 'column', 'dirichlet' or 'silo', got {d.partition_method!r}")
-    silo = d.partition_method == "silo"
-    require(not silo or (bool(d.data_files) and all(bool(f) for f in d.data_files)), "data_args.data_files",
-            "must list one parquet file per client when partition_method is 'silo'")
-    require(silo or d.data_files is None, "data_args.data_files", "is only read with partition_method 'silo'")
-    require(not silo or (bool(d.label_names) and len(set(d.label_names)) == len(d.label_names)),
-            "data_args.label_names", "must list the distinct label names every silo's integer labels index when "
-            "partition_method is 'silo' (the server holds no data to read them from)")
-    require(not silo or t.client_num_in_total in (None, len(d.data_files or [])), "train_args.client_num_in_total",
-            f"is {t.client_num_in_total} but data_args.data_files lists {len(d.data_files or [])} silos")
-    require(not silo or d.hub_id is None, "data_args.hub_id", "cannot be combined with partition_method 'silo'")
-    require(d.partition_method != "column" or bool(d.partition_column), "data_args.partition_column",
-            "is required when partition_method is 'column'")
-    require(d.partition_alpha > 0, "data_args.partition_alpha", f"must be > 0, got {d.partition_alpha}")
-    require(d.partition_min_size >= 0, "data_args.partition_min_size", "must be >= 0")
-    require(d.partition_max_retries >= 1, "data_args.partition_max_retries", "must be >= 1")
-    require(len(d.split_fractions) == 3 and all(f >= 0 for f in d.split_fractions)
-            and abs(sum(d.split_fractions) - 1.0) < 1e-6 and d.split_fractions[0] > 0,
-            "data_args.split_fractions", f"must be three non-negative fractions (train > 0) summing to 1, "
-            f"got {d.split_fractions}")
-    require(d.samples_per_client is None or d.samples_per_client > 0, "data_args.samples_per_client",
-            "must be positive")
-    unknown = [name for name in d.cluster_transforms or [] if name not in CLUSTER_TRANSFORMS]
-    require(d.cluster_transforms is None or (bool(d.cluster_transforms) and not unknown),
-            "data_args.cluster_transforms", f"must be null or a non-empty list of {sorted(CLUSTER_TRANSFORMS)}, got "
-            f"{d.cluster_transforms}" + (f" (unknown: {unknown})" if unknown else ""))
-    require(recipe.model_args.lora_r > 0, "model_args.lora_r", "must be positive")
-    require(bool(recipe.model_args.lora_target_modules), "model_args.lora_target_modules", "must not be empty")
-    require(recipe.model_args.client_depths is None or (bool(recipe.model_args.client_depths)
-                                                        and min(recipe.model_args.client_depths) >= 1),
-            "model_args.client_depths", f"must be null or a non-empty list of layer counts >= 1, "
-            f"got {recipe.model_args.client_depths}")
-    require(t.comm_round >= 1, "train_args.comm_round", f"must be >= 1, got {t.comm_round}")
-    require(t.epochs >= 1, "train_args.epochs", f"must be >= 1, got {t.epochs}")
-    require(t.batch_size >= 1, "train_args.batch_size", f"must be >= 1, got {t.batch_size}")
-    require(t.learning_rate > 0, "train_args.learning_rate", f"must be > 0, got {t.learning_rate}")
-    require(t.client_optimizer in ("sgd",), "train_args.client_optimizer",
-            f"must be 'sgd' (the paper's), got {t.client_optimizer!r}")
-    require(t.client_num_in_total is None or t.client_num_in_total >= 1, "train_args.client_num_in_total",
-            "must be >= 1")
-    require(t.client_num_per_round is None or t.client_num_per_round >= 1, "train_args.client_num_per_round",
-            "must be >= 1")
-    if t.client_num_in_total and t.client_num_per_round:
-        require(t.client_num_per_round <= t.client_num_in_total, "train_args.client_num_per_round",
-                f"({t.client_num_per_round}) exceeds client_num_in_total ({t.client_num_in_total})")
-    require(t.min_uploads_per_round >= 1, "train_args.min_uploads_per_round", "must be >= 1")
-    require(t.client_num_per_round is None or t.min_uploads_per_round <= t.client_num_per_round,
-            "train_args.min_uploads_per_round", f"({t.min_uploads_per_round}) exceeds client_num_per_round "
-            f"({t.client_num_per_round})")
-    require(recipe.comm_args.backend == "GRPC", "comm_args.backend",
-            f"must be 'GRPC' (FedML's gRPC transport, the one this plugin patches and tests), "
-            f"got {recipe.comm_args.backend!r}")
-    require(recipe.comm_args.round_timeout > 0, "comm_args.round_timeout", "must be > 0 seconds")
-    require(recipe.comm_args.startup_timeout > 0, "comm_args.startup_timeout", "must be > 0 seconds")
-    u = recipe.comm_args.upload_timeout
-    require(u is None or 0 < u < recipe.comm_args.round_timeout, "comm_args.upload_timeout",
-            f"must be null or > 0 seconds and below comm_args.round_timeout ({recipe.comm_args.round_timeout}, after "
-            f"which a waiting party stops), got {u}")
-    require(v.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
-    require(recipe.device_args.num_threads is None or recipe.device_args.num_threads >= 1,
-            "device_args.num_threads", "must be >= 1")
-    require(recipe.device_args.loader_workers is None or recipe.device_args.loader_workers >= 0,
-            "device_args.loader_workers", "must be >= 0")
-    require(recipe.device_args.mixed_precision in PRECISIONS, "device_args.mixed_precision",
-            f"must be one of {list(PRECISIONS)}, got {recipe.device_args.mixed_precision!r}")
-    h = recipe.hub_args
+def check_across_sections(recipe: Recipe) -> None:
+    """The rules that read two sections (each section checks its own keys in ``__post_init__``)."""
+    d, t, v, h = recipe.data_args, recipe.train_args, recipe.validation_args, recipe.hub_args
+    silos = len(d.data_files or [])
+    require(d.partition_method != "silo" or t.client_num_in_total in (None, silos), "train_args.client_num_in_total",
+            f"is {t.client_num_in_total} but data_args.data_files lists {silos} silos")
     require(h.hub_learner_init is None or t.federated_optimizer.lower() == "pfedseq", "hub_args.hub_learner_init",
             f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")
-    require(h.hub_push_every is None or h.push_to_hub, "hub_args.hub_push_every", "needs push_to_hub: true")
-    if h.push_to_hub:
-        require(bool(h.hub_repo_id) and h.hub_repo_id.count("/") == 1 and all(h.hub_repo_id.split("/")),
-                "hub_args.hub_repo_id", f"must be 'owner/name' when push_to_hub is true, got {h.hub_repo_id!r}")
-        require(h.save_adapters, "hub_args.save_adapters", "must be true when push_to_hub is true (the push "
-                "uploads the adapters the run writes)")
-        require(h.hub_push_every is None or (h.hub_push_every >= 1 and h.hub_push_every % v.frequency_of_the_test
-                                              == 0), "hub_args.hub_push_every",
-                f"must be null or a multiple >= 1 of validation_args.frequency_of_the_test "
-                f"({v.frequency_of_the_test}): a checkpoint holds the models evaluated at its round, "
-                f"got {h.hub_push_every}")
+    every = h.hub_push_every
+    require(every is None or (every >= 1 and every % v.frequency_of_the_test == 0), "hub_args.hub_push_every",
+            f"must be null or a multiple >= 1 of validation_args.frequency_of_the_test ({v.frequency_of_the_test}): "
+            f"a checkpoint holds the models evaluated at its round, got {every}")
+    check_with_other_sections = getattr(recipe.algorithm_args, "check_recipe", None)  # a method's cross-section rules
+    if check_with_other_sections is not None:
+        check_with_other_sections(recipe)
 
 
 def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) -> Recipe:
@@ -404,22 +412,19 @@ def parse_recipe(raw: Any, where: str = "recipe", source: Path | None = None) ->
         if section not in allowed:
             raise RecipeError(f"{where}: unknown section {section!r}{_suggest(section, allowed)}; "
                               f"allowed: {sorted(allowed)}")
-    recipe = Recipe(source=source, **{
-        name: build_section(cls, raw.get(name), f"{where}: {name}") for name, cls in SECTIONS.items()})
-    from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS, method_name  # not at the top: it imports this module
-
     try:
-        args_class = ALGORITHM_ARGS[method_name(recipe.train_args.federated_optimizer)]
-    except KeyError as err:
-        raise RecipeError(f"{where}: train_args.federated_optimizer {err.args[0]}") from None
-    recipe.algorithm_args = build_section(args_class, raw.get("algorithm_args"), f"{where}: algorithm_args")
-    _validate(recipe, where)
-    check_with_other_sections = getattr(recipe.algorithm_args, "check_recipe", None)  # a method's cross-section rules
-    if check_with_other_sections is not None:
+        recipe = Recipe(source=source, **{
+            name: build_section(cls, raw.get(name), name) for name, cls in SECTIONS.items()})
+        from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS, method_name  # not at the top: it imports this module
+
         try:
-            check_with_other_sections(recipe)
-        except RecipeError as err:
-            raise RecipeError(f"{where}: {err}") from None
+            args_class = ALGORITHM_ARGS[method_name(recipe.train_args.federated_optimizer)]
+        except KeyError as err:
+            raise RecipeError(f"train_args.federated_optimizer {err.args[0]}") from None
+        recipe.algorithm_args = build_section(args_class, raw.get("algorithm_args"), "algorithm_args")
+        check_across_sections(recipe)
+    except RecipeError as err:  # every rule names its key; the recipe's name goes in front
+        raise RecipeError(f"{where}: {err}") from None
     return recipe
 
 

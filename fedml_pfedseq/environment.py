@@ -32,8 +32,8 @@ def describe() -> list[tuple[str, str]]:
     """(what, value) rows, in the order ``pfedseq env`` prints them."""
     import torch
 
+    from fedml_pfedseq.models.seq_learner.scan import kernel_status
     from fedml_pfedseq.training import select_device
-    from hf_models.seq_learner.scan import kernel_status
 
     rows = [("python", platform.python_version()), *((p, version(p)) for p in PACKAGES)]
     cuda = torch.cuda.is_available()

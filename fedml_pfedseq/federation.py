@@ -14,8 +14,7 @@ from tqdm.auto import tqdm
 
 from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
 from fedml_pfedseq.config import Recipe
-from fedml_pfedseq.data.federated import (ClientData, FederatedData, build_client_data, build_federated_data,
-                                           client_seed)
+from fedml_pfedseq.data.federated import ClientData, FederatedData, build_client_data, build_federated_data, client_seed
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import select_device
 

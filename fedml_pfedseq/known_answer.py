@@ -10,7 +10,7 @@ the tensors and shapes of the recipe's backbone with LoRA as the shipped recipes
 theta^0 being PEFT's init of that recipe's seed (A random, B = 0), so every optimum moves the A and the B entries.
 u is what all clients share (what FedAvg can learn), c_k what the K clusters share (what personalization should
 learn from the clients with the same optimum), e_i each client's own. Defaults: s = 0.01 per entry, a = 1, b = 0.3,
-K = 4: a first local round moves entries by ~1e-3, inside the 1e-4..1e-2 of real updates (pfedseq-spec.md).
+K = 4: a first local round moves entries by ~1e-3, inside real updates' 1e-4..1e-2 (modeling_seq_learner.py).
 
 Clients are analytic: a "batch" is a gradient theta - theta*_i + sigma z with z ~ N(0, I) seeded by (seed, client,
 round, batch), sigma = noise * s; a local epoch is ``batches`` such steps at train_args.learning_rate. They receive

@@ -61,7 +61,7 @@ class LayerLayout:
     layers: tuple[tuple[tuple[str, torch.Size], ...], ...]
 
     @classmethod
-    def of(cls, state: StateDict) -> "LayerLayout":
+    def of(cls, state: StateDict) -> LayerLayout:
         by_layer: dict[int, list[tuple[str, torch.Size]]] = {}
         for key in sorted(state):
             by_layer.setdefault(layer_index(key), []).append((key, state[key].shape))

@@ -51,6 +51,8 @@ def load_suite(path: str | Path, extra_overrides: list[str] | None = None) -> tu
 
 def run_suite(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
               progress: bool = True) -> list[dict]:
+    """Run every recipe of the suite at ``path`` (each with ``extra_overrides``), then write and print one comparison
+    table and learning-curve plot; returns the runs' summaries."""
     # here, not at the top: loading a suite (`pfedseq check`) needs neither torch nor matplotlib
     from fedml_pfedseq.results import format_table, plot_suite
     from fedml_pfedseq.simulation import run_recipe

@@ -1,13 +1,12 @@
 """The client model: which parameters train, LoRA state round trips, and the per-layer flat view."""
 import pytest
 import torch
+from conftest import TINY_HIDDEN, TINY_LAYERS
 from peft import PeftModel
 from transformers import ViTForImageClassification
 
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.lora_state import LayerLayout
-
-from conftest import TINY_HIDDEN, TINY_LAYERS
 
 R = 4
 

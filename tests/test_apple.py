@@ -7,17 +7,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe, synthetic_lora
 from torch.func import functional_call
 
+from fedml_pfedseq.algorithm_args import AppleArgs
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
-from fedml_pfedseq.algorithm_args import AppleArgs
 from fedml_pfedseq.strategies.apple import AppleServer, proximal_coefficient
 from fedml_pfedseq.training import make_loader
 from fedml_pfedseq.transport import check_plain
-
-from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe, synthetic_lora
 
 LR, P_LR, MU = 0.3, 0.05, 2.0
 

@@ -10,6 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import small_recipe
 
 from fedml_pfedseq import checkpoint as ckpt
 from fedml_pfedseq.checkpoint import CheckpointError, read_checkpoint
@@ -17,9 +18,6 @@ from fedml_pfedseq.cli import main
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.simulation import CHECKPOINT_FILE, resume_federation, run_federation, run_recipe
 from fedml_pfedseq.strategies import METHODS
-
-from conftest import small_recipe
-
 
 
 def small(method: str, tiny_vit: str, tmp_path: Path, rounds: int, learning_rate: float = 0.5, **algorithm_args):

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from fedml_pfedseq import reference_docs
 from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS, LEARNER_ARCHITECTURES
 from fedml_pfedseq.cli import build_parser, main
 from fedml_pfedseq.config import SECTIONS, recipe_key_reference
+from fedml_pfedseq.models.seq_learner import ARCHITECTURES
 from fedml_pfedseq.strategies import METHODS
-from hf_models.seq_learner import ARCHITECTURES
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,9 +45,22 @@ def test_every_recipe_key_has_a_meaning_and_keys_prints_it(capsys):
     assert "unknown method 'nope'" in capsys.readouterr().err
 
 
-def test_the_recipe_key_reference_page_is_current():
-    page = (REPO / "docs" / "recipe-keys.md").read_text()
-    assert page == recipe_key_reference(markdown=True), "regenerate: pfedseq keys --markdown > docs/recipe-keys.md"
+def test_the_generated_reference_pages_are_current():
+    assert reference_docs.stale() == [], "regenerate: pfedseq docs"
+    assert recipe_key_reference(markdown=True) in (reference_docs.DOCS / "recipe-keys.md").read_text()
+
+
+def test_docs_check_fails_naming_a_stale_page_and_docs_rewrites_it(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(reference_docs, "DOCS", tmp_path)
+    assert main(["docs"]) == 0 and main(["docs", "--check"]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["README.md", *reference_docs.PAGES])
+    (tmp_path / "methods.md").write_text((tmp_path / "methods.md").read_text().replace("FedAvg", "FedSGD", 1))
+    (tmp_path / "api.md").unlink()
+    capsys.readouterr()
+    assert main(["docs", "--check"]) == 1
+    assert "['api.md', 'methods.md']" in capsys.readouterr().err
+    main(["docs"])
+    assert main(["docs", "--check"]) == 0
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check", str(REPO / "recipes" / "omniglot_fedavg.yaml")]])

@@ -8,6 +8,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from conftest import small_recipe
 from PIL import Image
 
 from fedml_pfedseq.config import RecipeError
@@ -15,8 +16,6 @@ from fedml_pfedseq.data.transforms import CLUSTER_TRANSFORMS, cluster_transform
 from fedml_pfedseq.federation import build_data
 from fedml_pfedseq.hub import build_card
 from fedml_pfedseq.simulation import run_recipe
-
-from conftest import small_recipe
 
 SHIFTS = ["identity", "rot90", "rot180", "invert"]
 

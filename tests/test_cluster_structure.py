@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import small_recipe
 
 from fedml_pfedseq.simulation import run_recipe
-
-from conftest import small_recipe
 
 _spec = importlib.util.spec_from_file_location(
     "cluster_structure", Path(__file__).resolve().parents[1] / "benchmarks" / "cluster_structure.py")

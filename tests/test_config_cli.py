@@ -61,6 +61,29 @@ def test_bad_recipes_fail_with_the_key_named(tmp_path, mutate, message):
     assert message in str(err.value) and str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("section, values, key", [
+    ("common_args", {"training_type": "cross_device"}, "common_args.training_type"),
+    ("data_args", {"partition_alpha": 0.0}, "data_args.partition_alpha"),
+    ("data_args", {"partition_method": "silo"}, "data_args.data_files"),
+    ("model_args", {"lora_target_modules": []}, "model_args.lora_target_modules"),
+    ("train_args", {"client_num_in_total": 3, "client_num_per_round": 4}, "train_args.client_num_per_round"),
+    ("validation_args", {"frequency_of_the_test": 0}, "validation_args.frequency_of_the_test"),
+    ("device_args", {"mixed_precision": "fp8"}, "device_args.mixed_precision"),
+    ("comm_args", {"upload_timeout": 1000.0}, "comm_args.upload_timeout"),
+    ("hub_args", {"push_to_hub": True}, "hub_args.hub_repo_id"),
+])
+def test_each_section_checks_its_own_keys_when_built(section, values, key):
+    """A section dataclass refuses its own impossible values in __post_init__, also when code builds it directly."""
+    with pytest.raises(RecipeError, match=re.escape(key)):
+        SECTIONS[section](**values)
+
+
+def test_rules_across_sections_are_checked_with_the_whole_recipe(tmp_path):
+    path = write_recipe(tmp_path, lambda r: r.setdefault("hub_args", {}).update(hub_learner_init="me/learner"))
+    with pytest.raises(RecipeError, match=f"{re.escape(str(path))}: hub_args.hub_learner_init warm-starts pFedSeq"):
+        load_recipe(path)
+
+
 def test_cli_reports_errors_on_stderr_and_exits_2(tmp_path, capsys):
     assert main(["check", str(tmp_path / "missing.yaml")]) == 2
     assert "recipe file not found" in capsys.readouterr().err

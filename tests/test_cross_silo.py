@@ -13,13 +13,20 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import small_recipe
 
-from fedml_pfedseq.config import RecipeError
-from fedml_pfedseq.cross_silo.fedml_runtime import POLL_SECONDS, WaitingQueue, patch_fedml
 from fedml_pfedseq.cli import main
-from fedml_pfedseq.cross_silo.launcher import (DeploymentError, Party, deploy, deployment_recipe, read_progress,
-                                               wait_for_port)
+from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
+from fedml_pfedseq.cross_silo.fedml_runtime import POLL_SECONDS, WaitingQueue, patch_fedml
+from fedml_pfedseq.cross_silo.launcher import (
+    DeploymentError,
+    Party,
+    deploy,
+    deployment_recipe,
+    read_progress,
+    wait_for_port,
+)
 from fedml_pfedseq.cross_silo.party import check_party
 from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
 from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, participants
@@ -27,8 +34,6 @@ from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.strategies import METHODS
 from fedml_pfedseq.strategies.fedavg import FedAvgServer
 from fedml_pfedseq.transport import check_plain
-
-from conftest import small_recipe
 
 CLIENTS = 3
 # three clients from a Dirichlet split of the embedded Omniglot; pFedSeq personalizes from round 2 (W=1)
@@ -307,7 +312,7 @@ def test_every_methods_fedml_wrappers_reproduce_the_simulator(method, tiny_vit, 
 def test_a_cross_silo_server_warm_starts_its_seq_learner_as_the_simulator_does(tiny_vit, tmp_path):
     """hub_args.hub_learner_init in a deployment: ``build_server`` (what ``run_party`` calls) loads the saved
     SeqLearner, and the clients' metrics equal the warm-started simulator's, not a cold start's."""
-    from hf_models.seq_learner import SeqLearnerModel
+    from fedml_pfedseq.models.seq_learner import SeqLearnerModel
 
     cold = silo_recipe(tiny_vit, tmp_path)
     run_recipe(cold, tmp_path / "source", progress=False)  # writes seq_learner/

@@ -16,20 +16,23 @@ from unittest import mock
 
 import grpc
 import pytest
+from conftest import small_recipe
 from fedml.core.distributed.communication.message import Message
 from fedml.cross_silo.server.message_define import MyMessage
+from test_cross_silo import alive
 
 from fedml_pfedseq import simulation
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.cross_silo.client_manager import WaitingReportClientManager
 from fedml_pfedseq.cross_silo.launcher import DeploymentError, deploy, read_progress
-from fedml_pfedseq.cross_silo.server_manager import (MSG_ARG_KEY_DEADLINE, MSG_ARG_KEY_ROUND, MSG_TYPE_WAITING,
-                                                     RoundDeadlineServerManager)
+from fedml_pfedseq.cross_silo.server_manager import (
+    MSG_ARG_KEY_DEADLINE,
+    MSG_ARG_KEY_ROUND,
+    MSG_TYPE_WAITING,
+    RoundDeadlineServerManager,
+)
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.hub import HubLoadError, build_card, load_client_classifier
-
-from conftest import small_recipe
-from test_cross_silo import alive
 
 CLIENTS, ROUNDS, DEAD = 3, 4, 1
 

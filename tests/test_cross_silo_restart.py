@@ -17,6 +17,17 @@ from unittest import mock
 import grpc
 import pytest
 from fedml.cross_silo.server.message_define import MyMessage
+from test_checkpoint import assert_same, decoded
+from test_cross_silo import alive
+from test_cross_silo_faults import (
+    CLIENTS,
+    Deployment,
+    Unreachable,
+    bare_client_manager,
+    bare_server_manager,
+    fault_recipe,
+    message,
+)
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, read_checkpoint
 from fedml_pfedseq.config import RecipeError
@@ -26,11 +37,6 @@ from fedml_pfedseq.cross_silo.party import check_party, load_party, party_name, 
 from fedml_pfedseq.cross_silo.server_manager import MSG_ARG_KEY_DEADLINE, MSG_ARG_KEY_ROUND, NOT_HEARD
 from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
 from fedml_pfedseq.federation import build_federation
-
-from test_checkpoint import assert_same, decoded
-from test_cross_silo import alive
-from test_cross_silo_faults import (CLIENTS, Deployment, Unreachable, bare_client_manager, bare_server_manager,
-                                   fault_recipe, message)
 
 ROUNDS, KILLED_AFTER = 5, 2
 

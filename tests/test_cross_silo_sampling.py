@@ -8,17 +8,16 @@ import json
 from unittest import mock
 
 import pytest
+from conftest import small_recipe
 from fedml.cross_silo.server.fedml_server_manager import FedMLServerManager
+from test_cross_silo import DEPLOYMENT, drive_like_fedml
+from test_cross_silo_faults import Unreachable, bare_client_manager, bare_server_manager, message
+from test_cross_silo_restart import resumed_server_manager, upload
 
 from fedml_pfedseq.cross_silo.launcher import deploy
 from fedml_pfedseq.cross_silo.server_manager import MSG_ARG_KEY_ROUND, MSG_TYPE_WAITING, RoundDeadlineServerManager
 from fedml_pfedseq.federation import participants
 from fedml_pfedseq.simulation import run_recipe
-
-from conftest import small_recipe
-from test_cross_silo import DEPLOYMENT, drive_like_fedml
-from test_cross_silo_faults import Unreachable, bare_client_manager, bare_server_manager, message
-from test_cross_silo_restart import resumed_server_manager, upload
 
 CLIENTS, K, ROUNDS = 3, 2, 4
 SCHEDULE = {1: [0, 2], 2: [0, 2], 3: [0, 1], 4: [1, 2]}  # participants() for seed 0, 2 of 3, rounds 1-4

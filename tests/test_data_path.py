@@ -9,13 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_recipe
 
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.federation import build_data
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.training import loader_workers
-
-from conftest import small_recipe
 
 
 def recipe_with(tiny_vit, tmp_path, preprocess: bool, **data_args):

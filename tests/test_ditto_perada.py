@@ -6,14 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.strategies.perada import distillation_loss
 from fedml_pfedseq.training import make_loader
-
-from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
 LR = 0.05
 

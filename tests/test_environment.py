@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import re
-from importlib import metadata
 import sys
+from importlib import metadata
 from types import SimpleNamespace
 
 import pytest
 
 from fedml_pfedseq.cli import main
-from hf_models.seq_learner import scan
+from fedml_pfedseq.models.seq_learner import scan
 
 
 @pytest.fixture

@@ -8,13 +8,12 @@ import logging
 
 import pytest
 import torch
+from conftest import small_recipe
 
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.federation import build_federation, participants
 from fedml_pfedseq.round_close import RoundError
 from fedml_pfedseq.simulation import run_federation
-
-from conftest import small_recipe
 
 
 def three_clients(method: str, tiny_vit, tmp_path, rounds: int = 2, per_round: int | None = None,
@@ -93,7 +92,7 @@ def test_pfedseq_history_masks_absent_clients_and_every_client_gets_its_calibrat
     # the normaliser reads the reported columns only (bias-corrected running mean of their mean square)
     beta, mean_square = recipe.algorithm_args.norm_momentum, torch.zeros(len(server.layout.layers),
                                                                          dtype=torch.float64)
-    for t, record in enumerate(rounds, start=1):
+    for record in rounds:
         present = sorted(record["uploads"])
         flat = [server.layout.flatten(record["uploads"][i]["lora"]) for i in present]
         current = torch.tensor([float(torch.stack([f[l] for f in flat]).double().pow(2).mean())

@@ -2,18 +2,15 @@
 end-to-end run from its recipe."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.training import make_loader
 from fedml_pfedseq.transport import check_plain
-
-from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe
-
 
 
 def perturbed(state, seed, scale=0.3):

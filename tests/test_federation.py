@@ -4,11 +4,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import small_recipe
 
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.simulation import run_federation, run_recipe
-
-from conftest import small_recipe
 
 
 def run(recipe):
@@ -116,7 +115,7 @@ def test_pfedseq_learns_and_personalizes_with_the_pretrained_backbone(tmp_path):
     the magnitude-preserving learner: ||xi_i|| / mean ||Delta_i|| 0.126 at round 2, ||xi_i|| / ||theta_g - theta^0||
     0.07-0.39.
     """
-    from hf_models.seq_learner import SeqLearnerModel
+    from fedml_pfedseq.models.seq_learner import SeqLearnerModel
 
     recipe = small_recipe("pFedSeq", "vit-small-cifar10", tmp_path, data_args={"samples_per_client": 200},
                           train_args={"comm_round": 3, "learning_rate": 0.5},

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe, synthetic_lora
 from safetensors.torch import load_file
 
 import fedml_pfedseq.strategies.fedrep as fedrep
@@ -20,8 +21,6 @@ from fedml_pfedseq.lora_state import add, subtract
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import make_loader, train_epochs
 from fedml_pfedseq.transport import check_plain, pickled_bytes
-
-from conftest import assert_every_client_evaluated, run_shipped_recipe, small_recipe, synthetic_lora
 
 N, RANK, HIDDEN, LAYERS = 4, 2, 3, 3  # 4 clients; per layer D = 4 * RANK * HIDDEN = 24
 

@@ -13,14 +13,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RECIPES
 
 import fedml_pfedseq.grid as grid
 import fedml_pfedseq.simulation as simulation
 from fedml_pfedseq.config import RecipeError, load_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.simulation import run_federation
-
-from conftest import RECIPES
 
 
 def write_grid(tmp_path, tiny_vit, **changes) -> Path:

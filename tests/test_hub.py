@@ -17,20 +17,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import run_shipped_recipe
 from huggingface_hub import HfApi, ModelCard, constants
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import ViTForImageClassification
 
-from conftest import run_shipped_recipe
 from fedml_pfedseq.cli import main
 from fedml_pfedseq.config import RecipeError, load_recipe, parse_recipe
 from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.hub import PersonalizedClassifier, PushError, load_client_classifier, push_run
 from fedml_pfedseq.hub.card import build_card
-from fedml_pfedseq.hub.local_endpoint import LocalHubServer
 from fedml_pfedseq.hub.warm_start import warm_start_learner
+from fedml_pfedseq.testing.hub_server import LocalHubServer
 from fedml_pfedseq.training import evaluate_model, make_loader
 
 REPO = "local-user/omniglot-pfedseq"
@@ -201,7 +201,7 @@ def test_push_puts_learners_adapters_backbone_recipe_metrics_and_card_on_the_end
 
 
 def test_seq_learner_loads_back_from_the_repo(pushed, hub_env):
-    from hf_models.seq_learner import SeqLearnerModel
+    from fedml_pfedseq.models.seq_learner import SeqLearnerModel
 
     learner = SeqLearnerModel.from_pretrained(REPO, subfolder="seq_learner", use_safetensors=True)
     original = pushed.fed.server.learner.state_dict()

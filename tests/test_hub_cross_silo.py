@@ -11,12 +11,13 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from huggingface_hub import HfApi, ModelCard
-
 from conftest import small_recipe
-from fedml_pfedseq.cross_silo.launcher import deploy
-from fedml_pfedseq.hub import LocalHubServer, PushError
+from huggingface_hub import HfApi, ModelCard
 from test_hub import closed_port, hub_environment
+
+from fedml_pfedseq.cross_silo.launcher import deploy
+from fedml_pfedseq.hub import PushError
+from fedml_pfedseq.testing.hub_server import LocalHubServer
 
 REPO = "local-user/omniglot-pfedseq-cross-silo"
 CLIENTS = 2

@@ -5,12 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+from transformers import ViTImageProcessor
 
-from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.config import DataArgs
 from fedml_pfedseq.data.federated import build_federated_data
 from fedml_pfedseq.data.loading import load_image_dataset
-from transformers import ViTImageProcessor
+from fedml_pfedseq.inputs import resolve_backbone
 
 
 def test_a_hub_style_dataset_repository_loads_through_hub_id(tmp_path):

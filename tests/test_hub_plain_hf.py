@@ -13,17 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from conftest import run_shipped_recipe
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file, save_file
+from test_hub import REPO, client_inputs, hub_env, pushed, reference_logits  # noqa: F401 - hub_env, pushed: fixtures
 
-from conftest import run_shipped_recipe
 from fedml_pfedseq.data.loading import find_data_file, load_image_dataset
 from fedml_pfedseq.federation import build_data
 from fedml_pfedseq.hub import push_run
-from test_hub import REPO, client_inputs, reference_logits
-from test_hub import hub_env, pushed  # noqa: F401 - fixtures: the pushed pFedSeq run and its endpoint
 
-PROJECT = ("fedml_pfedseq", "hf_models")
+PROJECT = ("fedml_pfedseq",)
 WITHOUT_PROJECT = f'''
 import importlib.abc, runpy, sys
 

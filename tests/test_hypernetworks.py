@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_recipe, synthetic_lora
 from safetensors import safe_open
 from transformers import ViTForImageClassification
 
@@ -18,8 +19,6 @@ from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.transport import check_plain
-
-from conftest import small_recipe, synthetic_lora
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 N, RANK, HIDDEN, LABELS, EMBED = 4, 2, 3, 5, 3  # per layer 4 * RANK * HIDDEN = 24 LoRA values, D = 48

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 
 from fedml_pfedseq.data.loading import load_image_dataset
-from fedml_pfedseq.data.partition import (PartitionError, partition_by_column, partition_dirichlet,
-                                          split_train_val_test)
+from fedml_pfedseq.data.partition import PartitionError, partition_by_column, partition_dirichlet, split_train_val_test
 
 
 def assert_exact_cover(parts, n):
@@ -116,7 +115,8 @@ def test_recipe_partition_errors_name_the_column_and_the_client_count(tmp_path):
     from fedml_pfedseq.data.federated import build_federated_data
 
     processor = ViTImageProcessor(size={"height": 32, "width": 32})
-    with pytest.raises(RecipeError, match=r"omniglot28.parquet has no column 'writer', which data_args.partition_column names"):
+    with pytest.raises(RecipeError,
+                       match=r"omniglot28.parquet has no column 'writer', which data_args.partition_column names"):
         build_federated_data(DataArgs(partition_column="writer"), processor, None, seed=0)
     with pytest.raises(RecipeError, match="client_num_in_total is 5 but column 'drawer' has 20"):
         build_federated_data(DataArgs(), processor, 5, seed=0)

@@ -7,15 +7,19 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    as_state,
+    assert_every_client_evaluated,
+    first_client_with_global_model,
+    run_shipped_recipe,
+    small_recipe,
+)
 from torch.func import functional_call
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.training import make_loader
-
-from conftest import (as_state, assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
-                      small_recipe)
 
 ALPHA, BETA = 0.3, 0.2
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_LAYERS, assert_every_client_evaluated, run_shipped_recipe, small_recipe
 from transformers import ViTForImageClassification
 
 import fedml_pfedseq.strategies.pfedlora as pfedlora
@@ -16,8 +17,6 @@ from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import subtract
 from fedml_pfedseq.training import make_loader, train_epochs
 from fedml_pfedseq.transport import check_plain
-
-from conftest import TINY_LAYERS, assert_every_client_evaluated, run_shipped_recipe, small_recipe
 
 
 def equal(a: dict, b: dict) -> bool:

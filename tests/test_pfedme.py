@@ -7,15 +7,20 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import (
+    as_state,
+    assert_every_client_evaluated,
+    first_client_with_global_model,
+    run_shipped_recipe,
+    small_recipe,
+    synthetic_lora,
+)
 from torch.func import functional_call
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.lora_state import add
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import make_loader
-
-from conftest import (as_state, assert_every_client_evaluated, first_client_with_global_model, run_shipped_recipe,
-                      small_recipe, synthetic_lora)
 
 ETA, LAMBDA, PERSONAL_LR, K = 0.2, 1.5, 0.3, 3
 

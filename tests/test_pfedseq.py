@@ -5,12 +5,11 @@ import copy
 
 import pytest
 import torch
+from conftest import synthetic_lora
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.lora_state import add, weighted_average
 from fedml_pfedseq.strategies import method_class
-
-from conftest import synthetic_lora
 
 N, RANK, HIDDEN = 4, 2, 3  # 4 clients; per layer D = 4 * RANK * HIDDEN = 24
 

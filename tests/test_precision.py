@@ -11,14 +11,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import small_recipe
 
 import fedml_pfedseq.environment as environment
 import fedml_pfedseq.training as training
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.simulation import run_recipe
-
-from conftest import small_recipe
 
 
 def test_the_device_follows_the_recipe_whatever_was_asked_before(monkeypatch):
@@ -67,7 +66,7 @@ def test_a_half_precision_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit
     assert len(losses) == 3 * summary["clients"] \
         and all(0 < loss < 10 for loss in losses)  # every client, every round: finite cross-entropies
     assert 0 <= summary["final_test_accuracy_mean"] <= 1
-    from hf_models.seq_learner import SeqLearnerModel
+    from fedml_pfedseq.models.seq_learner import SeqLearnerModel
     learner = SeqLearnerModel.from_pretrained(tmp_path / "run" / "seq_learner")
     assert {p.dtype for p in learner.parameters()} == {torch.float32}
 

@@ -10,13 +10,12 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from conftest import small_recipe
 
 from fedml_pfedseq.cli import main
 from fedml_pfedseq.config import RecipeWarning
 from fedml_pfedseq.data.loading import EMBEDDED_DATA_DIR, KNOWN_DATASETS
 from fedml_pfedseq.simulation import CHECKPOINT_FILE, run_recipe
-
-from conftest import small_recipe
 
 
 def three_drawers(method: str, tiny_vit: str, tmp_path: Path, **train_args):

@@ -1,4 +1,4 @@
-"""benchmarks/reproduction_report.py: the tables hold the cells' own numbers beside the paper's, the paper's numbers
+"""docs/reproduction/generate.py: the tables hold the cells' own numbers beside the paper's, the paper's numbers
 are transcribed right, Spearman's rho and ranks are computed right, missing cells are listed and never filled, and
 the plots are written."""
 from __future__ import annotations
@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import RECIPES
 
 from fedml_pfedseq.grid import run_grid
 
-from conftest import RECIPES
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+REPORT_DIR = Path(__file__).resolve().parents[1] / "docs" / "reproduction"
 PAPER_TEXT = Path(__file__).resolve().parents[2] / "shared/papers/001_6a459a2e05555e41.txt"
-_spec = importlib.util.spec_from_file_location("reproduction_report", BENCHMARKS / "reproduction_report.py")
+_spec = importlib.util.spec_from_file_location("reproduction_report", REPORT_DIR / "generate.py")
 report = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(report)
 PFEDSEQ = str(RECIPES / "omniglot_pfedseq.yaml")
@@ -43,7 +42,7 @@ def hand(values: list[float]) -> str:
 
 
 def test_paper_numbers_are_the_papers():
-    paper = json.loads((BENCHMARKS / "paper_results.json").read_text())
+    paper = json.loads((REPORT_DIR / "paper_results.json").read_text())
     # the three spot checks, as printed in Tables 1 and 3
     assert paper["table1"]["results"]["pFedSeq"]["Omniglot"] == {"mean": 45.25, "std": 0.16}
     assert paper["table1"]["results"]["PeFLL"]["DomainNet"] == {"mean": 82.42, "std": 0.17}

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hf_models.seq_learner import SeqLearnerConfig, SeqLearnerModel, selective_scan, selective_scan_loop
-from hf_models.seq_learner import scan as scan_module
+from fedml_pfedseq.models.seq_learner import SeqLearnerConfig, SeqLearnerModel, selective_scan, selective_scan_loop
+from fedml_pfedseq.models.seq_learner import scan as scan_module
 
 
 def scan_inputs(b=3, length=6, d=4, m=5, dtype=torch.float64, seed=0):
@@ -246,7 +246,7 @@ def test_a_callable_descent_gives_the_regression_gradient():
 
 
 def test_the_capped_norm_only_shrinks_rows_above_unit_rms():
-    from hf_models.seq_learner.modeling_seq_learner import CappedRMSNorm
+    from fedml_pfedseq.models.seq_learner.modeling_seq_learner import CappedRMSNorm
 
     norm = CappedRMSNorm(4, eps=0.0)
     small, large = torch.full((1, 4), 0.5), torch.tensor([[3.0, -4.0, 0.0, 0.0]])
@@ -268,3 +268,17 @@ def test_a_learner_saved_before_magnitude_preservation_loads_as_it_was(tmp_path)
     assert loaded.config.magnitude_preserving is False
     torch.testing.assert_close(loaded(window(), 0), old(window(), 0), rtol=0, atol=0)
     assert SeqLearnerConfig().magnitude_preserving is True
+
+
+def test_pfedseq_recipe_keys_build_the_learner_config_with_the_same_defaults():
+    """A default pFedSeq recipe builds the learner a default SeqLearnerConfig describes: the recipe keys are
+    mapped in one place (PFedSeqArgs.learner_config) and their defaults cannot drift from the model's."""
+    from fedml_pfedseq.algorithm_args import LEARNER_CONFIG_KEYS, PFedSeqArgs
+
+    built = SeqLearnerConfig(**PFedSeqArgs().learner_config(num_clients=7, num_adapter_layers=3))
+    default = SeqLearnerConfig(num_clients=7, num_adapter_layers=3)
+    assert built.to_dict() == default.to_dict()
+    changed = PFedSeqArgs(seq_len=5, learner_architecture="lstm", learner_hidden_size=12, cross_client=False)
+    config = SeqLearnerConfig(**changed.learner_config(num_clients=7, num_adapter_layers=3))
+    assert (config.max_seq_len, config.architecture, config.hidden_size, config.num_channels) == (5, "lstm", 12, 1)
+    assert set(LEARNER_CONFIG_KEYS.values()) <= set(default.to_dict())

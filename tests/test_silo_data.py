@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import small_recipe
 
 from fedml_pfedseq.config import RecipeError, parse_recipe
 from fedml_pfedseq.data.federated import dataset_label_names
@@ -15,8 +16,6 @@ from fedml_pfedseq.data.partition import partition_by_column
 from fedml_pfedseq.federation import build_data, build_party_data
 from fedml_pfedseq.hub import build_card
 from fedml_pfedseq.simulation import run_recipe
-
-from conftest import small_recipe
 
 
 @pytest.fixture(scope="module")

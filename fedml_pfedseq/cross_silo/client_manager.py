@@ -27,14 +27,19 @@ reporting when it waits too long for a payload, and outliving a server restart.
 from __future__ import annotations
 
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from fedml.cross_silo.client.fedml_client_master_manager import ClientMasterManager
 from fedml.cross_silo.client.message_define import MyMessage
 
-from fedml_pfedseq.cross_silo.server_manager import (MSG_ARG_KEY_ROUND, MSG_TYPE_NOT_SAMPLED, MSG_TYPE_WAITING,
-                                                     message, post_later)
+from fedml_pfedseq.cross_silo.server_manager import (
+    MSG_ARG_KEY_ROUND,
+    MSG_TYPE_NOT_SAMPLED,
+    MSG_TYPE_WAITING,
+    message,
+    post_later,
+)
 
 MSG_TYPE_WAIT_CHECK = "pfedseq_wait_check"  # posted by the client to itself upload_timeout after an upload or notice
 

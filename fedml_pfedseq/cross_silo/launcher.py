@@ -31,11 +31,11 @@ from tqdm.auto import tqdm
 from fedml_pfedseq.config import Recipe, RecipeError, parse_recipe
 from fedml_pfedseq.cross_silo.hub_share import EXIT_NOT_PUSHED
 from fedml_pfedseq.cross_silo.party import party_name
+from fedml_pfedseq.environment import gpu_ids
 from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import complete_manifest, remove_stale
 from fedml_pfedseq.hub.push import PushError
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
-from fedml_pfedseq.environment import gpu_ids
 
 POLL_SECONDS = 0.2
 DONE = (0, EXIT_NOT_PUSHED)  # exit codes of a party that completed its run

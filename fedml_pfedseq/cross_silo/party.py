@@ -32,15 +32,27 @@ import logging
 import os
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.cross_silo.hub_share import (
+    push_client_checkpoint,
+    push_server_checkpoint,
+    push_share,
+    save_client_share,
+    save_server_share,
+)
 from fedml_pfedseq.data.federated import dataset_label_names
-from fedml_pfedseq.cross_silo.hub_share import (push_client_checkpoint, push_server_checkpoint, push_share,
-                                                save_client_share, save_server_share)
-from fedml_pfedseq.federation import (build_client, build_model, build_party_data, build_server, client_depth,
-                                      set_threads)
+from fedml_pfedseq.federation import (
+    build_client,
+    build_model,
+    build_party_data,
+    build_server,
+    client_depth,
+    set_threads,
+)
 from fedml_pfedseq.hub.round_push import checkpoint_due
 from fedml_pfedseq.simulation import check_resumable
 from fedml_pfedseq.training import select_device
@@ -121,6 +133,24 @@ def process_times(started: tuple[float, float]) -> dict[str, float]:
     return {"wall_seconds": time.perf_counter() - started[0], "cpu_seconds": time.process_time() - started[1]}
 
 
+@dataclass
+class PartyRun:
+    """What both roles of a party share while it runs: its recipe, FedML's args, where it writes, its device."""
+
+    recipe: Recipe
+    args: object  # FedML's argument namespace, after init_fedml
+    output_dir: Path  # the deployment's folder
+    party_dir: Path  # this party's own folder under it
+    resume: bool
+    device: object
+    watchdog: Watchdog
+    started: tuple[float, float]  # wall and CPU time at the start, for process_times
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.party_dir / CHECKPOINT_FILE
+
+
 def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: str = "0",
               resume: bool = False) -> None:
     """Run one party to the end of the deployment (blocks); ``resume``: from its checkpoint (see above)."""
@@ -129,92 +159,105 @@ def run_party(recipe: Recipe, rank: int, role: str, output_dir: Path, run_id: st
     num_clients = check_party(recipe, rank, role, resume)
     output_dir = Path(output_dir)
     party_dir = output_dir / "parties" / party_name(rank)
-    checkpoint = party_dir / CHECKPOINT_FILE
-    if resume and role == "server" and not checkpoint.is_file():
-        raise CheckpointError(f"cannot resume the server: no {checkpoint} (was it run with common_args.checkpoint: "
-                              "true, and did it send the first payloads?)")
+    if resume and role == "server" and not (party_dir / CHECKPOINT_FILE).is_file():
+        raise CheckpointError(f"cannot resume the server: no {party_dir / CHECKPOINT_FILE} (was it run with "
+                              "common_args.checkpoint: true, and did it send the first payloads?)")
     isolate_fedml_files(party_dir / "fedml_home")
     args = init_fedml(fedml_args(recipe, rank, role, run_id), recipe.tracking_args.log_level)
-    from fedml import FedMLRunner  # after init_fedml: FedML must start patched
-
-    from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
-    from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
-
     set_threads(recipe)
-    device = select_device(recipe.device_args.using_gpu)
-    started = time.perf_counter(), time.process_time()
     comm = recipe.comm_args
     watchdog = Watchdog(comm.startup_timeout, comm.round_timeout, "the clients" if rank == 0 else "the server")
+    run = PartyRun(recipe, args, output_dir, party_dir, resume, select_device(recipe.device_args.using_gpu), watchdog,
+                   (time.perf_counter(), time.process_time()))
     watchdog.start()
     if role == "server":
-        label_names = dataset_label_names(recipe.data_args)
-        model = build_model(recipe, len(label_names))
-        server = build_server(recipe, model, num_clients, resuming=resume)
-
-        def write_progress(t: int) -> None:
-            watchdog.kick()
-            write_json(party_dir / "progress.json", {"round": t, "of": recipe.train_args.comm_round})
-
-        def on_round(t: int) -> None:
-            """Before round ``t + 1``'s payloads go out: a restart never misses a payload that was sent."""
-            if recipe.common_args.checkpoint:
-                save_party(checkpoint, "server", server, aggregator.state(), recipe)
-            if checkpoint_due(recipe, t):
-                push_server_checkpoint(recipe, output_dir, server, model, label_names, num_clients,
-                                       aggregator.log.server_rows, t)
-            write_progress(t)
-
-        aggregator = StrategyAggregator(server, args, on_round=on_round)
-        if resume:
-            aggregator.restore(load_party(checkpoint, "server", server, recipe))
-            write_progress(aggregator.round)
-        FedMLRunner(args, device, [0, 0, None, None, {}, {}, {}, len(label_names)], model,
-                    server_aggregator=aggregator).run()
-        server.save_artifacts(output_dir)
-        log = aggregator.log
-        write_json(party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds,
-                                                "sent_fingerprints": aggregator.sent_fingerprints,
-                                                **process_times(started)})
-        save_server_share(recipe, output_dir, server, model, label_names, num_clients,
-                          log.server_rows)
+        serve(run, num_clients)
     else:
-        i = rank - 1
-        own, label_names = build_party_data(recipe, i)  # its own partition (its own file with "silo") only
-        model = build_model(recipe, len(label_names), client_depth(recipe, i))
-
-        def write_metrics() -> None:
-            """After every payload and round too, so a client that dies mid-run leaves its rows up to then."""
-            log = trainer.log
-            write_json(party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
-                                                    "train_seconds": log.train_seconds,
-                                                    "eval_seconds": log.eval_seconds,
-                                                    "received_fingerprints": trainer.received_fingerprints,
-                                                    **process_times(started)})
-
-        def on_progress() -> None:
-            watchdog.kick()
-            write_metrics()
-
-        def on_trained() -> None:
-            if recipe.common_args.checkpoint:
-                save_party(checkpoint, "client", trainer.client, trainer.state(), recipe)
-
-        def on_evaluated(row: dict) -> None:
-            if checkpoint_due(recipe, row["round"]):
-                push_client_checkpoint(recipe, output_dir, i, model, own, label_names, row)
-
-        trainer = StrategyTrainer(build_client(recipe, i, own, model), args, on_progress=on_progress,
-                                  on_trained=on_trained, on_evaluated=on_evaluated)
-        if resume and checkpoint.is_file():
-            trainer.restore(load_party(checkpoint, "client", trainer.client, recipe))
-            logging.warning("client %d resumed from %s, after round %d", i, checkpoint, trainer.round)
-        n = len(own.train)
-        FedMLRunner(args, device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},
-                                   len(label_names)], model, client_trainer=trainer).run()
-        write_metrics()
-        log = trainer.log
-        if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
-            save_client_share(recipe, output_dir, i, model, own, label_names, log.at(recipe.train_args.comm_round)[0])
+        train(run, rank - 1)
     watchdog.stopped.set()
     if recipe.hub_args.push_to_hub:
         push_share(recipe, output_dir, None if role == "server" else rank - 1)
+
+
+def serve(run: PartyRun, num_clients: int) -> None:
+    """The server party: aggregate every round through the method's server strategy, checkpoint and push as the
+    recipe asks, then write the server's share of the run."""
+    from fedml import FedMLRunner  # after init_fedml: FedML must start patched
+
+    from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
+
+    recipe = run.recipe
+    label_names = dataset_label_names(recipe.data_args)
+    model = build_model(recipe, len(label_names))
+    server = build_server(recipe, model, num_clients, resuming=run.resume)
+
+    def write_progress(t: int) -> None:
+        run.watchdog.kick()
+        write_json(run.party_dir / "progress.json", {"round": t, "of": recipe.train_args.comm_round})
+
+    def on_round(t: int) -> None:
+        """Before round ``t + 1``'s payloads go out: a restart never misses a payload that was sent."""
+        if recipe.common_args.checkpoint:
+            save_party(run.checkpoint, "server", server, aggregator.state(), recipe)
+        if checkpoint_due(recipe, t):
+            push_server_checkpoint(recipe, run.output_dir, server, model, label_names, num_clients,
+                                   aggregator.log.server_rows, t)
+        write_progress(t)
+
+    aggregator = StrategyAggregator(server, run.args, on_round=on_round)
+    if run.resume:
+        aggregator.restore(load_party(run.checkpoint, "server", server, recipe))
+        write_progress(aggregator.round)
+    FedMLRunner(run.args, run.device, [0, 0, None, None, {}, {}, {}, len(label_names)], model,
+                server_aggregator=aggregator).run()
+    server.save_artifacts(run.output_dir)
+    log = aggregator.log
+    write_json(run.party_dir / "metrics.json", {"server": log.server_rows, "round_seconds": log.round_seconds,
+                                                "sent_fingerprints": aggregator.sent_fingerprints,
+                                                **process_times(run.started)})
+    save_server_share(recipe, run.output_dir, server, model, label_names, num_clients, log.server_rows)
+
+
+def train(run: PartyRun, i: int) -> None:
+    """Client ``i``'s party: train and evaluate on its own data only through the method's client strategy, write
+    its metrics after every payload (a client that dies leaves its rows), then its share of the run."""
+    from fedml import FedMLRunner  # after init_fedml: FedML must start patched
+
+    from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
+
+    recipe = run.recipe
+    own, label_names = build_party_data(recipe, i)  # its own partition (its own file with "silo") only
+    model = build_model(recipe, len(label_names), client_depth(recipe, i))
+
+    def write_metrics() -> None:
+        log = trainer.log
+        write_json(run.party_dir / "metrics.json", {"eval": log.rows, "train": log.train_rows,
+                                                    "train_seconds": log.train_seconds,
+                                                    "eval_seconds": log.eval_seconds,
+                                                    "received_fingerprints": trainer.received_fingerprints,
+                                                    **process_times(run.started)})
+
+    def on_progress() -> None:
+        run.watchdog.kick()
+        write_metrics()
+
+    def on_trained() -> None:
+        if recipe.common_args.checkpoint:
+            save_party(run.checkpoint, "client", trainer.client, trainer.state(), recipe)
+
+    def on_evaluated(row: dict) -> None:
+        if checkpoint_due(recipe, row["round"]):
+            push_client_checkpoint(recipe, run.output_dir, i, model, own, label_names, row)
+
+    trainer = StrategyTrainer(build_client(recipe, i, own, model), run.args, on_progress=on_progress,
+                              on_trained=on_trained, on_evaluated=on_evaluated)
+    if run.resume and run.checkpoint.is_file():
+        trainer.restore(load_party(run.checkpoint, "client", trainer.client, recipe))
+        logging.warning("client %d resumed from %s, after round %d", i, run.checkpoint, trainer.round)
+    n = len(own.train)
+    FedMLRunner(run.args, run.device, [n, len(own.test), None, None, {i: n}, {i: own.train}, {i: own.test},
+                                       len(label_names)], model, client_trainer=trainer).run()
+    write_metrics()
+    if recipe.hub_args.save_adapters:  # the model its final evaluation loaded, with what it reported
+        save_client_share(recipe, run.output_dir, i, model, own, label_names,
+                          trainer.log.at(recipe.train_args.comm_round)[0])

@@ -43,8 +43,8 @@ from __future__ import annotations
 import logging
 import pickle
 import threading
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import grpc
 from fedml.core.distributed.communication.message import Message

@@ -13,7 +13,6 @@ from fedml_pfedseq.data.loading import KNOWN_DATASETS, dataset_source, load_imag
 from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
 from fedml_pfedseq.data.transforms import cluster_transform, image_classification_transform
 
-
 SPLITS = ("train", "validation", "test")
 
 

@@ -2,7 +2,7 @@
 covariate shift, then resize and normalise by the backbone's processor."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from PIL import Image, ImageOps
 

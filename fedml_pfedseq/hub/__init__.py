@@ -1,13 +1,13 @@
-"""Sharing runs on the Hugging Face Hub: adapters on disk in PEFT format, a Hub-compatible local endpoint, pushing
-a run with its model card, and loading a client's personalized classifier back.
+"""Sharing runs on the Hugging Face Hub: adapters on disk in PEFT format, pushing a run with its model card, and
+loading a client's personalized classifier back (a Hub stand-in for offline use: ``fedml_pfedseq.testing``).
 
-Names are imported on first use (PEP 562): ``pfedseq hub-serve`` needs the endpoint only, not torch."""
+Names are imported on first use (PEP 562), so reading a card needs no torch."""
 import importlib
 
 _PUBLIC = {
     "AdapterWriter": "adapters", "CardError": "card", "build_card": "card", "write_card": "card",
     "HubLoadError": "load", "PersonalizedClassifier": "load", "evaluate_client": "load",
-    "load_client_classifier": "load", "LocalHubServer": "local_endpoint", "PushError": "push", "PushResult": "push",
+    "load_client_classifier": "load", "PushError": "push", "PushResult": "push",
     "push_client": "push", "push_run": "push",
 }
 __all__ = sorted(_PUBLIC)

@@ -44,8 +44,8 @@ from torch import nn
 from transformers import ViTForImageClassification
 
 from fedml_pfedseq.adapter_model import AdapterModel, load_image_processor
-from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.data.federated import ClientData, columns, load_dataset_args, partition_column
+from fedml_pfedseq.inputs import resolve_backbone
 
 MANIFEST = "manifest.json"
 CLIENT_FILE = "client.json"  # a cross-silo client's own manifest entry, in its folder

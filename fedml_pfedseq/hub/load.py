@@ -144,8 +144,8 @@ def recipe_from_repo(repo_or_dir: str | Path, overrides: list[str], revision: st
     folder of the machine that ran it (the data pipeline needs the backbone's image processor)."""
     from huggingface_hub import snapshot_download
 
-    from fedml_pfedseq.inputs import resolve_backbone
     from fedml_pfedseq.config import load_recipe
+    from fedml_pfedseq.inputs import resolve_backbone
 
     if Path(repo_or_dir).is_dir():
         root = Path(repo_or_dir)

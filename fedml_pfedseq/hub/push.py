@@ -27,11 +27,11 @@ from pathlib import Path
 
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants
 
-from fedml_pfedseq.inputs import resolve_backbone
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE
 from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import BACKBONE_DIR, CLIENT_FILE, MANIFEST, client_dir_name
 from fedml_pfedseq.hub.card import CardError, backbone_needs_push, build_card, read_run
+from fedml_pfedseq.inputs import resolve_backbone
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".joblib")
 CHECKPOINT_DIR = "hub_checkpoint"  # where hub_args.hub_push_every assembles a round's checkpoint (round_push.py)

@@ -30,8 +30,13 @@ def find_checkpoint(source: str | Path, revision: str | None = None, endpoint: s
             raise missing
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import (EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError,
-                                            RepositoryNotFoundError, RevisionNotFoundError)
+        from huggingface_hub.errors import (
+            EntryNotFoundError,
+            HfHubHTTPError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
 
         try:
             found = Path(hf_hub_download(str(source), CHECKPOINT_FILE, revision=revision,
@@ -46,7 +51,7 @@ def find_checkpoint(source: str | Path, revision: str | None = None, endpoint: s
 
 def load_learner(source: str | Path, revision: str | None = None, endpoint: str | None = None):
     """The SeqLearner saved under ``<source>/seq_learner`` (a run folder) or in the repo ``source``."""
-    from hf_models.seq_learner import SeqLearnerModel
+    from fedml_pfedseq.models.seq_learner import SeqLearnerModel
 
     if Path(source).is_dir():
         return SeqLearnerModel.from_pretrained(str(Path(source) / LEARNER_DIR), use_safetensors=True)

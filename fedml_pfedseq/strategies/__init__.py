@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from fedml_pfedseq.strategies.method import Method
+from fedml_pfedseq.method import Method
 
 
 def _discover() -> dict[str, Method]:

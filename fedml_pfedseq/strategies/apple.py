@@ -62,9 +62,9 @@ from fedml_pfedseq.algorithm_args import AppleArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedala import trainable_by_key
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import loss_scaler
 
 Core = dict[str, StateDict]  # {"lora": ..., "head": ...}

@@ -22,14 +22,14 @@ the same batches equal the official code's interleaved steps. No randomness beyo
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.method import Method
+from fedml_pfedseq.personal_model import PersonalModelClient
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Upload
-from fedml_pfedseq.strategies.method import Method
-from fedml_pfedseq.strategies.personal_model import PersonalModelClient
 from fedml_pfedseq.training import proximal_term, train_epochs
 
 ExtraLoss = Callable[[torch.Tensor, dict], torch.Tensor]

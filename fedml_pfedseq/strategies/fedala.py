@@ -41,8 +41,8 @@ from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import make_loader
 
 Weights = dict[str, StateDict]  # W: {"lora"|"head": {key: tensor of weights in [0, 1]}}, covered tensors only

@@ -14,7 +14,7 @@ from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict, add, check_finite, subtract, weighted_average
-from fedml_pfedseq.strategies.method import Method
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.training import evaluate_model, loader_workers, make_loader, train_epochs
 
 Payload = dict  # {"client_id": int, "<part>": StateDict, ...}: what the server sends one client

@@ -4,8 +4,8 @@ With ``oracle_clusters`` the adapter is averaged only within each data cluster, 
 clusters: not a method of the paper, but a reference for what sharing the adapter only within each cluster gives."""
 from fedml_pfedseq.data.transforms import cluster_of
 from fedml_pfedseq.lora_state import weighted_average
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
-from fedml_pfedseq.strategies.method import Method
 
 
 class FedAvgLocalHeadServer(FedAvgServer):

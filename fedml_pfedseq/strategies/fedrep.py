@@ -17,9 +17,9 @@ Both phases use train_args' SGD settings and one data loader per round (its shuf
 """
 from __future__ import annotations
 
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import requires_grad, train_epochs
 
 

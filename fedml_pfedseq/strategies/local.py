@@ -1,6 +1,6 @@
 """Local training only: no communication; each client trains its own adapter and head on its own data."""
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer
-from fedml_pfedseq.strategies.method import Method
 
 
 class LocalServer(FedAvgServer):

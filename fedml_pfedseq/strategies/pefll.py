@@ -37,11 +37,11 @@ from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.algorithm_args import PeFLLArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData
+from fedml_pfedseq.hypernetwork import mlp
 from fedml_pfedseq.lora_state import StateDict, check_finite
-from fedml_pfedseq.proxy_gradient import update_proxy_gradient
+from fedml_pfedseq.method import Method
+from fedml_pfedseq.models.seq_learner import update_proxy_gradient
 from fedml_pfedseq.strategies.fedavg import Payload, Upload
-from fedml_pfedseq.strategies.hypernetwork import mlp
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.strategies.pfedhn import PFedHNClient, PFedHNServer
 from fedml_pfedseq.training import make_loader
 

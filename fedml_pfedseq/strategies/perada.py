@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.ditto import DittoClient, DittoServer, ExtraLoss
-from fedml_pfedseq.strategies.method import Method
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

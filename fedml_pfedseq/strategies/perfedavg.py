@@ -23,8 +23,8 @@ the frozen ViT, and the server is FedAvg's (the same meta-model for all, average
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from itertools import islice
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +33,8 @@ from torch.utils.data import DataLoader
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import make_loader
 
 

@@ -30,12 +30,12 @@ from torch import nn
 
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import client_seed
+from fedml_pfedseq.hypernetwork import LoRAHypernetwork
 from fedml_pfedseq.lora_state import StateDict
-from fedml_pfedseq.proxy_gradient import update_proxy_gradient
+from fedml_pfedseq.method import Method
+from fedml_pfedseq.models.seq_learner import update_proxy_gradient
 from fedml_pfedseq.strategies.fedavg import Payload, Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
-from fedml_pfedseq.strategies.hypernetwork import LoRAHypernetwork
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import select_device
 
 

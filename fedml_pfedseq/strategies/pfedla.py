@@ -38,10 +38,10 @@ from fedml_pfedseq.algorithm_args import PFedLAArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.lora_state import LayerLayout, StateDict
-from fedml_pfedseq.proxy_gradient import update_proxy_gradient
+from fedml_pfedseq.method import Method
+from fedml_pfedseq.models.seq_learner import update_proxy_gradient
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import select_device
 
 ARTIFACT = "pfedla_hypernetworks.safetensors"

@@ -27,9 +27,9 @@ from __future__ import annotations
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData
+from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
-from fedml_pfedseq.strategies.method import Method
 from fedml_pfedseq.training import requires_grad, train_epochs
 
 

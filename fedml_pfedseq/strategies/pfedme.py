@@ -55,9 +55,9 @@ import torch.nn.functional as F
 
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.lora_state import StateDict, add, subtract, weighted_average
+from fedml_pfedseq.method import Method
+from fedml_pfedseq.personal_model import PersonalModelClient
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Payload, Upload
-from fedml_pfedseq.strategies.method import Method
-from fedml_pfedseq.strategies.personal_model import PersonalModelClient
 from fedml_pfedseq.training import proximal_term
 
 

@@ -9,10 +9,10 @@ config.json and copies the modeling code beside the weights: a pushed learner th
 """
 from transformers import AutoConfig, AutoModel
 
-from hf_models.seq_learner.configuration_seq_learner import ARCHITECTURES, SeqLearnerConfig
-from hf_models.seq_learner.modeling_seq_learner import SeqLearnerModel
-from hf_models.seq_learner.proxy_gradient import update_proxy_gradient
-from hf_models.seq_learner.scan import selective_scan, selective_scan_loop
+from .configuration_seq_learner import ARCHITECTURES, SeqLearnerConfig
+from .modeling_seq_learner import SeqLearnerModel
+from .proxy_gradient import update_proxy_gradient
+from .scan import selective_scan, selective_scan_loop
 
 AutoConfig.register(SeqLearnerConfig.model_type, SeqLearnerConfig, exist_ok=True)
 AutoModel.register(SeqLearnerConfig, SeqLearnerModel, exist_ok=True)

@@ -1,6 +1,6 @@
 """Turn the grids of the paper's Tables 1-3 and L sweep into the reproduction report (Markdown, PNGs, summary.json).
 
-    python benchmarks/reproduction_report.py --table1 runs/table1 --table2-3 runs/table2_3 --l-sweep runs/l_sweep \
+    python docs/reproduction/generate.py --table1 runs/table1 --table2-3 runs/table2_3 --l-sweep runs/l_sweep \
         --pfedseq-investigation runs/pfedseq_investigation --out docs/reproduction
 
 Every number is read from the grids' cell files (``<scenario>/<method>/seed_<k>/summary.json``, ``recipe.yaml``,

@@ -5,7 +5,7 @@
 
 Shapes: batch b (adapter parameters), sequence L (rounds), channels d (expanded clients), state M.
 On CPU a loop over the L steps that discretises inside the loop is both exact and the fastest form measured here
-(hf-notes.md: 3-18x faster than transformers' Mamba slow path, which indexes precomputed [b, d, L, M] tensors).
+(3-18x faster than transformers' Mamba slow path, which indexes precomputed [b, d, L, M] tensors).
 On CUDA, mamba-ssm's fused kernel is used when it imports (``pip install .[cuda]``); it computes the same thing.
 """
 from __future__ import annotations

@@ -5,7 +5,7 @@ It sees CIFAR-10's 50,000 training images only; the test split is read once, at 
 (no checkpoint is selected on it). The result is a plain ``ViTForImageClassification`` + ``ViTImageProcessor``
 directory that ``from_pretrained`` loads like any Hub id.
 
-    python hf_models/pretrain_vit.py --out hf_models/vit-small-cifar10 --epochs 45
+    python scripts/pretrain_vit.py --out hf_models/vit-small-cifar10 --epochs 45
 
 Checkpoints go to ``--checkpoint-dir`` after every epoch (atomic replace); rerunning the same command resumes.
 The model card (``README.md`` beside the weights and ``cards/<name>.md``) is generated from the run's report.
@@ -22,11 +22,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
+from backbone_card import write_backbone_card  # beside this script
 from tqdm.auto import tqdm
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from fedml_pfedseq.data.loading import load_image_dataset
-from hf_models.backbone_card import write_backbone_card
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]

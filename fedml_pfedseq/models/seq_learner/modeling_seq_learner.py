@@ -22,7 +22,7 @@ and before a biased readout, no path from the latest update), kept to measure wh
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -1,6 +1,6 @@
 """Write the backbone's model card from its pretraining report (the numbers are read, never typed in).
 
-    python hf_models/backbone_card.py hf_models/vit-small-cifar10
+    python scripts/backbone_card.py hf_models/vit-small-cifar10
 
 writes ``<model dir>/README.md`` (the Hub's place for a card) and ``cards/<model name>.md``.
 """
@@ -68,7 +68,7 @@ loss): {history[-1]["train_accuracy"]:.2%}.
 {("## How this run went" + chr(10) + report["notes"] + chr(10)) if report.get("notes") else ""}
 ## Reproduce
 ```bash
-python hf_models/pretrain_vit.py --out hf_models/{model_dir.name} --epochs {report["epochs"]}
+python scripts/pretrain_vit.py --out hf_models/{model_dir.name} --epochs {report["epochs"]}
 ```
 Checkpoints are written every epoch to `hf_models/checkpoints/` and the same command resumes. `pretraining_report.json`
 beside the weights holds the per-epoch history this card was generated from.

@@ -13,7 +13,7 @@ contents go to a content-addressed blob store, the commit record is written next
 move to it (one ``os.replace``). A request that breaks off or fails midway leaves the branch on the previous
 commit, whose files are untouched, so a partial upload can never make the repo serve a mix of old and new weights.
 
-Run ``pfedseq hub-serve --root DIR`` (or ``python -m fedml_pfedseq.hub.local_endpoint``) and export the
+Run ``pfedseq hub-serve --root DIR`` (or ``python -m fedml_pfedseq.testing.hub_server``) and export the
 ``HF_ENDPOINT`` it prints, plus any ``HF_TOKEN``. Started with ``--token T``, it refuses every request (reads and
 writes alike, as for a private repo) that does not carry ``Authorization: Bearer T`` with 401, so a rehearsal also
 rehearses authentication.
@@ -477,7 +477,7 @@ class LocalHubServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "LocalHubServer":
+    def start(self) -> LocalHubServer:
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="pfedseq-local-hub", daemon=True)
         self.thread.start()
         return self
@@ -488,7 +488,7 @@ class LocalHubServer:
         if self.thread is not None:
             self.thread.join()
 
-    def __enter__(self) -> "LocalHubServer":
+    def __enter__(self) -> LocalHubServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
