@@ -47,6 +47,8 @@ class CommonArgs:
                                         "interrupted run, or extends a finished one (a larger comm_round)")
     federated_scenario: str = recipe_key("", "free text for reports, e.g. 'real-world (Omniglot drawers)'; FedML keeps "
                                              "'scenario' for its own horizontal|hierarchical switch")
+    engine: str = recipe_key("local", "how the simulator runs a round's clients: 'local' (one after another in this "
+                                      "process) or 'ray' (in parallel on Ray actors, see ray_args; pip install .[ray])")
 
 
 @dataclass
@@ -119,6 +121,7 @@ class ValidationArgs:
     eval_batch_size: int = recipe_key(256, "batch size of evaluation")
 
 
+ENGINES = ("local", "ray")  # common_args.engine: simulation.py's LocalEngine, ray_engine.py's RayEngine
 PRECISIONS = ("fp32", "bf16", "fp16")  # device_args.mixed_precision ("no", accelerate's word, is False in YAML)
 
 
@@ -177,6 +180,28 @@ class HubArgs:
                                                     "--resume-from` continues a run exactly)")
 
 
+@dataclass
+class RayArgs:
+    """``common_args.engine: ray`` only (and ``pfedseq grid --engine ray``): where Ray runs and how many workers."""
+
+    ray_address: str | None = recipe_key(None, "None: start a Ray instance on this machine for the run; else an existing "
+                                               "cluster's address for ray.init(address=...) ('auto': the one this node "
+                                               "belongs to); its nodes need the recipe's data and backbone")
+    num_workers: int | None = recipe_key(None, "Ray actors that train clients, each holding the data and backbone "
+                                               "once; None: one per GPU where the recipe uses GPUs and Ray has "
+                                               "them, else one per threads_per_worker CPUs")
+    threads_per_worker: int = recipe_key(1, "CPUs each worker reserves, and its torch threads where "
+                                            "device_args.num_threads is not set")
+    object_store_mib: int | None = recipe_key(None, "a local Ray's object store in MiB (None: Ray's default, about 30% "
+                                                    "of RAM in /dev/shm)")
+    ray_temp_dir: str | None = recipe_key(None, "a local Ray's session folder (logs, sockets, auth token); None: a "
+                                                "fresh folder under the system's temp folder, removed at the end")
+    worker_retries: int = recipe_key(1, "times a client's training is retried on a restarted worker after its worker "
+                                        "died; then the client is left out of the round (as a rejected upload)")
+    worker_timeout: float = recipe_key(900.0, "seconds a round waits for its workers; a client not back by then is "
+                                              "left out of the round and its worker restarted")
+
+
 SECTIONS: dict[str, type] = {
     "common_args": CommonArgs,
     "data_args": DataArgs,
@@ -187,6 +212,7 @@ SECTIONS: dict[str, type] = {
     "comm_args": CommArgs,
     "tracking_args": TrackingArgs,
     "hub_args": HubArgs,
+    "ray_args": RayArgs,
 }
 
 
@@ -201,6 +227,7 @@ class Recipe:
     comm_args: CommArgs = field(default_factory=CommArgs)
     tracking_args: TrackingArgs = field(default_factory=TrackingArgs)
     hub_args: HubArgs = field(default_factory=HubArgs)
+    ray_args: RayArgs = field(default_factory=RayArgs)
     algorithm_args: Any = None  # the method's own dataclass, filled by load_recipe
     source: Path | None = None
     label: str | None = None  # a name for this run other than the file's stem (a suite's variant of a recipe)
@@ -379,6 +406,17 @@ def _validate(recipe: Recipe, where: str) -> None:
             "device_args.loader_workers", "must be >= 0")
     require(recipe.device_args.mixed_precision in PRECISIONS, "device_args.mixed_precision",
             f"must be one of {list(PRECISIONS)}, got {recipe.device_args.mixed_precision!r}")
+    require(c.engine in ENGINES, "common_args.engine", f"must be one of {list(ENGINES)}, got {c.engine!r}")
+    r = recipe.ray_args
+    require(r.num_workers is None or r.num_workers >= 1, "ray_args.num_workers", "must be null or >= 1")
+    require(r.threads_per_worker >= 1, "ray_args.threads_per_worker", "must be >= 1")
+    require(r.object_store_mib is None or r.object_store_mib >= 80, "ray_args.object_store_mib",
+            "must be null or >= 80 (Ray's minimum object store)")
+    require(r.worker_retries >= 0, "ray_args.worker_retries", "must be >= 0")
+    require(r.worker_timeout > 0, "ray_args.worker_timeout", "must be > 0 seconds")
+    require(c.engine != "ray" or not recipe.hub_args.hub_push_every, "hub_args.hub_push_every",
+            "needs common_args.engine: local (its checkpoints save the models as each client was evaluated, which "
+            "on Ray happens in a worker)")
     h = recipe.hub_args
     require(h.hub_learner_init is None or t.federated_optimizer.lower() == "pfedseq", "hub_args.hub_learner_init",
             f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")
