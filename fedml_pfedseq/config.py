@@ -184,9 +184,9 @@ class HubArgs:
 class RayArgs:
     """``common_args.engine: ray`` only (and ``pfedseq grid --engine ray``): where Ray runs and how many workers."""
 
-    ray_address: str | None = recipe_key(None, "None: start a Ray instance on this machine for the run; else an existing "
-                                               "cluster's address for ray.init(address=...) ('auto': the one this node "
-                                               "belongs to); its nodes need the recipe's data and backbone")
+    ray_address: str | None = recipe_key(None, "None: start a Ray instance on this machine for the run; else an "
+                                               "existing cluster's address for ray.init(address=...) ('auto': the one "
+                                               "this node belongs to); its nodes need the recipe's data and backbone")
     num_workers: int | None = recipe_key(None, "Ray actors that train clients, each holding the data and backbone "
                                                "once; None: one per GPU where the recipe uses GPUs and Ray has "
                                                "them, else one per threads_per_worker CPUs")

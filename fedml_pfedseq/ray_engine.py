@@ -211,18 +211,23 @@ class RayEngine:
             worker = self.workers[j % len(self.workers)]
             calls[i] = worker, worker.visit.remote(i, payload, state, round_idx, evaluate)
         deadline = time.monotonic() + self.args.worker_timeout
-        visits, lost = {}, {}
+        visits, lost, restarted = {}, {}, {}  # restarted: id -> each worker that died or was killed this round
         for i, (worker, call) in calls.items():
             try:
                 visit, state = ray.get(call, timeout=max(0.0, deadline - time.monotonic()))
             except RayActorError as err:
                 lost[i] = (f"lost: its Ray worker died and {self.args.worker_retries} retry(ies) did not bring it back "
                            f"({type(err).__name__})")
+                restarted[id(worker)] = worker
                 continue
             except GetTimeoutError:
                 lost[i] = f"lost: no answer within ray_args.worker_timeout = {self.args.worker_timeout:g} s"
-                ray.kill(worker, no_restart=False)  # the stuck worker: Ray restarts it for the next round
+                ray.kill(worker, no_restart=False)  # the stuck worker: Ray restarts it
+                restarted[id(worker)] = worker
                 continue
             unpack_state(self.fed.clients[i], state, f"client_{i}", self.device)
             visits[i] = moved(visit, self.device)
+        # the next round starts once they are back (else its calls could still reach the dead process and fail)
+        ray.wait([w.process.options(max_task_retries=-1).remote() for w in restarted.values()],
+                 num_returns=len(restarted), timeout=self.args.worker_timeout)
         return visits, lost
