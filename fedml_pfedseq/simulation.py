@@ -10,6 +10,9 @@ payload, are evaluated on it when the round is due, train and upload; the others
 and left out of the round (round_close.py); the round goes on with the rest unless fewer than
 ``min_uploads_per_round`` remain. After the last round every client receives its final payload and is evaluated
 (the final table covers all N).
+
+Who trains a round's clients is the engine's part (``common_args.engine``): ``LocalEngine`` visits them in turn in
+this process, ``ray_engine.RayEngine`` on Ray workers; the loop, the server and the screening are the same.
 """
 from __future__ import annotations
 
