@@ -145,6 +145,20 @@ def restore(obj, state: dict, decode: _Decoder, where: str) -> None:
             setattr(obj, name, decode(node))
 
 
+def pack_state(obj, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """``obj``'s state as a checkpoint holds it (a plain skeleton and its tensors, CPU copies), to move it to another
+    process: the Ray engine sends a client's state with the client to whichever worker trains it."""
+    encode = _Encoder()
+    return capture(obj, encode, where), encode.tensors
+
+
+def unpack_state(obj, packed: tuple[dict, dict[str, torch.Tensor]], where: str,
+                 device: torch.device | str = "cpu") -> None:
+    """Put what ``pack_state`` packed back into ``obj`` (accelerator tensors onto ``device``), as a resume does."""
+    skeleton, tensors = packed
+    restore(obj, skeleton, _Decoder(tensors, device), where)
+
+
 def rng_state() -> dict:
     """The global generators (torch, numpy, python); the strategies seed their own, this covers the rest."""
     numpy_state = np.random.get_state(legacy=False)

@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["grid"].add_argument("path", type=Path, help="the grid file (methods x scenarios x seeds)")
     p["grid"].add_argument("--workers", type=int, default=1, help="cells run at once, one process each (several "
                            "`pfedseq grid` processes may also share the output folder)")
+    p["grid"].add_argument("--engine", choices=["local", "ray"], default="local",
+                           help="local: cells in processes of this machine (--workers); ray: each cell a Ray task on "
+                                "the Ray the recipes' ray_args name (a local one by default; pip install '.[ray]')")
     p["grid"].add_argument("--rows", nargs="+", default=None, metavar="NAME",
                            help="run only these rows (method names as in the grid's table); their cells are the "
                                 "whole grid's, so a later run of every row keeps them")
@@ -154,7 +157,7 @@ def grid(args) -> None:
     from fedml_pfedseq.grid import run_grid
 
     print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress,
-                   workers=args.workers, rows=args.rows)["markdown"])
+                   workers=args.workers, rows=args.rows, engine=args.engine)["markdown"])
 
 
 def deploy(args) -> None:

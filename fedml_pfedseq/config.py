@@ -43,6 +43,9 @@ def require(ok: bool, key: str, message: str) -> None:
         raise RecipeError(f"{key} {message}")
 
 
+ENGINES = ("local", "ray")  # common_args.engine: simulation.py's LocalEngine, ray_engine.py's RayEngine
+
+
 @dataclass
 class CommonArgs:
     training_type: str = recipe_key("simulation", "'simulation' (our in-process simulator) or 'cross_silo' (FedML)")
@@ -53,10 +56,14 @@ class CommonArgs:
                                         "interrupted run, or extends a finished one (a larger comm_round)")
     federated_scenario: str = recipe_key("", "free text for reports, e.g. 'real-world (Omniglot drawers)'; FedML keeps "
                                              "'scenario' for its own horizontal|hierarchical switch")
+    engine: str = recipe_key("local", "how the simulator runs a round's clients: 'local' (one after another in this "
+                                      "process) or 'ray' (in parallel on Ray actors, see ray_args; pip install .[ray])")
 
     def __post_init__(self):
         require(self.training_type in ("simulation", "cross_silo"), "common_args.training_type",
                 f"must be 'simulation' or 'cross_silo', got {self.training_type!r}")
+        require(self.engine in ENGINES, "common_args.engine", f"must be one of {list(ENGINES)}, got {self.engine!r}")
+
 
 @dataclass
 class DataArgs:
@@ -118,6 +125,7 @@ class DataArgs:
                 "data_args.cluster_transforms", f"must be null or a non-empty list of {sorted(CLUSTER_TRANSFORMS)}, "
                 f"got {self.cluster_transforms}" + (f" (unknown: {unknown})" if unknown else ""))
 
+
 @dataclass
 class ModelArgs:
     model: str = recipe_key("vit-small-cifar10", "a directory, a name under hf_models/, or a Hub ViT id")
@@ -138,6 +146,7 @@ class ModelArgs:
         require(self.client_depths is None or (bool(self.client_depths) and min(self.client_depths) >= 1),
                 "model_args.client_depths", f"must be null or a non-empty list of layer counts >= 1, "
                 f"got {self.client_depths}")
+
 
 @dataclass
 class TrainArgs:
@@ -169,6 +178,7 @@ class TrainArgs:
         require(per_round is None or self.min_uploads_per_round <= per_round, "train_args.min_uploads_per_round",
                 f"({self.min_uploads_per_round}) exceeds client_num_per_round ({per_round})")
 
+
 @dataclass
 class ValidationArgs:
     frequency_of_the_test: int = recipe_key(1, "evaluate every k rounds (the final round is always evaluated)")
@@ -176,6 +186,7 @@ class ValidationArgs:
 
     def __post_init__(self):
         require(self.frequency_of_the_test >= 1, "validation_args.frequency_of_the_test", "must be >= 1")
+
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # device_args.mixed_precision ("no", accelerate's word, is False in YAML)
 
@@ -202,6 +213,7 @@ class DeviceArgs:
         require(self.mixed_precision in PRECISIONS, "device_args.mixed_precision",
                 f"must be one of {list(PRECISIONS)}, got {self.mixed_precision!r}")
 
+
 @dataclass
 class CommArgs:
     """Cross-silo deployments only (``pfedseq party`` / ``pfedseq deploy``); the simulator ignores them."""
@@ -224,6 +236,7 @@ class CommArgs:
         require(u is None or 0 < u < self.round_timeout, "comm_args.upload_timeout",
                 f"must be null or > 0 seconds and below comm_args.round_timeout ({self.round_timeout}, after which a "
                 f"waiting party stops), got {u}")
+
 
 @dataclass
 class TrackingArgs:
@@ -257,6 +270,37 @@ class HubArgs:
             require(self.save_adapters, "hub_args.save_adapters", "must be true when push_to_hub is true (the push "
                     "uploads the adapters the run writes)")
 
+
+@dataclass
+class RayArgs:
+    """``common_args.engine: ray`` only (and ``pfedseq grid --engine ray``): where Ray runs and how many workers."""
+
+    ray_address: str | None = recipe_key(None, "None: start a Ray instance on this machine for the run; else an "
+                                               "existing cluster's address for ray.init(address=...) ('auto': the one "
+                                               "this node belongs to); its nodes need the recipe's data and backbone")
+    num_workers: int | None = recipe_key(None, "Ray actors that train clients, each holding the data and backbone "
+                                               "once; None: one per GPU where the recipe uses GPUs and Ray has "
+                                               "them, else one per threads_per_worker CPUs")
+    threads_per_worker: int = recipe_key(1, "CPUs each worker reserves, and its torch threads where "
+                                            "device_args.num_threads is not set")
+    object_store_mib: int | None = recipe_key(None, "a local Ray's object store in MiB (None: Ray's default, about 30% "
+                                                    "of RAM in /dev/shm)")
+    ray_temp_dir: str | None = recipe_key(None, "a local Ray's session folder (logs, sockets, auth token); None: a "
+                                                "fresh folder under the system's temp folder, removed at the end")
+    worker_retries: int = recipe_key(1, "times a client's training is retried on a restarted worker after its worker "
+                                        "died; then the client is left out of the round (as a rejected upload)")
+    worker_timeout: float = recipe_key(900.0, "seconds a round waits for its workers; a client not back by then is "
+                                              "left out of the round and its worker restarted")
+
+    def __post_init__(self):
+        require(self.num_workers is None or self.num_workers >= 1, "ray_args.num_workers", "must be null or >= 1")
+        require(self.threads_per_worker >= 1, "ray_args.threads_per_worker", "must be >= 1")
+        require(self.object_store_mib is None or self.object_store_mib >= 80, "ray_args.object_store_mib",
+                "must be null or >= 80 (Ray's minimum object store)")
+        require(self.worker_retries >= 0, "ray_args.worker_retries", "must be >= 0")
+        require(self.worker_timeout > 0, "ray_args.worker_timeout", "must be > 0 seconds")
+
+
 SECTIONS: dict[str, type] = {
     "common_args": CommonArgs,
     "data_args": DataArgs,
@@ -267,6 +311,7 @@ SECTIONS: dict[str, type] = {
     "comm_args": CommArgs,
     "tracking_args": TrackingArgs,
     "hub_args": HubArgs,
+    "ray_args": RayArgs,
 }
 
 
@@ -284,6 +329,7 @@ class Recipe:
     comm_args: CommArgs = field(default_factory=CommArgs)
     tracking_args: TrackingArgs = field(default_factory=TrackingArgs)
     hub_args: HubArgs = field(default_factory=HubArgs)
+    ray_args: RayArgs = field(default_factory=RayArgs)
     algorithm_args: Any = None  # the method's own dataclass, filled by load_recipe
     source: Path | None = None
     label: str | None = None  # a name for this run other than the file's stem (a suite's variant of a recipe)
@@ -388,10 +434,13 @@ def build_section(cls: type, values: dict | None, where: str):
 
 def check_across_sections(recipe: Recipe) -> None:
     """The rules that read two sections (each section checks its own keys in ``__post_init__``)."""
-    d, t, v, h = recipe.data_args, recipe.train_args, recipe.validation_args, recipe.hub_args
+    c, d, t, v, h = recipe.common_args, recipe.data_args, recipe.train_args, recipe.validation_args, recipe.hub_args
     silos = len(d.data_files or [])
     require(d.partition_method != "silo" or t.client_num_in_total in (None, silos), "train_args.client_num_in_total",
             f"is {t.client_num_in_total} but data_args.data_files lists {silos} silos")
+    require(c.engine != "ray" or not h.hub_push_every, "hub_args.hub_push_every",
+            "needs common_args.engine: local (its checkpoints save the models as each client was evaluated, which "
+            "on Ray happens in a worker)")
     require(h.hub_learner_init is None or t.federated_optimizer.lower() == "pfedseq", "hub_args.hub_learner_init",
             f"warm-starts pFedSeq's SeqLearner; method {t.federated_optimizer!r} has none")
     every = h.hub_push_every

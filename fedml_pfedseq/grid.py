@@ -55,13 +55,14 @@ from pathlib import Path
 import yaml
 from tqdm.auto import tqdm
 
-from fedml_pfedseq.config import Recipe, RecipeError, load_yaml, recipe_changes
+from fedml_pfedseq.config import ENGINES, Recipe, RecipeError, load_yaml, recipe_changes
 from fedml_pfedseq.environment import gpu_ids
 from fedml_pfedseq.suite import load_entry
 
 GRID_KEYS = {"description", "methods", "scenarios", "seeds", "overrides", "tuning", "output_dir"}
 TUNING_KEYS = {"rounds", "seed", "grid", "grid_chosen_by", "methods"}
-OUTPUT_ONLY = ("hub_args", "tracking_args", "common_args.checkpoint", "common_args.output_dir")
+OUTPUT_ONLY = ("hub_args", "tracking_args", "common_args.checkpoint", "common_args.output_dir",
+               "common_args.engine", "ray_args")  # how a cell's clients run does not change its results
 LOCK_FILE = ".grid_lock"  # in a cell's folder while a process runs it: {"host": ..., "pid": ...}
 
 
@@ -332,12 +333,18 @@ def wait_for_others(seconds: float) -> None:
     time.sleep(seconds)
 
 
-def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_seconds: float = 10.0) -> None:
+def _run(cells: list[Cell], desc: str, progress: bool, workers: int = 1, poll_seconds: float = 10.0,
+         engine: str = "local") -> None:
     """Run every cell that is not done, ``workers`` at a time, claiming each first; wait for the cells other
-    processes hold. The first cell that fails ends the grid with its error, once the running cells are done."""
+    processes hold. The first cell that fails ends the grid with its error, once the running cells are done.
+    ``engine`` "ray": every cell not done as a Ray task instead (ray_grid.py)."""
     for cell in cells:
         if cell.done:
             cell.check_unchanged()
+    if engine == "ray":
+        from fedml_pfedseq.ray_grid import run_cells
+
+        return run_cells([cell for cell in cells if not cell.done], desc, progress)
     bar = tqdm(total=sum(not c.done for c in cells), desc=desc, disable=not progress)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1 else None
     threads = max(1, (os.cpu_count() or 1) // workers) if pool else None
@@ -389,29 +396,42 @@ def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None, gpu
 
 
 def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
-             progress: bool = True, workers: int = 1, rows: list[str] | None = None) -> dict:
-    """Tune (if the grid says so), run every seed cell that is not done yet (``workers`` at once), then write the
-    summary (see ``summarize``) and return it. ``rows``: only these methods' cells (the grid's values are still
-    chosen by ``grid_chosen_by``), in the folders the whole grid uses, so a later full run keeps them."""
+             progress: bool = True, workers: int = 1, rows: list[str] | None = None, engine: str = "local") -> dict:
+    """Tune (if the grid says so), run every seed cell that is not done yet (``workers`` at once, or with
+    ``engine`` "ray" as Ray tasks on the Ray that the cells' ray_args name), then write the summary (see
+    ``summarize``) and return it. ``rows``: only these methods' cells (the grid's values are still chosen by
+    ``grid_chosen_by``), in the folders the whole grid uses, so a later full run keeps them."""
     if workers < 1:
         raise RecipeError(f"workers must be >= 1, got {workers}")
+    if engine not in ENGINES:
+        raise RecipeError(f"--engine must be one of {list(ENGINES)}, got {engine!r}")
     grid = load_grid(path, extra_overrides, output_dir)
+    if engine == "ray":
+        from fedml_pfedseq.ray_engine import RaySession
+
+        with RaySession(grid.seed_cells({})[0].recipe.ray_args):
+            return _run_grid(grid, rows, progress, workers, engine)
+    return _run_grid(grid, rows, progress, workers, engine)
+
+
+def _run_grid(grid: Grid, rows: list[str] | None, progress: bool, workers: int, engine: str) -> dict:
     selected = grid.select(rows)
     chooser = (grid.tuning or {}).get("grid_chosen_by")
     shared = None
     if chooser is not None:  # first the chooser's runs pick the grid's values per scenario
         first = grid.tuning_cells(only=chooser)
-        _run(first, f"tune {grid.path.stem} ({chooser}: {', '.join(grid.tuning['grid'])})", progress, workers)
+        _run(first, f"tune {grid.path.stem} ({chooser}: {', '.join(grid.tuning['grid'])})", progress, workers,
+             engine=engine)
         picked, _ = choose(first)
         shared = {scenario: picked[(scenario, chooser)] for scenario in grid.scenarios}
     tuning = [cell for cell in grid.tuning_cells(shared=shared) if cell.method in selected]
-    _run(tuning, f"tune {grid.path.stem}", progress, workers)
+    _run(tuning, f"tune {grid.path.stem}", progress, workers, engine=engine)
     chosen, candidates = choose(tuning)
     for scenario in grid.scenarios:  # methods with a single candidate run with it
         for name in grid.names:
             chosen.setdefault((scenario, name), grid.candidates(name, (shared or {}).get(scenario))[0])
     cells = [cell for cell in grid.seed_cells(chosen) if cell.method in selected]
-    _run(cells, f"grid {grid.path.stem}", progress, workers)
+    _run(cells, f"grid {grid.path.stem}", progress, workers, engine=engine)
     return summarize(cells, grid.root, candidates)
 
 

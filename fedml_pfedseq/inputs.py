@@ -2,6 +2,7 @@
 ``missing_inputs`` so that a machine that lacks one is told before any run starts (torch-free, like the check)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from fedml_pfedseq.data.loading import KNOWN_DATASETS, find_data_file
@@ -32,8 +33,9 @@ def resolve_backbone(name: str) -> str:
 
 def missing_inputs(recipe) -> tuple[list[str], list[str]]:
     """(what this machine lacks to run ``recipe``, what a run would download): a data file found nowhere on the
-    search path, a backbone that is no directory, bundled model or Hub id; a Hub backbone or dataset that is not in
-    the Hugging Face cache. A silo client's own file is its party's to check (``pfedseq party``)."""
+    search path, a backbone that is no directory, bundled model or Hub id, Ray where the recipe's engine is Ray; a
+    Hub backbone or dataset that is not in the Hugging Face cache. A silo client's own file is its party's to check
+    (``pfedseq party``)."""
     from huggingface_hub import try_to_load_from_cache  # light: no torch
 
     missing, downloads = [], []
@@ -47,6 +49,8 @@ def missing_inputs(recipe) -> tuple[list[str], list[str]]:
             find_data_file(KNOWN_DATASETS[data.dataset].files[data.dataset_split], data.data_dir)
         except FileNotFoundError as err:
             missing.append(str(err))
+    if recipe.common_args.engine == "ray" and importlib.util.find_spec("ray") is None:
+        missing.append("Ray, which common_args.engine: ray needs: pip install '.[ray]'")
     try:
         backbone = resolve_backbone(recipe.model_args.model)
     except FileNotFoundError as err:

@@ -11,10 +11,11 @@ class RoundError(RuntimeError):
     """A round left with fewer valid uploads than ``train_args.min_uploads_per_round``."""
 
 
-def screen(server, uploads: dict, round_idx: int, minimum: int) -> tuple[dict, dict[int, str]]:
-    """The uploads the server accepts, and the reason for each it refuses (logged); RoundError when fewer than
-    ``minimum`` are accepted."""
-    accepted, rejected = {}, {}
+def screen(server, uploads: dict, round_idx: int, minimum: int,
+           lost: dict[int, str] | None = None) -> tuple[dict, dict[int, str]]:
+    """The uploads the server accepts, and the reason for each it refuses (logged) or that never came (``lost``:
+    client -> why, e.g. its Ray worker died); RoundError when fewer than ``minimum`` are accepted."""
+    accepted, rejected = {}, dict(lost or {})
     for i, upload in uploads.items():
         try:
             server.check_upload(i, upload)

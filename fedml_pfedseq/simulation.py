@@ -10,6 +10,9 @@ payload, are evaluated on it when the round is due, train and upload; the others
 and left out of the round (round_close.py); the round goes on with the rest unless fewer than
 ``min_uploads_per_round`` remain. After the last round every client receives its final payload and is evaluated
 (the final table covers all N).
+
+Who trains a round's clients is the engine's part (``common_args.engine``): ``LocalEngine`` visits them in turn in
+this process, ``ray_engine.RayEngine`` on Ray workers; the loop, the server and the screening are the same.
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -35,7 +39,8 @@ from fedml_pfedseq.training import select_device
 from fedml_pfedseq.transport import check_plain
 
 RECIPE_FILE, SUMMARY_FILE = "recipe.yaml", "summary.json"  # what a run writes beside its checkpoint
-RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir")
+RESUMABLE_CHANGES = ("train_args.comm_round", "hub_args", "tracking_args", "common_args.output_dir",
+                     "common_args.engine", "ray_args")  # what is saved or pushed, and how rounds are run
 
 
 def federation_parts(fed: Federation) -> dict[str, object]:
@@ -79,46 +84,101 @@ def checked(payloads: dict) -> dict:
     return payloads
 
 
+AfterEvaluation = Callable[[int, int, object], None]  # (round, client id, client), its evaluated model loaded
+
+
+@dataclass
+class Visit:
+    """What one sampled client did in a round: its evaluation of what it received (None in a round not evaluated),
+    its upload, its training statistics, and the seconds evaluating and training took."""
+
+    evaluation: dict | None
+    upload: dict
+    train_stats: dict
+    eval_s: float
+    train_s: float
+
+
+def visit_client(client, payload: dict, round_idx: int, evaluate: bool,
+                 after_evaluation: AfterEvaluation | None = None) -> Visit:
+    """Client ``client``'s turn in round ``round_idx``: receive, evaluate (if due), train, upload. Every engine runs
+    this, the Ray engine in its workers."""
+    client.receive(payload)
+    t0 = time.perf_counter()
+    evaluation = client.evaluate() if evaluate else None
+    if evaluate and after_evaluation is not None:
+        after_evaluation(round_idx - 1, client.client_id, client)
+    t1 = time.perf_counter()
+    upload = client.train(round_idx)
+    return Visit(evaluation, upload, client.last_train_stats, t1 - t0, time.perf_counter() - t1)
+
+
+class LocalEngine:
+    """``common_args.engine: local``: a round's clients one after another in this process, on the federation's
+    shared models (the default; ray_engine.RayEngine is the other)."""
+
+    def __init__(self, fed: Federation):
+        self.fed = fed
+
+    def visit(self, round_idx: int, payloads: dict[int, dict], evaluate: bool,
+              after_evaluation: AfterEvaluation | None = None) -> tuple[dict[int, Visit], dict[int, str]]:
+        """Every client in ``payloads`` (client id -> its payload, in order) visited: (the visits, and the clients
+        whose visit never came back with why: none here)."""
+        return {i: visit_client(self.fed.clients[i], payload, round_idx, evaluate, after_evaluation)
+                for i, payload in payloads.items()}, {}
+
+    def __enter__(self) -> LocalEngine:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+def open_engine(fed: Federation):
+    """The engine ``common_args.engine`` names, as a context manager (the Ray engine starts and stops workers)."""
+    if fed.recipe.common_args.engine == "ray":
+        from fedml_pfedseq.ray_engine import RayEngine  # ray is an extra: imported only where a recipe asks for it
+
+        return RayEngine(fed)
+    return LocalEngine(fed)
+
+
 def run_federation(fed: Federation, progress: bool = True,
-                   after_evaluation: Callable[[int, int, object], None] | None = None,
+                   after_evaluation: AfterEvaluation | None = None,
                    before_aggregation: Callable[[int, MetricsLog], None] | None = None,
                    checkpoint: Path | None = None,
-                   resumed: tuple[int, dict, MetricsLog] | None = None) -> MetricsLog:
+                   resumed: tuple[int, dict, MetricsLog] | None = None,
+                   engine: LocalEngine | None = None) -> MetricsLog:
     """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end.
     With ``checkpoint``, save the federation there after every round; ``resumed``: go on from what
-    ``resume_federation`` restored.
+    ``resume_federation`` restored. ``engine`` runs each round's clients (default: a LocalEngine); the server, the
+    screening of uploads and the final evaluation stay here.
 
     ``after_evaluation(round, i, client)`` is called right after client i is evaluated at ``round``, while its
     evaluated model is still in ``client.model`` (to save exactly what was reported); ``before_aggregation(t - 1,
     log)`` once every client of round t has trained, while the server still holds the state after round t - 1."""
+    engine = engine or LocalEngine(fed)
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
     start, payloads, log = resumed or (1, checked(fed.server.initial_payloads()), MetricsLog())
     bar = tqdm(desc=f"{fed.recipe.name}", disable=not progress, initial=start - 1, total=rounds, unit="round")
     for t in range(start, rounds + 1):
         started = time.perf_counter()
-        uploads, train_s, eval_s = {}, 0.0, 0.0
         sampled = participants(fed.recipe, len(fed.clients), t)
-        for i in sampled:
-            client = fed.clients[i]
-            client.receive(payloads[i])
-            t0 = time.perf_counter()
-            if (t - 1) % every == 0:
-                log.add(round=t - 1, client=i, **client.evaluate())
-                if after_evaluation is not None:
-                    after_evaluation(t - 1, i, client)
-            t1 = time.perf_counter()
-            uploads[i] = client.train(t)
-            train_s, eval_s = train_s + time.perf_counter() - t1, eval_s + t1 - t0
-            log.add_train(round=t, client=i, **client.last_train_stats)
-        uploads, rejected = screen(fed.server, uploads, t, fed.recipe.train_args.min_uploads_per_round)
+        visits, lost = engine.visit(t, {i: payloads[i] for i in sampled}, (t - 1) % every == 0, after_evaluation)
+        for i, visit in visits.items():
+            if visit.evaluation is not None:
+                log.add(round=t - 1, client=i, **visit.evaluation)
+            log.add_train(round=t, client=i, **visit.train_stats)
+        uploads, left_out = screen(fed.server, {i: visit.upload for i, visit in visits.items()}, t,
+                                   fed.recipe.train_args.min_uploads_per_round, lost)
         if before_aggregation is not None:
             before_aggregation(t - 1, log)
         payloads = checked(fed.server.aggregate(uploads))
-        log.add_server(**round_record(t, len(sampled), uploads, rejected, payloads, fed.server))
+        log.add_server(**round_record(t, len(sampled), uploads, left_out, payloads, fed.server))
         log.round_seconds.append(time.perf_counter() - started)
-        log.train_seconds.append(train_s)
-        log.eval_seconds.append(eval_s)
+        log.train_seconds.append(sum(visit.train_s for visit in visits.values()))
+        log.eval_seconds.append(sum(visit.eval_s for visit in visits.values()))
         if checkpoint is not None:
             save_federation(checkpoint, fed, t, payloads, log)
         show_evaluated(bar, log)
@@ -177,7 +237,14 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     fed = build_federation(recipe, resuming=resume, progress=progress)
     resumed = resume_federation(source, fed) if resume else None
     warn_about(recipe)
-    # accepted: from here on the output folder is written
+    with open_engine(fed) as engine:  # Ray missing or its workers not starting refuses the run here
+        return _run_accepted(fed, engine, output_dir, resumed, source, started, progress)
+
+
+def _run_accepted(fed: Federation, engine: LocalEngine, output_dir: Path, resumed: tuple | None, source: Path,
+                  started: float, progress: bool) -> dict:
+    """``run_recipe`` once nothing can refuse the run any more: from here on the output folder is written."""
+    recipe, checkpoint = fed.recipe, output_dir / CHECKPOINT_FILE
     output_dir.mkdir(parents=True, exist_ok=True)
     if source.resolve() != checkpoint.resolve():
         shutil.copyfile(source, checkpoint)
@@ -195,7 +262,8 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
 
     log = run_federation(fed, progress=progress, after_evaluation=after_evaluation,
                          before_aggregation=pusher.before_aggregation if pusher else None,
-                         checkpoint=checkpoint if recipe.common_args.checkpoint else None, resumed=resumed)
+                         checkpoint=checkpoint if recipe.common_args.checkpoint else None, resumed=resumed,
+                         engine=engine)
     fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

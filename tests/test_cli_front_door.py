@@ -4,6 +4,7 @@ them."""
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 import subprocess
 import sys
@@ -61,6 +62,16 @@ def test_docs_check_fails_naming_a_stale_page_and_docs_rewrites_it(tmp_path, mon
     assert "['api.md', 'methods.md']" in capsys.readouterr().err
     main(["docs"])
     assert main(["docs", "--check"]) == 0
+
+
+def test_check_names_ray_where_the_engine_needs_it_and_this_machine_lacks_it(monkeypatch, capsys):
+    recipe = str(REPO / "recipes" / "omniglot_fedavg.yaml")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    assert main(["check", recipe]) == 0  # the local engine needs no Ray
+    capsys.readouterr()
+    assert main(["check", recipe, "--set", "common_args.engine=ray"]) == 2
+    assert "Ray, which common_args.engine: ray needs: pip install '.[ray]'" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["check", str(REPO / "recipes" / "omniglot_fedavg.yaml")]])
