@@ -25,6 +25,7 @@ their workers while waiting for the rest.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import secrets
 import shutil
@@ -59,6 +60,13 @@ def import_ray():
     return ray
 
 
+@functools.lru_cache(maxsize=1)
+def process_token() -> str:
+    """The auth token of every local Ray this process starts: Ray's driver reads its token once and keeps it, so a
+    second Ray started with a new token would refuse this process (InvalidAuthToken)."""
+    return secrets.token_hex(32)
+
+
 class RaySession:
     """Ray for one run or grid: connected to ``ray_args.ray_address``, or a Ray started on this machine with its
     session folder, object store and auth token under ``ray_args.ray_temp_dir`` (a fresh temporary folder unless
@@ -85,7 +93,7 @@ class RaySession:
         self.temp_dir.mkdir(parents=True, exist_ok=True)
         if not (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")):
             token = self.temp_dir / "auth_token"  # Ray would write ~/.ray/auth_token otherwise
-            token.write_text(secrets.token_hex(32))
+            token.write_text(process_token())
             token.chmod(0o600)
             os.environ["RAY_AUTH_TOKEN_PATH"] = self.own_token = str(token)
         memory = self.args.object_store_mib * 2 ** 20 if self.args.object_store_mib else None

@@ -92,8 +92,8 @@ def simulate_without(recipe, client: int, from_round: int) -> dict:
     """The simulator on ``recipe`` with ``client``'s uploads absent from ``from_round`` on: its rows."""
     screen = simulation.screen
 
-    def drop(server, uploads, t, minimum):
-        return screen(server, {i: u for i, u in uploads.items() if i != client or t < from_round}, t, minimum)
+    def drop(server, uploads, t, minimum, lost=None):
+        return screen(server, {i: u for i, u in uploads.items() if i != client or t < from_round}, t, minimum, lost)
 
     with mock.patch.object(simulation, "screen", drop):
         log = simulation.run_federation(build_federation(recipe), progress=False)

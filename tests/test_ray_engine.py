@@ -198,6 +198,26 @@ def test_a_local_ray_keeps_its_session_and_token_in_a_temporary_folder_it_remove
     assert not (home / ".ray").exists()
 
 
+TWICE = """
+import ray
+from fedml_pfedseq.config import RayArgs
+from fedml_pfedseq.ray_engine import RaySession
+for _ in range(2):
+    with RaySession(RayArgs(object_store_mib=100), cpus=1):
+        print(ray.get(ray.remote(lambda: 1).remote()), flush=True)
+"""
+
+
+def test_one_process_starts_a_local_ray_a_second_time(tmp_path):
+    """Ray's driver keeps the first token it read: a second local Ray (a test module after another, a grid after a
+    run) must get the same one, or the driver is refused (InvalidAuthToken)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    result = subprocess.run([sys.executable, "-c", TWICE], capture_output=True, text=True, timeout=600,
+                            env={**env, "HOME": str(tmp_path)})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["1", "1"]
+
+
 def test_a_local_ray_that_fails_to_start_leaves_no_folder_and_no_token_behind(monkeypatch):
     class FailingRay:
         def is_initialized(self):
