@@ -216,14 +216,14 @@ def docs(args) -> int:
     from fedml_pfedseq import reference_docs
 
     if args.check:
-        pages = reference_docs.stale(reference_docs.DOCS)
+        pages = reference_docs.stale()
         if pages:
             print(f"pfedseq: stale reference pages in {reference_docs.DOCS}: {pages}; run `pfedseq docs`",
                   file=sys.stderr)
             return 1
         print(f"{reference_docs.DOCS}: up to date")
         return 0
-    changed = reference_docs.write(reference_docs.DOCS)
+    changed = reference_docs.write()
     print(f"{reference_docs.DOCS}: {len(changed)} page(s) rewritten {changed}")
     return 0
 

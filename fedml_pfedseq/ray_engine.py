@@ -150,7 +150,7 @@ class ClientWorker:
         """(the Visit, the client's state after it), tensors on the CPU for the way back."""
         client = self.fed.clients[client_id]
         unpack_state(client, state, f"client_{client_id}", self.device)
-        visit = visit_client(client, moved(payload, self.device), round_idx, evaluate)
+        visit = visit_client(client, payload, round_idx, evaluate)  # payloads are CPU tensors, as in every engine
         return moved(visit, torch.device("cpu")), pack_state(client, f"client_{client_id}")
 
     def process(self) -> dict:
@@ -251,7 +251,7 @@ class RayEngine:
                 restarted[id(worker)] = worker
                 continue
             unpack_state(self.fed.clients[i], state, f"client_{i}", self.device)
-            visits[i] = moved(visit, self.device)
+            visits[i] = visit  # on the CPU, as the local engine's uploads are
         # the next round starts once they are back (else its calls could still reach the dead process and fail)
         ray.wait([w.process.options(max_task_retries=-1).remote() for w in restarted.values()],
                  num_returns=len(restarted), timeout=self.args.worker_timeout)
