@@ -25,7 +25,7 @@ import torch
 from fedml_pfedseq.config import load_recipe
 from fedml_pfedseq.federation import build_federation, client_depth
 from fedml_pfedseq.training import requires_grad, train_epochs
-from fedml_pfedseq.transport import pickled_bytes
+from fedml_pfedseq.transport import encoded_bytes
 
 
 def best_seconds(run, repeats: int) -> float:
@@ -60,10 +60,10 @@ def measure(client, payload: dict, repeats: int) -> dict:
     local_model = [*model.backbone_parameters().values(), *model.head.parameters()]
     return {
         "depth": len(model.backbone.base_model.model.vit.layers),
-        "pfedlora_payload_bytes": pickled_bytes(payload),
-        "pfedlora_upload_bytes": pickled_bytes(upload),
-        "full_payload_bytes": pickled_bytes({"client_id": client.client_id, **full_state}),
-        "full_upload_bytes": pickled_bytes(full_upload),
+        "pfedlora_payload_bytes": encoded_bytes(payload),
+        "pfedlora_upload_bytes": encoded_bytes(upload),
+        "full_payload_bytes": encoded_bytes({"client_id": client.client_id, **full_state}),
+        "full_upload_bytes": encoded_bytes(full_upload),
         "pfedlora_train_seconds": best_seconds(pfedlora_round, repeats),
         "full_train_seconds": best_seconds(full_model_round, repeats),
         "pfedlora_trainable_params": {"local_model_phase": sum(p.numel() for p in local_model),

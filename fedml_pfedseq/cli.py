@@ -39,6 +39,9 @@ COMMANDS = {
     "deploy": "run a recipe as a FedML cross-silo deployment on this machine (server + one process per client, gRPC "
               "on 127.0.0.1)",
     "party": "run one FedML cross-silo party (what each silo runs)",
+    "certs": "issue a federation's TLS certificates: a CA in DIR unless one is there, then one certificate and key "
+             "per party (party-0: the server, party-k: client k-1) that has none; give each party ca.crt and its own "
+             "pair",
     "check": "load and validate a recipe (or suite, or grid), find its data and backbone on this machine, and say "
              "what it would run; runs nothing",
     "keys": "print every recipe key with its default and meaning (from the config dataclasses)",
@@ -100,6 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
                        "(parties/<party>/checkpoint.safetensors): the server with the round in progress, a client "
                        "with its saved state (fresh without one); needs comm_args.upload_timeout")
     add_recipe_options(party, progress=False)
+
+    certs = p["certs"]
+    certs.add_argument("path", type=Path, metavar="DIR", help="the folder of the CA and the parties' files")
+    certs.add_argument("--clients", type=int, required=True, help="the federation's client count N (ranks 1..N)")
+    certs.add_argument("--days", type=int, default=365, help="how long new certificates are valid")
 
     p["docs"].add_argument("--check", action="store_true", help="write nothing; exit 1 naming the pages that "
                            "differ from the code")
@@ -173,6 +181,17 @@ def party(args) -> None:
 
     recipe = load_recipe(args.path, args.overrides)
     run_party(recipe, args.rank, args.role, args.output_dir or recipe.output_dir, args.run_id, args.resume)
+
+
+def certs(args) -> None:
+    from fedml_pfedseq.cross_silo.certificates import CA_CERT, issue_federation
+
+    if args.clients < 1 or args.days < 1:
+        raise UserError("--clients and --days must be >= 1")
+    issued = issue_federation(args.path, args.clients, args.days)
+    print(f"{args.path}: issued party certificates for ranks {issued or 'none (all present)'}; every party's recipe "
+          f"names comm_args.ca_cert: {args.path / CA_CERT}, party_cert: {args.path}/party-{{rank}}.crt, party_key: "
+          f"{args.path}/party-{{rank}}.key (copy each party only ca.crt and its own pair; keep ca.key offline)")
 
 
 def check(args) -> None:
@@ -258,7 +277,8 @@ def env(args) -> None:
     print("\n".join(f"{what:<{width}}  {value}" for what, value in rows))
 
 
-HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "check": check, "keys": keys,
+HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "certs": certs, "check": check,
+            "keys": keys,
             "docs": docs, "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
 
 
@@ -278,7 +298,7 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = show_warning
-    if args.command not in ("check", "keys", "hub-serve"):
+    if args.command not in ("check", "keys", "hub-serve", "certs"):
         from fedml_pfedseq.console import quiet_libraries
 
         quiet_libraries()

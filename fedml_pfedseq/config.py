@@ -226,6 +226,16 @@ class CommArgs:
     upload_timeout: float | None = recipe_key(None, "seconds after a round's payloads go out until the server "
                                                     "aggregates the uploads that arrived (at least "
                                                     "train_args.min_uploads_per_round); None: wait for every client")
+    tls: bool = recipe_key(True, "mutual TLS between parties: each proves its rank with a certificate signed by the "
+                                 "federation's CA (docs/security.md); false: plaintext, warned about by every party")
+    ca_cert: str | None = recipe_key(None, "the federation CA's certificate (PEM); `pfedseq certs` issues one, "
+                                           "`pfedseq deploy` a throw-away one when unset")
+    party_cert: str | None = recipe_key(None, "this party's certificate (PEM), signed by the CA; {rank} is replaced by "
+                                              "the party's rank, e.g. certs/party-{rank}.crt")
+    party_key: str | None = recipe_key(None, "this party's private key (PEM); {rank} as in party_cert")
+    max_message_mb: float | None = recipe_key(None, "the largest message a party sends or accepts; None: from the "
+                                                    "payload size (the adapter and head times the method's states "
+                                                    "per message, plus 1 MiB)")
 
     def __post_init__(self):
         require(self.backend == "GRPC", "comm_args.backend", f"must be 'GRPC' (FedML's gRPC transport, the one this "
@@ -236,6 +246,13 @@ class CommArgs:
         require(u is None or 0 < u < self.round_timeout, "comm_args.upload_timeout",
                 f"must be null or > 0 seconds and below comm_args.round_timeout ({self.round_timeout}, after which a "
                 f"waiting party stops), got {u}")
+        require(self.max_message_mb is None or self.max_message_mb > 0, "comm_args.max_message_mb",
+                "must be null or > 0")
+        if self.tls and any(p is not None for p in (self.ca_cert, self.party_cert, self.party_key)):
+            for key in ("ca_cert", "party_cert", "party_key"):
+                require(getattr(self, key) is not None, f"comm_args.{key}",
+                        "must be set with the other two (ca_cert, party_cert, party_key), or all three left unset "
+                        "for `pfedseq deploy` to issue throw-away certificates")
 
 
 @dataclass

@@ -1,8 +1,6 @@
 """FedML cross-silo deployment: real server and client processes talking gRPC on 127.0.0.1."""
-import io
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -18,7 +16,8 @@ from conftest import small_recipe
 from fedml_pfedseq.cli import main
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.cross_silo.aggregator import StrategyAggregator
-from fedml_pfedseq.cross_silo.fedml_runtime import POLL_SECONDS, WaitingQueue, patch_fedml
+from fedml_pfedseq.cross_silo.fedml_runtime import patch_fedml
+from fedml_pfedseq.cross_silo.grpc_transport import SecureGRPCCommManager
 from fedml_pfedseq.cross_silo.launcher import (
     DeploymentError,
     Party,
@@ -33,7 +32,7 @@ from fedml_pfedseq.federation import build_client, build_data, build_model, buil
 from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.strategies import METHODS
 from fedml_pfedseq.strategies.fedavg import FedAvgServer
-from fedml_pfedseq.transport import check_plain
+from fedml_pfedseq.transport import WireLimits, check_plain, decode, encode, fingerprint
 
 CLIENTS = 3
 # three clients from a Dirichlet split of the embedded Omniglot; pFedSeq personalizes from round 2 (W=1)
@@ -55,21 +54,11 @@ def parties(output_dir: Path) -> dict:
 
 # --- FedML's runtime, patched -------------------------------------------------------------------------------------
 
-def test_waiting_queue_poll_waits_for_an_item_instead_of_spinning():
-    q = WaitingQueue()
-    threading.Timer(POLL_SECONDS / 4, q.put, args=["message"]).start()
-    assert q.qsize() == 1  # a plain Queue answers 0 at once, so FedML's loop would spin
-    q.get()
-    started = time.monotonic()
-    assert q.qsize() == 0
-    assert time.monotonic() - started >= POLL_SECONDS * 0.9  # an empty poll waited rather than returned
-
-
-def test_patched_grpc_servicer_receives_into_a_waiting_queue():
+def test_patched_fedml_starts_the_checking_transport_instead_of_its_pickling_one():
     patch_fedml()
-    from fedml.core.distributed.communication.grpc.grpc_server import GRPCCOMMServicer
+    from fedml.core.distributed.communication.grpc import grpc_comm_manager
 
-    assert isinstance(GRPCCOMMServicer("127.0.0.1", 0, 1, 0).message_q, WaitingQueue)
+    assert grpc_comm_manager.GRPCCommManager is SecureGRPCCommManager  # FedML's factory imports it from there
 
 
 OFFLINE_PROBE = """
@@ -118,23 +107,15 @@ def test_fedml_init_makes_no_network_attempt_and_writes_under_the_run(tmp_path, 
 
 # --- what travels ---------------------------------------------------------------------------------------------
 
-class OnlyTorchUnpickler(pickle.Unpickler):
-    """Refuses every class outside torch and the standard containers: an object of ours would fail here."""
-
-    def find_class(self, module, name):
-        if module.split(".")[0] in ("torch", "collections", "builtins", "copyreg", "_codecs"):
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"{module}.{name} is not plain data")
-
-
-def test_payloads_are_plain_tensors_that_unpickle_without_our_classes(tiny_vit, tmp_path):
+def test_payloads_travel_through_the_codec_unchanged(tiny_vit, tmp_path):
     state = {"lora": {"layer.0.lora_A.weight": torch.randn(2, 3)}, "head": {"weight": torch.randn(4, 3)}}
     server = FedAvgServer(2, state, small_recipe("FedAvg", tiny_vit, tmp_path))
     for i, payload in server.initial_payloads().items():
         check_plain(payload, f"payload {i}")
-        loaded = OnlyTorchUnpickler(io.BytesIO(pickle.dumps(payload))).load()
+        loaded = wire({"round": 1, "payload": payload})["payload"]
         assert loaded["client_id"] == i and torch.equal(loaded["lora"]["layer.0.lora_A.weight"],
                                                         state["lora"]["layer.0.lora_A.weight"])
+        assert fingerprint(loaded) == fingerprint(payload)
 
 
 def test_check_plain_names_what_cannot_travel():
@@ -152,7 +133,7 @@ def test_check_plain_names_what_cannot_travel():
 def test_party_refuses_a_rank_that_does_not_fit_its_role(tiny_vit, tmp_path):
     ipconfig = tmp_path / "ip.csv"
     ipconfig.write_text("eid,rank,grpc_server_ip,grpc_server_port\n")
-    recipe = silo_recipe(tiny_vit, tmp_path, grpc_ipconfig_path=str(ipconfig))
+    recipe = silo_recipe(tiny_vit, tmp_path, grpc_ipconfig_path=str(ipconfig), tls=False)
     assert check_party(recipe, 0, "server") == CLIENTS and check_party(recipe, 3, "client") == CLIENTS
     for rank, role in [(0, "client"), (1, "server"), (4, "client")]:
         with pytest.raises(RecipeError, match="rank"):
@@ -260,16 +241,17 @@ def test_deployment_reproduces_the_simulator(deployed):
     assert summary["final_test_accuracy_mean"] == pytest.approx(simulated["final_test_accuracy_mean"], abs=1e-9)
 
 
-def wire(message):
-    """What crosses FedML's transport: the message pickled and unpickled (FedML pickles its messages)."""
-    return pickle.loads(pickle.dumps(message))
+def wire(params):
+    """What crosses the parties' transport: the model parameters of a message, encoded and decoded."""
+    data = encode(2, 0, 1, {"model_params": params})
+    return decode(data, WireLimits(len(data))).params["model_params"]
 
 
 def drive_like_fedml(recipe) -> list[dict]:
     """Every party of ``recipe`` in this process, each with its own model as ``run_party`` builds it, driven through
     FedML's calls: the server manager's first ``get_model_params``, then per round each client sampled for it
     (``participants``, as the server manager sends) ``set_model_params`` / ``train`` / ``get_model_params`` and the
-    server's ``aggregate_round``, then the final payloads to every client; every message pickled on the way. Returns
+    server's ``aggregate_round``, then the final payloads to every client; every message encoded on the way. Returns
     every client's evaluation rows."""
     data = build_data(recipe)
     n = len(data.clients)
@@ -294,7 +276,7 @@ def drive_like_fedml(recipe) -> list[dict]:
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_every_methods_fedml_wrappers_reproduce_the_simulator(method, tiny_vit, tmp_path):
     """The FedML wrappers (StrategyAggregator, StrategyTrainer) of every method, driven in process through FedML's
-    call sequence with pickled messages, give the simulator's per-client metrics; the gRPC transport itself is
+    call sequence with encoded messages, give the simulator's per-client metrics; the gRPC transport itself is
     exercised by the real deployments (pFedSeq above, and the representative methods below)."""
     name = METHODS[method].name
     model_args = {"client_depths": [2, 1]} if method == "pfedlora" else {}

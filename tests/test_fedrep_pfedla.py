@@ -20,7 +20,7 @@ from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.lora_state import add, subtract
 from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import make_loader, train_epochs
-from fedml_pfedseq.transport import check_plain, pickled_bytes
+from fedml_pfedseq.transport import check_plain, encoded_bytes
 
 N, RANK, HIDDEN, LAYERS = 4, 2, 3, 3  # 4 clients; per layer D = 4 * RANK * HIDDEN = 24
 
@@ -224,14 +224,14 @@ def test_a_small_hypernetwork_step_moves_each_clients_adapter_along_its_update()
 
 def test_pfedla_payloads_carry_only_their_own_adapter():
     server, payloads = started(2)
-    single = pickled_bytes({"client_id": 0, "lora": initial_lora()})
+    single = encoded_bytes({"client_id": 0, "lora": initial_lora()})
     for i, payload in payloads.items():
         assert set(payload) == {"client_id", "lora"} and payload["client_id"] == i
         assert payload["lora"].keys() == initial_lora().keys()
         check_plain(payload, f"payload {i}")
         for value in payload["lora"].values():  # no view into the [D_l, N] matrix of all clients' adapters
             assert value.untyped_storage().nbytes() == value.numel() * value.element_size()
-        assert pickled_bytes(payload) <= single + 64
+        assert encoded_bytes(payload) <= single + 64
     for i in range(N):
         for j in range(i + 1, N):
             assert not equal(payloads[i]["lora"], payloads[j]["lora"])

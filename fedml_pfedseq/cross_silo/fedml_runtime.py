@@ -1,21 +1,19 @@
-"""FedML 0.9.6 made fit for offline deployments that survive a dead client: its arguments from a recipe, and
-six work-arounds.
+"""FedML 0.9.6 made fit for offline deployments that survive a dead client and trust nothing from the network: its
+arguments from a recipe, and five work-arounds.
 
 1. ``fedml.init`` POSTs five times to the hosted platform's config endpoint, even with MLOps off:
    ``fetch_config`` is replaced by a function that sets the same local fields without any network call.
 2. FedML writes logs, traces and an ``.env`` under ``~/.fedml``, and the wandb it imports makes temporary
    folders that a killed party never removes: before FedML starts, a party points ``HOME`` and ``TMPDIR`` at its
    own folder in the run's output directory (``isolate_fedml_files``).
-3. FedML's gRPC receive loop polls ``message_q.qsize() > 0`` without sleeping, pinning a core per idle party:
-   the servicer's queue is replaced by one whose ``qsize`` waits for an item (``WaitingQueue``).
+3. FedML's gRPC transport unpickles whatever reaches a party's port, listens without TLS, believes the sender a
+   message names, spins a core per idle party and sends without a deadline: its ``GRPCCommManager`` is replaced by
+   ``SecureGRPCCommManager`` (grpc_transport.py: the wire format of transport.py, mutual TLS, senders checked
+   against certificates, a waiting receive loop, sends bounded by ``comm_args.upload_timeout``).
 4. FedML's server waits for every client's upload: its server manager is replaced by
    ``RoundDeadlineServerManager`` (server_manager.py: a round deadline, late uploads discarded, dead clients
    skipped).
-5. FedML's gRPC send has no deadline: to a dead peer on this host it fails at once (connection refused), but to
-   a peer that accepts no connection it waits for gRPC's connect timeout (20 s by default). With
-   ``comm_args.upload_timeout`` every send is bounded by it (``BoundedStub``); a failed send raises
-   ``grpc.RpcError``.
-6. FedML's client counts its rounds itself, so one the server skipped would train on the final payload, and a
+5. FedML's client counts its rounds itself, so one the server skipped would train on the final payload, and a
    client whose payload was lost would wait for ever: its client manager is replaced by
    ``WaitingReportClientManager`` (client_manager.py: the round taken from the payload, a waiting report to the
    server when nothing follows an upload or a "not sampled" notice).
@@ -23,28 +21,13 @@ six work-arounds.
 from __future__ import annotations
 
 import argparse
-import functools
 import logging
 import os
 import platform
-import queue
 import tempfile
 from pathlib import Path
 
 from fedml_pfedseq.config import Recipe
-
-POLL_SECONDS = 0.2  # how long one poll of an empty receive queue waits before FedML's loop checks is_running
-SEND_TIMEOUT: float | None = None  # the deadline of one gRPC send (patch_fedml sets it); None: none
-
-
-class WaitingQueue(queue.Queue):
-    """A queue whose ``qsize()`` blocks up to ``POLL_SECONDS`` while empty, turning FedML's spin into a wait."""
-
-    def qsize(self) -> int:
-        with self.not_empty:
-            if not self._qsize():
-                self.not_empty.wait(POLL_SECONDS)
-            return self._qsize()
 
 
 def isolate_fedml_files(fedml_home: Path) -> None:
@@ -67,43 +50,21 @@ def _offline_fetch_config(args, version: str = "release") -> bool:
     return False
 
 
-def bounded_stub(stub_class):
-    """FedML's gRPC stub class with ``SEND_TIMEOUT`` as the deadline of every ``sendMessage``."""
-    class BoundedStub(stub_class):
-        def __init__(self, channel):
-            super().__init__(channel)
-            self.sendMessage = functools.partial(self.sendMessage, timeout=SEND_TIMEOUT)
-
-    return BoundedStub
-
-
-def patch_fedml(send_timeout: float | None = None) -> None:
-    """Install the work-arounds above (idempotent); ``send_timeout`` bounds every gRPC send."""
-    global SEND_TIMEOUT
+def patch_fedml() -> None:
+    """Install the work-arounds above (idempotent)."""
     import fedml.core.mlops as mlops
-    from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as stubs
-    from fedml.core.distributed.communication.grpc.grpc_server import GRPCCOMMServicer
+    from fedml.core.distributed.communication.grpc import grpc_comm_manager
     from fedml.cross_silo.client import client_initializer
     from fedml.cross_silo.server import server_initializer
 
     from fedml_pfedseq.cross_silo.client_manager import WaitingReportClientManager
+    from fedml_pfedseq.cross_silo.grpc_transport import SecureGRPCCommManager
     from fedml_pfedseq.cross_silo.server_manager import RoundDeadlineServerManager
 
-    SEND_TIMEOUT = send_timeout
     mlops.fetch_config = _offline_fetch_config
+    grpc_comm_manager.GRPCCommManager = SecureGRPCCommManager  # FedML imports it from there when it starts gRPC
     server_initializer.FedMLServerManager = RoundDeadlineServerManager
     client_initializer.ClientMasterManager = WaitingReportClientManager
-    if getattr(GRPCCOMMServicer, "_pfedseq_patched", False):
-        return
-    original_init = GRPCCOMMServicer.__init__
-
-    def init(self, *args, **kwargs):
-        original_init(self, *args, **kwargs)
-        self.message_q = WaitingQueue()
-
-    GRPCCOMMServicer.__init__ = init
-    stubs.gRPCCommManagerStub = bounded_stub(stubs.gRPCCommManagerStub)
-    GRPCCOMMServicer._pfedseq_patched = True
 
 
 def fedml_args(recipe: Recipe, rank: int, role: str, run_id: str) -> argparse.Namespace:
@@ -129,7 +90,7 @@ def fedml_args(recipe: Recipe, rank: int, role: str, run_id: str) -> argparse.Na
 def init_fedml(args: argparse.Namespace, log_level: str) -> argparse.Namespace:
     """``fedml.init`` for one party: patched, without its environment report or its stdout takeover."""
     logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
-    patch_fedml(args.upload_timeout)
+    patch_fedml()
     import fedml
 
     return fedml.init(args, check_env=False, should_init_logs=False)

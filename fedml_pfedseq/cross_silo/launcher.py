@@ -2,6 +2,8 @@
 
 Each party is its own process (``pfedseq party ...``) talking gRPC on 127.0.0.1, with its own thread budget and
 log file (``<output_dir>/logs/<party>.log``). Clients start only once the server's port accepts connections.
+Unless the recipe names its own certificates (``comm_args.ca_cert``, ...), it issues a throw-away CA and one
+certificate per party under ``<output_dir>/tls/``, so a local run is encrypted and authenticated too.
 The launcher stops every party and raises :class:`DeploymentError` (naming the party, its exit code and the end
 of its log) as soon as one party fails or no round completes within ``comm_args.round_timeout``; with
 ``comm_args.upload_timeout`` a client that dies once rounds have begun is only reported (the server goes on
@@ -29,6 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from fedml_pfedseq.config import Recipe, RecipeError, parse_recipe
+from fedml_pfedseq.cross_silo.certificates import CA_CERT, issue_federation, party_files
 from fedml_pfedseq.cross_silo.hub_share import EXIT_NOT_PUSHED
 from fedml_pfedseq.cross_silo.party import party_name
 from fedml_pfedseq.environment import gpu_ids
@@ -85,8 +88,8 @@ def write_ipconfig(path: Path, ports: list[int]) -> None:
 
 
 def deployment_recipe(recipe: Recipe, output_dir: Path) -> tuple[Recipe, Path, int]:
-    """The recipe every party reads (cross-silo, a fresh address book, threads per process settled), its path
-    and the server's port."""
+    """The recipe every party reads (cross-silo, a fresh address book, throw-away certificates under ``tls/``
+    unless the recipe names its own, threads per process settled), its path and the server's port."""
     n = recipe.train_args.client_num_in_total
     if n is None:
         raise RecipeError("train_args.client_num_in_total is required for a cross-silo deployment")
@@ -96,6 +99,12 @@ def deployment_recipe(recipe: Recipe, output_dir: Path) -> tuple[Recipe, Path, i
     write_ipconfig(ipconfig, ports)
     raw["common_args"].update(training_type="cross_silo", output_dir=str(output_dir))
     raw["comm_args"]["grpc_ipconfig_path"] = str(ipconfig.resolve())
+    if raw["comm_args"]["tls"] and raw["comm_args"]["ca_cert"] is None:  # a throw-away CA for this run only
+        folder = (output_dir / "tls").resolve()
+        shutil.rmtree(folder, ignore_errors=True)
+        issue_federation(folder, n)
+        cert, key = party_files(folder, "{rank}")
+        raw["comm_args"].update(ca_cert=str(folder / CA_CERT), party_cert=str(cert), party_key=str(key))
     if raw["device_args"]["num_threads"] is None:  # N busy clients share the cores; the server mostly waits
         raw["device_args"]["num_threads"] = max(1, (os.cpu_count() or 1) // n)
     path = output_dir / "recipe.yaml"

@@ -55,9 +55,11 @@ from fedml_pfedseq.federation import (
 )
 from fedml_pfedseq.hub.round_push import checkpoint_due
 from fedml_pfedseq.simulation import check_resumable
+from fedml_pfedseq.strategies import method_class
 from fedml_pfedseq.training import select_device
 
 EXIT_TIMEOUT = 3
+MESSAGE_SLACK = 2**20  # bytes a message may carry besides its states: the JSON header, counts, metrics
 
 
 def party_name(rank: int) -> str:
@@ -118,7 +120,33 @@ def check_party(recipe: Recipe, rank: int, role: str, resume: bool = False) -> i
     if not recipe.comm_args.grpc_ipconfig_path or not Path(recipe.comm_args.grpc_ipconfig_path).is_file():
         raise RecipeError(f"comm_args.grpc_ipconfig_path must name FedML's gRPC address CSV "
                           f"(eid,rank,grpc_server_ip,grpc_server_port), got {recipe.comm_args.grpc_ipconfig_path!r}")
+    check_tls(recipe, rank)
     return n
+
+
+def check_tls(recipe: Recipe, rank: int) -> None:
+    """RecipeError when ``comm_args.tls`` is on and this party's CA, certificate or key is not named or not there."""
+    comm = recipe.comm_args
+    if not comm.tls:
+        return
+    if comm.ca_cert is None:
+        raise RecipeError("comm_args.tls is on, so every party needs comm_args.ca_cert, party_cert and party_key "
+                          "(`pfedseq certs DIR --clients N` issues them; `pfedseq deploy` does so itself), or set "
+                          "comm_args.tls: false (plaintext, docs/security.md)")
+    for key in ("ca_cert", "party_cert", "party_key"):
+        path = Path(getattr(comm, key).replace("{rank}", str(rank)))
+        if not path.is_file():
+            raise RecipeError(f"comm_args.{key}: no file {path} for rank {rank}")
+
+
+def message_limit(recipe: Recipe, model, num_clients: int) -> int:
+    """The largest message this party sends or accepts, in bytes: ``comm_args.max_message_mb``, or the method's
+    states per message times the size of one (LoRA, head) state, plus ``MESSAGE_SLACK``."""
+    if recipe.comm_args.max_message_mb is not None:
+        return int(recipe.comm_args.max_message_mb * 2**20)
+    state = [*model.get_lora_state().values(), *model.get_head_state().values()]
+    states = method_class(recipe.train_args.federated_optimizer).states_per_message(num_clients)
+    return states * sum(t.numel() * t.element_size() for t in state) + MESSAGE_SLACK
 
 
 def write_json(path: Path, content) -> None:
@@ -190,6 +218,7 @@ def serve(run: PartyRun, num_clients: int) -> None:
     label_names = dataset_label_names(recipe.data_args)
     model = build_model(recipe, len(label_names))
     server = build_server(recipe, model, num_clients, resuming=run.resume)
+    run.args.max_message_bytes = message_limit(recipe, model, num_clients)
 
     def write_progress(t: int) -> None:
         run.watchdog.kick()
@@ -228,6 +257,7 @@ def train(run: PartyRun, i: int) -> None:
     recipe = run.recipe
     own, label_names = build_party_data(recipe, i)  # its own partition (its own file with "silo") only
     model = build_model(recipe, len(label_names), client_depth(recipe, i))
+    run.args.max_message_bytes = message_limit(recipe, model, recipe.train_args.client_num_in_total)
 
     def write_metrics() -> None:
         log = trainer.log

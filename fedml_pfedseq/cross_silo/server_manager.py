@@ -17,7 +17,7 @@ replaces its upload handling (``patch_fedml`` installs it):
 - the closed round goes to ``StrategyAggregator.aggregate_round`` with what arrived and why the others are left
   out (it screens uploads as the simulator does and enforces ``train_args.min_uploads_per_round``);
 - the next payloads (and notices) go only to live clients. A client that missed the deadline, or whose payload or
-  notice could not be sent (gRPC sends are bounded by the deadline, see ``fedml_runtime``), is absent until it
+  notice could not be sent (gRPC sends are bounded by the deadline, see ``grpc_transport``), is absent until it
   reaches the server again: with a late upload, or with the waiting report a client sends when nothing follows its
   upload or notice (client_manager.py). It then gets payloads (or notices) from the next round on, or its final
   payload at once when the run is over (the server then waits for its FINISHED report too, a new deadline counting
@@ -41,7 +41,6 @@ Without ``upload_timeout`` the round waits for every client and a failed send st
 from __future__ import annotations
 
 import logging
-import pickle
 import threading
 from collections.abc import Callable
 from functools import partial
@@ -71,7 +70,7 @@ def message(msg_type: str, sender: int, receiver: int, key: str, value) -> Messa
 def post_later(manager, seconds: float, msg: Message) -> None:
     """Put ``msg`` into ``manager``'s own receive queue in ``seconds``: it is then handled on FedML's message
     thread like any message (the server's round deadline, a client's wait check)."""
-    timer = threading.Timer(seconds, manager.com_manager.grpc_servicer.message_q.put, args=[pickle.dumps(msg)])
+    timer = threading.Timer(seconds, manager.com_manager.post, args=[msg])
     timer.daemon = True
     timer.start()
 
