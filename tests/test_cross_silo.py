@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import threading
@@ -26,7 +27,7 @@ from fedml_pfedseq.cross_silo.launcher import (
     read_progress,
     wait_for_port,
 )
-from fedml_pfedseq.cross_silo.party import check_party
+from fedml_pfedseq.cross_silo.party import MESSAGE_SLACK, check_party, message_limit
 from fedml_pfedseq.cross_silo.trainer import StrategyTrainer
 from fedml_pfedseq.federation import build_client, build_data, build_model, build_server, client_depth, participants
 from fedml_pfedseq.simulation import run_recipe
@@ -112,7 +113,8 @@ def test_payloads_travel_through_the_codec_unchanged(tiny_vit, tmp_path):
     server = FedAvgServer(2, state, small_recipe("FedAvg", tiny_vit, tmp_path))
     for i, payload in server.initial_payloads().items():
         check_plain(payload, f"payload {i}")
-        loaded = wire({"round": 1, "payload": payload})["payload"]
+        data = encode(2, 0, i + 1, {"model_params": {"round": 1, "payload": payload}})
+        loaded = decode(data, WireLimits(len(data))).params["model_params"]["payload"]
         assert loaded["client_id"] == i and torch.equal(loaded["lora"]["layer.0.lora_A.weight"],
                                                         state["lora"]["layer.0.lora_A.weight"])
         assert fingerprint(loaded) == fingerprint(payload)
@@ -241,9 +243,12 @@ def test_deployment_reproduces_the_simulator(deployed):
     assert summary["final_test_accuracy_mean"] == pytest.approx(simulated["final_test_accuracy_mean"], abs=1e-9)
 
 
-def wire(params):
-    """What crosses the parties' transport: the model parameters of a message, encoded and decoded."""
+def wire(params, budget: int):
+    """What crosses the parties' transport: the model parameters of one message, encoded and decoded; its tensors
+    must fit in ``budget`` bytes and the rest in ``MESSAGE_SLACK`` (what ``message_limit`` allows)."""
     data = encode(2, 0, 1, {"model_params": params})
+    (header,) = struct.unpack("<Q", data[:8])
+    assert len(data) - 8 - header <= budget and header <= MESSAGE_SLACK
     return decode(data, WireLimits(len(data))).params["model_params"]
 
 
@@ -251,23 +256,29 @@ def drive_like_fedml(recipe) -> list[dict]:
     """Every party of ``recipe`` in this process, each with its own model as ``run_party`` builds it, driven through
     FedML's calls: the server manager's first ``get_model_params``, then per round each client sampled for it
     (``participants``, as the server manager sends) ``set_model_params`` / ``train`` / ``get_model_params`` and the
-    server's ``aggregate_round``, then the final payloads to every client; every message encoded on the way. Returns
-    every client's evaluation rows."""
+    server's ``aggregate_round``, then the final payloads to every client; every message encoded on the way, within
+    the method's states per message. Returns every client's evaluation rows."""
     data = build_data(recipe)
     n = len(data.clients)
-    aggregator = StrategyAggregator(build_server(recipe, build_model(recipe, data.num_labels), n), args=None)
+    model = build_model(recipe, data.num_labels)
+    aggregator = StrategyAggregator(build_server(recipe, model, n), args=None)
     trainers = [StrategyTrainer(build_client(recipe, i, data.clients[i],
                                              build_model(recipe, data.num_labels, client_depth(recipe, i))), args=None)
                 for i in range(n)]
-    payloads = wire(aggregator.get_model_params())
+    budget = message_limit(recipe, model, n) - MESSAGE_SLACK
+
+    def each(payloads: dict) -> dict:
+        return {i: wire(payload, budget) for i, payload in payloads.items()}
+
+    payloads = each(aggregator.get_model_params())
     for t in range(1, recipe.train_args.comm_round + 1):
         uploads = {}
         sampled = participants(recipe, n, t)
         for i in sampled:
             trainers[i].set_model_params(payloads[i])
             trainers[i].train(None, None, None)
-            uploads[i] = wire(trainers[i].get_model_params())["upload"]  # the server manager unwraps {round, upload}
-        payloads = wire(aggregator.aggregate_round(uploads, {}, len(sampled)))
+            uploads[i] = wire(trainers[i].get_model_params(), budget)["upload"]  # the manager unwraps {round, upload}
+        payloads = each(aggregator.aggregate_round(uploads, {}, len(sampled)))
     for i, trainer in enumerate(trainers):
         trainer.set_model_params(payloads[i])
     return sorted((row for trainer in trainers for row in trainer.log.rows), key=lambda r: (r["round"], r["client"]))
@@ -315,14 +326,18 @@ def test_a_cross_silo_server_warm_starts_its_seq_learner_as_the_simulator_does(t
 
 
 # APPLE: the largest payloads (every client's core); pFedLoRA: parties of different depths; PeFLL: multi-part
-# payloads and uploads (embedding network, descriptor updates and gradients)
-@pytest.mark.parametrize("method", ["apple", "pfedlora", "pefll"])
-def test_representative_methods_run_as_fedml_parties_and_match_the_simulator(method, tiny_vit, tmp_path):
+# payloads and uploads (embedding network, descriptor updates and gradients), in plaintext (comm_args.tls: false)
+@pytest.mark.parametrize("method, tls", [("apple", True), ("pfedlora", True), ("pefll", False)])
+def test_representative_methods_run_as_fedml_parties_and_match_the_simulator(method, tls, tiny_vit, tmp_path):
     name = METHODS[method].name
     model_args = {"client_depths": [2, 1]} if method == "pfedlora" else {}  # each party builds its own depth
     recipe = small_recipe(name, tiny_vit, tmp_path, data_args=DEPLOYMENT["data_args"], model_args=model_args,
-                          train_args={**DEPLOYMENT["train_args"], "comm_round": 2}, device_args={"num_threads": 1})
+                          train_args={**DEPLOYMENT["train_args"], "comm_round": 2}, device_args={"num_threads": 1},
+                          comm_args={"tls": tls})
     cross = deploy(recipe, tmp_path / "cross_silo", progress=False)
+    logs = [path.read_text() for path in sorted((tmp_path / "cross_silo" / "logs").glob("*.log"))]
+    assert len(logs) == CLIENTS + 1 and all(
+        ("(mutual TLS)" in log) == tls and ("comm_args.tls is false" in log) == (not tls) for log in logs)
     simulated = run_recipe(recipe, tmp_path / "simulator", progress=False)
     assert cross["final_test_accuracy_mean"] == pytest.approx(simulated["final_test_accuracy_mean"], abs=1e-9)
     rows = [json.loads((tmp_path / engine / "metrics.json").read_text())["eval"] for engine in ("cross_silo",

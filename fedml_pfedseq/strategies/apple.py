@@ -235,4 +235,4 @@ class AppleClient(FedAvgClient):
         return self.upload()
 
 
-METHOD = Method("APPLE", AppleServer, AppleClient, states_per_message=lambda n: n + 1)  # own core + N - 1 peers
+METHOD = Method("APPLE", AppleServer, AppleClient, states_per_message=lambda n: n + 1)  # its core, N - 1 peers, 1 spare
