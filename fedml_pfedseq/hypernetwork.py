@@ -50,5 +50,5 @@ class LoRAHypernetwork(nn.Module):
         return torch.cat(self.layout.flatten(state))
 
     def unflatten(self, flat: torch.Tensor) -> StateDict:
-        """One output row [D] as a detached CPU state (copies: a payload pickles only its own adapter)."""
+        """One output row [D] as a detached CPU state (copies: a payload owns its tensors)."""
         return self.layout.unflatten(list(flat.detach().cpu().split(self.layout.sizes)))

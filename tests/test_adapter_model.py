@@ -89,7 +89,7 @@ def test_stack_puts_each_client_in_one_column_per_layer_and_column_takes_it_back
         assert all(torch.equal(matrix[:, i], vector) for matrix, vector in zip(matrices, layout.flatten(state)))
         back = layout.column(matrices, i)
         assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
-        # each tensor owns its storage: a view would carry (and pickle) every client's column with it
+        # each tensor owns its storage, as a payload must (check_plain refuses a view into every column)
         assert all(v.untyped_storage().nbytes() == v.numel() * v.element_size() for v in back.values())
 
 

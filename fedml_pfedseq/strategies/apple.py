@@ -15,7 +15,7 @@ LoRA it is the mix of the factors: B_w A_w = (sum_j p_ij B_j)(sum_j p_ij A_j), n
 part of the core and is shared like the adapter.
 - Server -> client i: its own latest core in FedAvg's slots ("lora", "head") and every other client's latest core
   under "peers" ({j: {"lora", "head"}}): N cores per client per round, N times FedAvg's download. All cores are
-  pickled once per payload, so a round moves N^2 cores server -> clients.
+  encoded once per payload, so a round moves N^2 cores server -> clients.
 - Client -> server: the delta of its own core w.r.t. the one it received, and n_i (FedAvg's upload). The server
   rebuilds the trained core (``trained_states``: it refuses NaN/Inf, wrong keys or senders) and replaces that
   client's slot only. Nothing is averaged.

@@ -128,7 +128,8 @@ class PFedLAServer(FedAvgLocalHeadServer):
                                   self.layout.column(self.adapters, i) for i in range(self.num_clients)])
 
     def _own_adapter(self, thetas: list[torch.Tensor], i: int) -> StateDict:
-        """Column i as a state in its own storage: a view would carry (pickle) every client's adapter with it."""
+        """Column i as a state in its own storage: a payload owns its tensors (check_plain refuses a
+        view into every client's adapters)."""
         return {k: v.clone(memory_format=torch.contiguous_format) for k, v in self.layout.column(thetas, i).items()}
 
     def _train_hypernetworks(self, deltas: list[StateDict]) -> dict[str, float]:
