@@ -6,8 +6,9 @@
    rank 1 one of the recipe's payloads, encoded as on the wire) with ``comm_args.tls`` true and false, ``--sends``
    times each, alternating; prints the median and spread of one send (a new channel and, with TLS, a new
    handshake per message, as every party sends).
-2. The whole deployment: ``pfedseq deploy`` of the recipe for ``--rounds`` rounds with TLS, then without; prints
-   each round's wall time and the mean. Nothing is asserted (docs/security.md quotes the figures).
+2. The whole deployment: ``pfedseq deploy`` of the recipe for ``--rounds`` rounds with TLS, then without
+   (``--first plaintext``: the other way round); prints each round's wall time and the mean. Nothing is asserted
+   (docs/security.md quotes the figures).
 """
 from __future__ import annotations
 
@@ -72,6 +73,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--sends", type=int, default=200, help="messages timed in part 1, per mode")
     parser.add_argument("--skip-deploy", action="store_true", help="part 1 only")
+    parser.add_argument("--first", choices=["tls", "plaintext"], default="tls", help="which deployment runs first")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--output-dir", type=Path, default=None, help="keep both runs here (default: a temp dir)")
     args = parser.parse_args()
@@ -82,7 +84,7 @@ def main() -> None:
         return
     out = args.output_dir or Path(tempfile.mkdtemp(prefix="tls_cost_deploy_"))
     runs = {}
-    for tls in (True, False):
+    for tls in (True, False) if args.first == "tls" else (False, True):
         tls_recipe = load_recipe(args.recipe, args.overrides + [f"train_args.comm_round={args.rounds}",
                                                                 f"comm_args.tls={str(tls).lower()}"])
         runs[tls] = deploy(tls_recipe, out / ("tls" if tls else "plaintext"), progress=False)
