@@ -144,6 +144,22 @@ def test_party_refuses_a_rank_that_does_not_fit_its_role(tiny_vit, tmp_path):
         check_party(silo_recipe(tiny_vit, tmp_path), 0, "server")
 
 
+def test_a_tls_party_needs_the_ca_and_its_own_certificate_and_key(tiny_vit, tmp_path, capsys):
+    ipconfig = tmp_path / "ip.csv"
+    ipconfig.write_text("eid,rank,grpc_server_ip,grpc_server_port\n")
+    with pytest.raises(RecipeError, match=r"comm_args.tls is on.*pfedseq certs"):
+        check_party(silo_recipe(tiny_vit, tmp_path, grpc_ipconfig_path=str(ipconfig)), 0, "server")
+    with pytest.raises(RecipeError, match="comm_args.party_key must be set with the other two"):
+        silo_recipe(tiny_vit, tmp_path, ca_cert="ca.crt", party_cert="c.crt")
+    certs = tmp_path / "certs"
+    assert main(["certs", str(certs), "--clients", "2"]) == 0 and "ranks [0, 1, 2]" in capsys.readouterr().out
+    recipe = silo_recipe(tiny_vit, tmp_path, grpc_ipconfig_path=str(ipconfig), ca_cert=str(certs / "ca.crt"),
+                         party_cert=str(certs / "party-{rank}.crt"), party_key=str(certs / "party-{rank}.key"))
+    assert check_party(recipe, 2, "client") == CLIENTS
+    with pytest.raises(RecipeError, match=r"comm_args.party_cert: no file .*party-3.crt for rank 3"):
+        check_party(recipe, 3, "client")  # issued for 2 clients only
+
+
 def test_party_command_exits_2_naming_the_problem(tiny_vit, tmp_path, capsys):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(silo_recipe(tiny_vit, tmp_path).to_dict()))
