@@ -278,8 +278,7 @@ def env(args) -> None:
 
 
 HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "certs": certs, "check": check,
-            "keys": keys,
-            "docs": docs, "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
+            "keys": keys, "docs": docs, "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:

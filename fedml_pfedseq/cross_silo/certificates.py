@@ -35,6 +35,11 @@ def rank_of(identity: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def rank_path(template: str, rank: int) -> Path:
+    """A recipe's per-party path (``comm_args.party_cert`` / ``party_key``) for party ``rank``: ``{rank}`` replaced."""
+    return Path(template.replace("{rank}", str(rank)))
+
+
 def party_files(folder: Path, rank: int | str) -> tuple[Path, Path]:
     """Where party ``rank``'s certificate and key are kept in a folder that ``issue_federation`` wrote (``rank``
     "{rank}": the recipe's per-party template)."""

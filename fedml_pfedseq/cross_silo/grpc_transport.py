@@ -35,7 +35,7 @@ from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2 as p
 from fedml.core.distributed.communication.grpc import grpc_comm_manager_pb2_grpc as pb2_grpc
 from fedml.core.distributed.communication.message import Message
 
-from fedml_pfedseq.cross_silo.certificates import party_identity, rank_of
+from fedml_pfedseq.cross_silo.certificates import party_identity, rank_of, rank_path
 from fedml_pfedseq.transport import WireError, WireLimits, decode, encode
 
 POLL_SECONDS = 0.2  # how long one poll of an empty receive queue waits before the loop checks is_running
@@ -54,11 +54,6 @@ def read_addresses(path: str) -> dict[int, tuple[str, int]]:
     """FedML's gRPC address CSV (eid,rank,grpc_server_ip,grpc_server_port): rank -> (host, port)."""
     with open(path, newline="") as f:
         return {int(row["rank"]): (row["grpc_server_ip"], int(row["grpc_server_port"])) for row in csv.DictReader(f)}
-
-
-def rank_path(template: str, rank: int) -> Path:
-    """A recipe's per-party path (``{rank}`` replaced) as a Path."""
-    return Path(template.replace("{rank}", str(rank)))
 
 
 def peer_rank(context: grpc.ServicerContext) -> int | None:
@@ -143,12 +138,12 @@ class SecureGRPCCommManager(BaseCommunicationManager):
 
     def send_message(self, msg: Message) -> None:
         """Encode and send ``msg``; grpc.RpcError when the receiver cannot be reached or refuses it."""
-        params = {k: v for k, v in msg.get_params().items() if k not in FIELDS}
-        data = encode(msg.get_type(), int(msg.get_sender_id()), int(msg.get_receiver_id()), params)
-        if len(data) > self.limits.max_bytes:
-            raise WireError(f"a message of {len(data)} bytes to rank {msg.get_receiver_id()} is over the "
-                            f"{self.limits.max_bytes}-byte limit every party enforces: raise comm_args.max_message_mb")
         receiver = int(msg.get_receiver_id())
+        params = {k: v for k, v in msg.get_params().items() if k not in FIELDS}
+        data = encode(msg.get_type(), int(msg.get_sender_id()), receiver, params)
+        if len(data) > self.limits.max_bytes:
+            raise WireError(f"a message of {len(data)} bytes to rank {receiver} is over the "
+                            f"{self.limits.max_bytes}-byte limit every party enforces: raise comm_args.max_message_mb")
         host, port = self.addresses[receiver]
         if self.tls:  # the listener must prove it is party-<receiver>, whatever address it answers on
             channel = grpc.secure_channel(f"{host}:{port}", self.credentials, options=[

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from fedml_pfedseq.checkpoint import CHECKPOINT_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from fedml_pfedseq.config import Recipe, RecipeError
+from fedml_pfedseq.cross_silo.certificates import rank_path
 from fedml_pfedseq.cross_silo.hub_share import (
     push_client_checkpoint,
     push_server_checkpoint,
@@ -134,7 +135,7 @@ def check_tls(recipe: Recipe, rank: int) -> None:
                           "(`pfedseq certs DIR --clients N` issues them; `pfedseq deploy` does so itself), or set "
                           "comm_args.tls: false (plaintext, docs/security.md)")
     for key in ("ca_cert", "party_cert", "party_key"):
-        path = Path(getattr(comm, key).replace("{rank}", str(rank)))
+        path = rank_path(getattr(comm, key), rank)
         if not path.is_file():
             raise RecipeError(f"comm_args.{key}: no file {path} for rank {rank}")
 
