@@ -146,4 +146,5 @@ save_file({{"xi": xi, **learner.state_dict()}}, sys.argv[2])
     run_without_project(code, tmp_path, hub_env, "updates.safetensors", "out.safetensors")
     out = load_file(str(tmp_path / "out.safetensors"))
     assert all(torch.equal(out[k], v) for k, v in learner.state_dict().items())
-    assert torch.equal(out["xi"], learner.calibrate(updates, 0.5, layer=1))
+    # the pushed code has no cpu_kernels.c beside it, so it runs the blocks' PyTorch code: equal to float rounding
+    torch.testing.assert_close(out["xi"], learner.calibrate(updates, 0.5, layer=1), rtol=1e-5, atol=1e-7)

@@ -337,3 +337,26 @@ def test_every_schedule_switch_resumes_from_a_checkpoint(tmp_path):
     a, b = server.aggregate(uploads_for(4)), restored.aggregate(uploads_for(4))
     assert all(lora_equal(a[i]["lora"], b[i]["lora"]) for i in range(N))
     assert states_equal(learner_state(server), learner_state(restored))
+
+
+SCHEDULES = {"paper's": {}, "proximal, 3 steps": {"learner_objective": "proximal", "learner_steps": 3},
+             "chunked, centred": {"d_chunk": 5, "center_calibrations": True}}
+
+
+@pytest.mark.parametrize("args", SCHEDULES.values(), ids=SCHEDULES.keys())
+def test_server_rounds_with_the_fast_learner_equal_the_reference_implementation(args):
+    """Four rounds (warm-up, first sent calibrations, steps on a full history) with the package's learner and with
+    reference.py's: the same calibrations, recomputed xi and learner after every round, to float32 rounding."""
+    from fedml_pfedseq.models.seq_learner.reference import reference_implementation
+
+    fast, reference = make_server(**args), make_server(**args)
+    for t in range(1, 5):
+        fast.aggregate(uploads_for(t))
+        with reference_implementation():
+            reference.aggregate(uploads_for(t))
+        for mine, theirs in ((fast.calibrations or [], reference.calibrations or []),
+                             (fast.recomputed, reference.recomputed), (learner_state(fast), learner_state(reference))):
+            assert len(mine) == len(theirs)
+            for a, b in zip(mine, theirs):
+                torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()), msg=f"round {t}")
+    assert fast.calibrations is not None and fast.recomputed

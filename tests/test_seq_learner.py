@@ -1,11 +1,21 @@
 """The sequential learner: the scan against a plain recurrence, causality, chunking, the proxy gradient, variants."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from fedml_pfedseq.models.seq_learner import SeqLearnerConfig, SeqLearnerModel, selective_scan, selective_scan_loop
+from fedml_pfedseq.models.seq_learner import (
+    SeqLearnerConfig,
+    SeqLearnerModel,
+    cpu_kernels,
+    selective_scan,
+    selective_scan_loop,
+)
 from fedml_pfedseq.models.seq_learner import scan as scan_module
+from fedml_pfedseq.models.seq_learner.modeling_seq_learner import causal_conv_silu
+from fedml_pfedseq.models.seq_learner.reference import reference_implementation
 
 
 def scan_inputs(b=3, length=6, d=4, m=5, dtype=torch.float64, seed=0):
@@ -54,20 +64,87 @@ def test_scan_gradients_match_finite_differences():
     assert torch.autograd.gradcheck(selective_scan_loop, tuple(scan_inputs(b=2, length=4, d=2, m=3)))
 
 
+def loop_with_extras(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False):
+    """mamba-ssm's ``selective_scan_fn`` semantics written out around the loop: softplus(dt + bias) steps, silu(z)
+    gate."""
+    dt = dt + (0 if dt_bias is None else dt_bias)
+    y = selective_scan_loop(u, torch.nn.functional.softplus(dt) if dt_softplus else dt, A, B, C, D)
+    return y if z is None else y * torch.nn.functional.silu(z)
+
+
 def test_scan_hands_the_cuda_kernel_its_channels_first_layout(monkeypatch):
-    """The mamba-ssm path transposes to the kernel's [b, d, L] / [b, M, L] layout and back; a stand-in kernel
-    with that layout (the same recurrence) must give the loop's result."""
+    """The mamba-ssm path transposes to the kernel's [b, d, L] / [b, M, L] layout and back and passes the gate and
+    the step's bias and softplus on; a stand-in kernel with that layout must give the loop's result."""
     calls = []
 
-    def fake_kernel(u, dt, A, B, C, D):
-        calls.append((u.shape, B.shape))
+    def fake_kernel(u, dt, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
+        calls.append((u.shape, B.shape, z.shape, delta_softplus))
         t = lambda x: x.transpose(1, 2)  # noqa: E731
-        return t(selective_scan_loop(t(u), t(dt), A, t(B), t(C), D))
+        return t(loop_with_extras(t(u), t(dt), A, t(B), t(C), D, t(z), delta_bias, delta_softplus))
 
     monkeypatch.setattr(scan_module, "cuda_kernel", lambda u: fake_kernel)
     inputs = [x.detach().float() for x in scan_inputs(b=2, length=5, d=3, m=4)]
-    torch.testing.assert_close(scan_module.selective_scan(*inputs), selective_scan_loop(*inputs))
-    assert calls == [(torch.Size([2, 3, 5]), torch.Size([2, 4, 5]))]
+    z, bias = torch.randn(2, 5, 3), torch.randn(3)
+    for last_only in (False, True):
+        expected = loop_with_extras(*inputs, z, bias, True)
+        torch.testing.assert_close(scan_module.selective_scan(*inputs, z=z, dt_bias=bias, dt_softplus=True,
+                                                              last_only=last_only),
+                                   expected[:, -1] if last_only else expected)
+    assert calls == [(torch.Size([2, 3, 5]), torch.Size([2, 4, 5]), torch.Size([2, 3, 5]), True)] * 2
+
+
+@pytest.mark.parametrize("last_only", [False, True])
+@pytest.mark.parametrize("extras", ["none", "gate", "bias+softplus", "all"])
+def test_the_fused_cpu_scan_matches_the_loop(last_only, extras):
+    """cpu_kernels.FusedScan, forward and every gradient, against the loop with the extras written out (float64,
+    so only rounding differs)."""
+    assert cpu_kernels.status()[0], cpu_kernels.status()[1]  # the kernels build on the machines the tests run on
+    inputs = scan_inputs(b=3, length=6, d=5, m=4)
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) if extras in ("gate", "all") \
+        else None
+    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if extras != "none" and \
+        extras != "gate" else None
+    softplus = bias is not None
+    fused = scan_module.selective_scan(*inputs, z=z, dt_bias=bias, dt_softplus=softplus, last_only=last_only)
+    loop = loop_with_extras(*inputs, z, bias, softplus)
+    loop = loop[:, -1] if last_only else loop
+    torch.testing.assert_close(fused, loop, rtol=1e-12, atol=1e-12)
+    leaves = [*inputs, *(t for t in (z, bias) if t is not None)]
+    weights = torch.randn(fused.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad((fused * weights).sum(), leaves),
+                    torch.autograd.grad((loop * weights).sum(), leaves)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_the_fused_cpu_scan_passes_gradcheck():
+    u, dt, A, B, C, D = scan_inputs(b=2, length=4, d=3, m=2)
+    z, bias = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
+                                                                                          requires_grad=True)
+    def scan(*x, last_only):
+        return cpu_kernels.FusedScan.apply(*x[:6], x[6][:, -1] if last_only else x[6], x[7], True, last_only)
+
+    for last_only in (False, True):
+        assert torch.autograd.gradcheck(functools.partial(scan, last_only=last_only), (u, dt, A, B, C, D, z, bias))
+
+
+def test_the_fused_conv_matches_the_grouped_convolution():
+    """causal_conv_silu on CPU (the fused kernel) against nn.Conv1d with its right padding dropped, for windows
+    shorter and longer than the kernel width, forward and gradients."""
+    conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3).double()
+    for length in (1, 3, 7):
+        u = torch.randn(3, length, 5, dtype=torch.float64, requires_grad=True)
+        fused = causal_conv_silu(u, conv)
+        module = torch.nn.functional.silu(conv(u.transpose(1, 2))[..., :length].transpose(1, 2))
+        torch.testing.assert_close(fused, module)
+        weights = torch.randn_like(fused)
+        for a, b in zip(torch.autograd.grad((fused * weights).sum(), [u, conv.weight, conv.bias]),
+                        torch.autograd.grad((module * weights).sum(), [u, conv.weight, conv.bias])):
+            torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *x: cpu_kernels.FusedConvSiLU.apply(*x),
+                                    (torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True),
+                                     torch.randn(3, 4, dtype=torch.float64, requires_grad=True),
+                                     torch.randn(3, dtype=torch.float64, requires_grad=True)))
 
 
 def test_scan_on_cpu_never_asks_for_the_cuda_kernel():
@@ -137,12 +214,11 @@ def test_proxy_gradient_is_the_gradient_of_the_surrogate():
     learner.zero_grad()
     surrogate = -(scale * learner(x / scale, 0) * descent).sum()
     surrogate.backward()
-    for (name, p), g in zip(learner.named_parameters(), grads):
-        expected = p.grad if p.grad is not None else torch.zeros_like(p)
-        torch.testing.assert_close(g, expected, msg=name)
-    assert any(g.abs().sum() > 0 for g in grads)
-    assert all(g.abs().sum() == 0 for (name, _), g in zip(learner.named_parameters(), grads)
-               if name.startswith("learners.1."))  # layer 0's step leaves layer 1's learner alone
+    for p, g in zip(learner.layer_parameters(0), grads, strict=True):
+        torch.testing.assert_close(g, p.grad)
+    assert all(g.abs().sum() > 0 for g in grads)
+    others = [p for p in learner.parameters() if all(p is not q for q in learner.layer_parameters(0))]
+    assert others and all(p.grad is None for p in others)  # layer 0's xi does not depend on layer 1's learner
 
 
 def test_normalisation_is_undone_on_the_output():
@@ -241,8 +317,8 @@ def test_a_callable_descent_gives_the_regression_gradient():
     grads, _ = learner.proxy_gradient(x, scale, 0, lambda xi, rows: target[rows] - xi, d_chunk=4)
     learner.zero_grad()
     (0.5 * (scale * learner(x / scale, 0) - target).pow(2).sum()).backward()
-    for (name, p), g in zip(learner.named_parameters(), grads):
-        torch.testing.assert_close(g, p.grad if p.grad is not None else torch.zeros_like(p), msg=name)
+    for p, g in zip(learner.layer_parameters(0), grads, strict=True):
+        torch.testing.assert_close(g, p.grad)
 
 
 def test_the_capped_norm_only_shrinks_rows_above_unit_rms():
@@ -282,3 +358,75 @@ def test_pfedseq_recipe_keys_build_the_learner_config_with_the_same_defaults():
     config = SeqLearnerConfig(**changed.learner_config(num_clients=7, num_adapter_layers=3))
     assert (config.max_seq_len, config.architecture, config.hidden_size, config.num_channels) == (5, "lstm", 12, 1)
     assert set(LEARNER_CONFIG_KEYS.values()) <= set(default.to_dict())
+
+
+LEARNERS = {"mamba": {}, "mamba, legacy (not magnitude-preserving)": {"magnitude_preserving": False},
+            "mamba, variant C (per client)": {"cross_client": False}, "mamba, one block": {"num_blocks": 1},
+            "mlp (variant D)": {"architecture": "mlp"}, "lstm (variant E)": {"architecture": "lstm"}}
+
+
+@pytest.mark.parametrize("d_chunk", [None, 4])
+@pytest.mark.parametrize("kwargs", LEARNERS.values(), ids=LEARNERS.keys())
+def test_the_fast_learner_gives_the_reference_calibrations_and_proxy_gradients(kwargs, d_chunk):
+    """The package's learner against reference.py's (the learner as first written: grouped conv, loop scan over
+    every round), in float32 as the server runs it: calibrations and proxy gradients of a layer, for windows of
+    every length."""
+    learner = make_learner(**kwargs)
+    descent = torch.randn(11, 4)
+    for length in (1, 2, 5):
+        x = window(length=length) * 1e-3
+        fast = learner.calibrate(x, 1e-3, 1, d_chunk), *learner.proxy_gradient(x, 1e-3, 1, descent, d_chunk)
+        with reference_implementation():
+            reference = learner.calibrate(x, 1e-3, 1, d_chunk), *learner.proxy_gradient(x, 1e-3, 1, descent, d_chunk)
+        torch.testing.assert_close(fast[0], reference[0], rtol=1e-5, atol=1e-9)
+        torch.testing.assert_close(fast[2], reference[2], rtol=1e-5, atol=1e-9)
+        for a, b in zip(fast[1], reference[1], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6 * b.abs().max().item())
+    assert not torch.equal(fast[0], 1e-3 * learner.output_scale[1] * x[:, -1])  # the blocks did contribute
+
+
+def test_without_the_c_kernels_the_blocks_run_their_pytorch_code(monkeypatch, tmp_path, caplog):
+    """No compiler: the status says so once, and the learner still gives the reference's calibrations."""
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("PFEDSEQ_KERNEL_CACHE", str(tmp_path / "cache"))
+    for cached in (cpu_kernels.library, cpu_kernels.status):
+        cached.cache_clear()
+    try:
+        with caplog.at_level("WARNING", logger=cpu_kernels.__name__):
+            runs, line = cpu_kernels.status()
+            learner, x = make_learner(), window() * 1e-3
+            fast = learner.calibrate(x, 1e-3, 0)
+        assert not runs and "no C compiler" in line and not cpu_kernels.kernels_apply(x)
+        assert [r.getMessage() for r in caplog.records] == [f"Mamba blocks on CPU tensors: {line}"]
+        with reference_implementation():
+            torch.testing.assert_close(fast, learner.calibrate(x, 1e-3, 0))
+    finally:
+        for cached in (cpu_kernels.library, cpu_kernels.status):
+            cached.cache_clear()
+
+
+def test_pfedseq_scan_loop_turns_the_c_kernels_off(monkeypatch):
+    monkeypatch.setenv("PFEDSEQ_SCAN", "loop")
+    cpu_kernels.status.cache_clear()
+    try:
+        assert cpu_kernels.status() == (False, "PyTorch code (PFEDSEQ_SCAN=loop)")
+    finally:
+        cpu_kernels.status.cache_clear()
+
+
+def test_the_kernels_are_cached_by_source_and_leave_denormals_alone(monkeypatch, tmp_path):
+    """A fresh cache builds one library per scalar type and reuses it; loading it does not switch the process to
+    flush-to-zero (which linking with -ffast-math would)."""
+    monkeypatch.setenv("PFEDSEQ_KERNEL_CACHE", str(tmp_path))
+    cpu_kernels.library.cache_clear()
+    try:
+        cpu_kernels.library(torch.float32)
+        cpu_kernels.library(torch.float64)
+        built = sorted(p.name for p in tmp_path.iterdir())
+        assert [name.split("_")[2] for name in built] == ["double", "float"]
+        cpu_kernels.library.cache_clear()
+        cpu_kernels.library(torch.float32)
+        assert sorted(p.name for p in tmp_path.iterdir()) == built
+    finally:
+        cpu_kernels.library.cache_clear()
+    assert torch.tensor(1e-40, dtype=torch.float32) * 1.0 != 0  # a float32 denormal survives

@@ -168,7 +168,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         recomputed = [torch.zeros_like(delta) for delta in deltas]
         surrogate = 0.0
         for rows in self._row_batches(deltas):
-            totals = [torch.zeros_like(p) for p in params]
+            totals = {p: torch.zeros_like(p) for p in params}
             for l, delta in enumerate(deltas):
                 delta, target = delta[rows[l]].to(self.device), targets[l][rows[l]].to(self.device)
                 if self.args.learner_objective == "proximal":
@@ -178,12 +178,11 @@ class PFedSeqServer(FedAvgLocalHeadServer):
                     descent = self._centred(delta)
                 grads, xi = self.learner.proxy_gradient(windows[l][rows[l]], scales[l], l, descent,
                                                         self.args.d_chunk, self.output_units[l])
-                for total, grad in zip(totals, grads):
-                    total += grad / scales[l] ** 2
+                torch._foreach_add_([totals[p] for p in self.learner.layer_parameters(l)], grads, alpha=scales[l] ** -2)
                 xi = self._centred(xi).cpu()
                 recomputed[l][rows[l]] = xi
                 surrogate -= float((xi * delta.cpu()).sum())
-            for p, total in zip(params, totals):
+            for p, total in totals.items():
                 p.grad = total
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)

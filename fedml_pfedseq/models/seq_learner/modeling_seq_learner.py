@@ -30,6 +30,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .configuration_seq_learner import SeqLearnerConfig
+from .cpu_kernels import FusedConvSiLU, kernels_apply
 from .proxy_gradient import update_proxy_gradient
 from .scan import selective_scan
 
@@ -45,6 +46,15 @@ class CappedRMSNorm(nn.RMSNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., c]
         rms = x.pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
         return x / rms.clamp_min(1.0) * self.weight
+
+
+def causal_conv_silu(u: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """silu of the block's depthwise causal convolution over rounds: [b, L, e] -> [b, L, e]. The fused CPU kernel
+    where it runs (on CPU the grouped convolution's backward cost more than the rest of a block), else the module
+    with its right padding dropped."""
+    if kernels_apply(u, conv.weight, conv.bias):
+        return FusedConvSiLU.apply(u, conv.weight[:, 0], conv.bias)
+    return F.silu(conv(u.transpose(1, 2))[..., :u.shape[1]].transpose(1, 2))
 
 
 class MambaBlock(nn.Module):
@@ -76,14 +86,16 @@ class MambaBlock(nn.Module):
         dt = torch.exp(torch.rand(e) * (math.log(1e-1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse of softplus
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c]
-        length = x.shape[1]
+    def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """x: [b, L, c] -> [b, L, c], or with ``last_only`` the last round's [b, c] (all that a learner's last block
+        has to give: the rest of its rounds then skip the scan's readout, the gate and the output projection)."""
         u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # [b, L, e] each
-        u = F.silu(self.conv1d(u.transpose(1, 2))[..., :length].transpose(1, 2))  # causal: drop the right padding
+        u = causal_conv_silu(u, self.conv1d)
         dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = F.softplus(self.dt_proj(dt))  # [b, L, e]
-        y = selective_scan(u, dt, -torch.exp(self.A_log), B, C, self.D)  # [b, L, e]
-        return x + self.out_proj(y * F.silu(z))  # [b, L, c]
+        dt = dt @ self.dt_proj.weight.t()  # [b, L, e]; the scan adds the bias and takes softplus, as Mamba's kernel
+        y = selective_scan(u, dt, -torch.exp(self.A_log), B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
+                           dt_softplus=True, last_only=last_only)  # y * silu(z): [b, L, e], or [b, e]
+        return (x[:, -1] if last_only else x) + self.out_proj(y)
 
 
 class MambaLearner(nn.Module):
@@ -97,9 +109,9 @@ class MambaLearner(nn.Module):
         self.readout = nn.Linear(config.num_channels, config.num_channels, bias=legacy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
-        for block in self.blocks:
+        for block in self.blocks[:-1]:
             x = block(x)
-        return self.readout(self.norm(x[:, -1]))
+        return self.readout(self.norm(self.blocks[-1](x, last_only=True)))
 
 
 class MLPLearner(nn.Module):
@@ -203,6 +215,10 @@ class SeqLearnerModel(PreTrainedModel):
         return torch.cat([self._scaled(updates[rows], scale, layer, unit)
                           for rows in row_chunks(updates.shape[0], d_chunk)])
 
+    def layer_parameters(self, layer: int) -> list[nn.Parameter]:
+        """The parameters that a layer's calibration depends on: its learner's and the output scales."""
+        return [*self.learners[layer].parameters(), self.output_scale]
+
     def proxy_gradient(self, updates: torch.Tensor, scale: float, layer: int, descent: torch.Tensor | Descent,
                        d_chunk: int | None = None, unit: float | None = None,
                        ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -213,18 +229,18 @@ class SeqLearnerModel(PreTrainedModel):
         instead be a function of (xi of a chunk, its rows) giving that chunk's descent: ``target[rows] - xi`` is the
         gradient of 0.5 ||xi - target||^2 (a regression of xi onto a target, whose gradient at xi = sent is eq. 5's
         with target = sent + Delta).
-        Returns one gradient per parameter of ``self.parameters()`` and xi [D, N] (detached).
+        Returns one gradient per parameter of ``layer_parameters(layer)`` (every other parameter's is zero) and
+        xi [D, N] (detached).
         """
         if not callable(descent) and descent.shape != (updates.shape[0], updates.shape[2]):
             raise ValueError(f"descent must be [D, N] = {(updates.shape[0], updates.shape[2])}, "
                              f"got {tuple(descent.shape)}")
-        params = list(self.parameters())
+        params = self.layer_parameters(layer)
         grads = [torch.zeros_like(p) for p in params]
         calibrations = []
         for rows in row_chunks(updates.shape[0], d_chunk):
             xi = self._scaled(updates[rows], scale, layer, unit)
             chunk_descent = descent(xi.detach(), rows) if callable(descent) else descent[rows]
-            for total, grad in zip(grads, update_proxy_gradient(xi, params, chunk_descent)):
-                total += grad
+            torch._foreach_add_(grads, update_proxy_gradient(xi, params, chunk_descent))
             calibrations.append(xi.detach())
         return grads, torch.cat(calibrations)

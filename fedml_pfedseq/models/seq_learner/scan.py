@@ -4,9 +4,10 @@
     y_j = C_j . h_j + D * u_j
 
 Shapes: batch b (adapter parameters), sequence L (rounds), channels d (expanded clients), state M.
-On CPU a loop over the L steps that discretises inside the loop is both exact and the fastest form measured here
-(3-18x faster than transformers' Mamba slow path, which indexes precomputed [b, d, L, M] tensors).
-On CUDA, mamba-ssm's fused kernel is used when it imports (``pip install .[cuda]``); it computes the same thing.
+``selective_scan_loop`` is the scan as PyTorch code, a loop over the L steps: the reference that the fused
+kernels are tested against, and what runs where neither of them can. On CPU tensors the fused C kernel of
+``cpu_kernels.py`` runs (built on first use); on CUDA tensors mamba-ssm's kernel, when it imports
+(``pip install .[cuda]``). ``PFEDSEQ_SCAN=loop`` makes both devices run the loop.
 """
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ import logging
 import os
 
 import torch
+import torch.nn.functional as F
+
+from .cpu_kernels import FusedScan, kernels_apply
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +69,26 @@ def selective_scan_loop(u, dt, A, B, C, D):
     return torch.stack(ys, dim=1) + u * D  # [b, L, d]
 
 
-def selective_scan(u, dt, A, B, C, D):
-    """y = selective scan of u (shapes as :func:`selective_scan_loop`); mamba-ssm's kernel for CUDA tensors."""
+def selective_scan(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus: bool = False, last_only: bool = False):
+    """y = selective scan of u, as mamba-ssm's ``selective_scan_fn`` computes it: the step sizes are
+    softplus(dt + dt_bias) where asked, and the output is gated by silu(z) where z [b, L, d] is given. With
+    ``last_only`` only the last round's y[:, -1] [b, d] is returned (all that a learner's last block reads). The
+    fused C kernel for CPU tensors, mamba-ssm's for CUDA ones, else the loop. Shapes as :func:`selective_scan_loop`.
+    """
     kernel = cuda_kernel(u)
-    if kernel is None:
-        return selective_scan_loop(u, dt, A, B, C, D)
-    # The kernel's layout is channels-first: u, dt [b, d, L]; B, C [b, M, L].
-    y = kernel(u.transpose(1, 2).contiguous(), dt.transpose(1, 2).contiguous(), A.contiguous(),
-               B.transpose(1, 2).contiguous(), C.transpose(1, 2).contiguous(), D.float())
-    return y.transpose(1, 2)
+    if kernel is not None:
+        t = lambda x: None if x is None else x.transpose(1, 2).contiguous()  # noqa: E731  channels-first layout
+        y = kernel(t(u), t(dt), A.contiguous(), t(B), t(C), D.float(), z=t(z),
+                   delta_bias=None if dt_bias is None else dt_bias.float(), delta_softplus=dt_softplus).transpose(1, 2)
+        return y[:, -1] if last_only else y
+    if kernels_apply(u, dt, A, B, C, D):
+        z_read = z[:, -1] if last_only and z is not None else z
+        return FusedScan.apply(u, dt, A, B, C, D, z_read, dt_bias, dt_softplus, last_only)
+    if dt_bias is not None:
+        dt = dt + dt_bias
+    if dt_softplus:
+        dt = F.softplus(dt)
+    y = selective_scan_loop(u, dt, A, B, C, D)
+    if last_only:
+        y, z = y[:, -1], None if z is None else z[:, -1]
+    return y if z is None else y * F.silu(z)
