@@ -69,7 +69,9 @@ void scan_forward(const S *restrict u, const S *restrict delta, const S *restric
   }
 }
 
-/* The gradients of sum(gy * y) with respect to every input of scan_forward (gz only where z is given). */
+/* The gradients of sum(gy * y) with respect to every input of scan_forward (gz only where z is given). The
+ * recurrence of each state m is independent of the others, so each row is walked one state at a time: the round's
+ * dA and h of that state are recomputed ([L, d], in L1), then walked back. */
 void scan_backward(const S *restrict u, const S *restrict delta, const S *restrict delta_bias, int softplus,
                    const S *restrict A_t, const S *restrict B, const S *restrict C, const S *restrict D,
                    const S *restrict z, const S *restrict gy, S *restrict gu, S *restrict gdelta,
@@ -78,98 +80,99 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
                    int threads) {
 #pragma omp parallel num_threads(threads)
   {
-    /* per row: dA[j][m][c], h[j][m][c] as the forward had them; dt[j][c]; the ungated output y0[j][c] */
-    S *restrict dA = malloc(L * M * d * sizeof(S)), *restrict h = malloc(L * M * d * sizeof(S));
-    S *restrict dt = malloc(L * d * sizeof(S)), *restrict y0 = malloc(L * d * sizeof(S));
-    S *restrict g = malloc(M * d * sizeof(S)), *restrict gy_j = malloc(d * sizeof(S));
-    S *restrict gdtu = malloc(d * sizeof(S)), *restrict gdt = malloc(d * sizeof(S));
-    S *restrict dtu = malloc(d * sizeof(S));
+    /* per row [L, d]: dt, dt * u, the gated gy, the ungated output y0, and the gradients w.r.t. dt * u and dt */
+    S *restrict dt = malloc(L * d * sizeof(S)), *restrict dtu = malloc(L * d * sizeof(S));
+    S *restrict gyg = malloc(L * d * sizeof(S)), *restrict y0 = malloc(L * d * sizeof(S));
+    S *restrict gdtu = malloc(L * d * sizeof(S)), *restrict gdt = malloc(L * d * sizeof(S));
+    /* per state m: dA[j][c], h[j][c], and g = dLoss/dh_j carried back through dA_j+1 */
+    S *restrict dA = malloc(L * d * sizeof(S)), *restrict h = malloc(L * d * sizeof(S));
+    S *restrict g = malloc(d * sizeof(S));
     S *restrict gA = gA_parts + omp_get_thread_num() * M * d, *restrict gD = gD_parts + omp_get_thread_num() * d;
     S *restrict gdelta_bias = gdelta_bias_parts + omp_get_thread_num() * d;
 #pragma omp for schedule(static)
     for (long r = 0; r < b; r++) {
-      for (long j = 0; j < L; j++) { /* the forward again, keeping every round's states */
-        const S *restrict u_j = ROW(u, r, j, d), *restrict B_j = ROW(B, r, j, M), *restrict C_j = ROW(C, r, j, M);
-        S *restrict dt_j = dt + j * d, *restrict y0_j = y0 + j * d;
-        int gated = z && (!last_only || j == L - 1); /* the gate's gradient needs y0 */
-        step_sizes(ROW(delta, r, j, d), delta_bias, softplus, dt_j, d);
-        if (gated)
-          for (long c = 0; c < d; c++) y0_j[c] = D[c] * u_j[c];
-        for (long m = 0; m < M; m++) {
-          S *restrict dA_jm = dA + (j * M + m) * d, *restrict h_jm = h + (j * M + m) * d;
-          const S *restrict A_m = A_t + m * d;
-          for (long c = 0; c < d; c++) {
-            dA_jm[c] = EXP(dt_j[c] * A_m[c]);
-            h_jm[c] = dt_j[c] * u_j[c] * B_j[m];
-          }
-          if (j)
-            for (long c = 0; c < d; c++) h_jm[c] += dA_jm[c] * h_jm[c - M * d];
-          if (gated)
-            for (long c = 0; c < d; c++) y0_j[c] += C_j[m] * h_jm[c];
+      for (long j = 0; j < L; j++) {
+        const S *restrict u_j = ROW(u, r, j, d);
+        int read = !last_only || j == L - 1;
+        const S *restrict gy_j = read ? (last_only ? gy + r * d : ROW(gy, r, j, d)) : NULL;
+        const S *restrict z_j = read && z ? (last_only ? z + r * d : ROW(z, r, j, d)) : NULL;
+        step_sizes(ROW(delta, r, j, d), delta_bias, softplus, dt + j * d, d);
+        for (long c = 0; c < d; c++) {
+          dtu[j * d + c] = dt[j * d + c] * u_j[c];
+          gyg[j * d + c] = !read ? 0 : z_j ? gy_j[c] * z_j[c] * sigmoid(z_j[c]) : gy_j[c];
+          y0[j * d + c] = D[c] * u_j[c];
+          gdtu[j * d + c] = gdt[j * d + c] = 0;
         }
       }
-      memset(g, 0, M * d * sizeof(S)); /* g = dLoss/dh_j, carried from round j+1 back through dA_j+1 */
-      for (long j = L - 1; j >= 0; j--) {
-        const S *restrict u_j = ROW(u, r, j, d), *restrict B_j = ROW(B, r, j, M), *restrict C_j = ROW(C, r, j, M);
-        const S *restrict dt_j = dt + j * d, *restrict y0_j = y0 + j * d;
-        int read = !last_only || j == L - 1;
-        if (read) { /* the gate: y = y0 * silu(z), silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))) */
-          const S *restrict gy_r = last_only ? gy + r * d : ROW(gy, r, j, d);
-          const S *restrict z_j = z ? (last_only ? z + r * d : ROW(z, r, j, d)) : NULL;
-          S *restrict gz_j = z ? (last_only ? gz + r * d : ROW(gz, r, j, d)) : NULL;
+      for (long m = 0; m < M; m++) {
+        const S *restrict A_m = A_t + m * d;
+        S *restrict gA_m = gA + m * d;
+        for (long j = 0; j < L; j++) { /* the forward of state m */
+          S B_jm = ROW(B, r, j, M)[m], C_jm = ROW(C, r, j, M)[m];
+          S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict y0_j = y0 + j * d;
+          const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
           for (long c = 0; c < d; c++) {
-            S sig = z ? sigmoid(z_j[c]) : 1;
-            gy_j[c] = z ? gy_r[c] * z_j[c] * sig : gy_r[c];
-            if (z) gz_j[c] = gy_r[c] * y0_j[c] * sig * (1 + z_j[c] * (1 - sig));
+            dA_j[c] = EXP(dt_j[c] * A_m[c]);
+            h_j[c] = dtu_j[c] * B_jm;
           }
-        } else {
-          memset(gy_j, 0, d * sizeof(S));
+          if (j)
+            for (long c = 0; c < d; c++) h_j[c] += dA_j[c] * h_j[c - d];
+          for (long c = 0; c < d; c++) y0_j[c] += C_jm * h_j[c];
         }
-        for (long c = 0; c < d; c++) {
-          dtu[c] = dt_j[c] * u_j[c];
-          gdtu[c] = gdt[c] = 0;
-        }
-        for (long m = 0; m < M; m++) {
-          S *restrict g_m = g + m * d, *restrict gA_m = gA + m * d;
-          const S *restrict dA_jm = dA + (j * M + m) * d, *restrict h_jm = h + (j * M + m) * d;
-          const S *restrict h_prev = j ? h_jm - M * d : h_jm, *restrict A_m = A_t + m * d; /* h_-1 = 0 */
-          S gC_jm = 0, gB_jm = 0;
-          if (read)
+        memset(g, 0, d * sizeof(S));
+        for (long j = L - 1; j >= 0; j--) { /* and back */
+          S B_jm = ROW(B, r, j, M)[m], C_jm = ROW(C, r, j, M)[m], gB_jm = 0, gC_jm = 0;
+          const S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict gyg_j = gyg + j * d;
+          const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
+          S *restrict gdtu_j = gdtu + j * d, *restrict gdt_j = gdt + j * d;
+          for (long c = 0; c < d; c++) {
+            g[c] += gyg_j[c] * C_jm;
+            gC_jm += gyg_j[c] * h_j[c];
+            gdtu_j[c] += g[c] * B_jm;
+            gB_jm += g[c] * dtu_j[c];
+          }
+          if (j)
             for (long c = 0; c < d; c++) {
-              g_m[c] += gy_j[c] * C_j[m];
-              gC_jm += gy_j[c] * h_jm[c];
+              S q = g[c] * dA_j[c] * h_j[c - d]; /* dLoss/d(dt_j A) */
+              gdt_j[c] += q * A_m[c];
+              gA_m[c] += q * dt_j[c];
+              g[c] *= dA_j[c];
             }
-          for (long c = 0; c < d; c++) {
-            S q = j ? g_m[c] * dA_jm[c] * h_prev[c] : 0; /* dLoss/d(dt_j A) */
-            gdtu[c] += g_m[c] * B_j[m];
-            gB_jm += g_m[c] * dtu[c];
-            gdt[c] += q * A_m[c];
-            gA_m[c] += q * dt_j[c];
-            g_m[c] *= dA_jm[c];
-          }
           ROW(gC, r, j, M)[m] = gC_jm;
           ROW(gB, r, j, M)[m] = gB_jm;
         }
-        const S *restrict delta_j = ROW(delta, r, j, d);
+      }
+      for (long j = 0; j < L; j++) {
+        const S *restrict u_j = ROW(u, r, j, d), *restrict delta_j = ROW(delta, r, j, d);
+        const S *restrict dt_j = dt + j * d, *restrict gyg_j = gyg + j * d;
         S *restrict gu_j = ROW(gu, r, j, d), *restrict gdelta_j = ROW(gdelta, r, j, d);
         for (long c = 0; c < d; c++) {
           S x = delta_j[c] + (delta_bias ? delta_bias[c] : 0);
-          gdelta_j[c] = (gdt[c] + gdtu[c] * u_j[c]) * (softplus && x <= 20 ? sigmoid(x) : 1);
-          gu_j[c] = gdtu[c] * dt_j[c] + gy_j[c] * D[c];
-          gD[c] += gy_j[c] * u_j[c];
+          gdelta_j[c] = (gdt[j * d + c] + gdtu[j * d + c] * u_j[c]) * (softplus && x <= 20 ? sigmoid(x) : 1);
+          gu_j[c] = gdtu[j * d + c] * dt_j[c] + gyg_j[c] * D[c];
+          gD[c] += gyg_j[c] * u_j[c];
           gdelta_bias[c] += gdelta_j[c];
+        }
+        if (z && (!last_only || j == L - 1)) { /* the gate: silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))) */
+          const S *restrict gy_j = last_only ? gy + r * d : ROW(gy, r, j, d);
+          const S *restrict z_j = last_only ? z + r * d : ROW(z, r, j, d);
+          S *restrict gz_j = last_only ? gz + r * d : ROW(gz, r, j, d);
+          for (long c = 0; c < d; c++) {
+            S sig = sigmoid(z_j[c]);
+            gz_j[c] = gy_j[c] * y0[j * d + c] * sig * (1 + z_j[c] * (1 - sig));
+          }
         }
       }
     }
-    free(dA);
-    free(h);
     free(dt);
+    free(dtu);
+    free(gyg);
     free(y0);
-    free(g);
-    free(gy_j);
     free(gdtu);
     free(gdt);
-    free(dtu);
+    free(dA);
+    free(h);
+    free(g);
   }
 }
 
