@@ -22,7 +22,7 @@ LEARNER_CONFIG_KEYS = {
     "seq_len": "max_seq_len", "learner_architecture": "architecture", "cross_client": "cross_client",
     "num_blocks": "num_blocks", "state_size": "state_size", "expand": "expand", "conv_kernel": "conv_kernel",
     "learner_hidden_size": "hidden_size", "output_scale_init": "output_scale_init",
-    "learner_magnitude_preserving": "magnitude_preserving",
+    "learner_magnitude_preserving": "magnitude_preserving", "client_mixing_rank": "mixing_rank",
 }
 LEARNER_OBJECTIVES = ("proxy", "proximal")
 
@@ -320,6 +320,9 @@ class PFedSeqArgs:
     learner_objective: str = recipe_key(
         "proxy", "'proxy' (eq. 5: -<xi, Delta>) or 'proximal' (regress xi onto what was sent + Delta)")
     learner_steps: int = recipe_key(1, "Adam steps per round, each on a random 1/K of every layer's rows")
+    client_mixing_rank: int | None = recipe_key(
+        None, "R: the learner reads R learned mixtures of the clients' channels (cost ~ N R, for hundreds of "
+        "clients); null: one channel per client (the paper's)")
     train_during_warmup: bool = recipe_key(True, "false: train the learner only on rounds whose xi was sent")
     center_calibrations: bool = recipe_key(False, "remove each parameter's mean over clients from xi")
     calibration_bound: float | None = recipe_key(
@@ -345,6 +348,9 @@ class PFedSeqArgs:
                               f"got {self.learner_objective!r}")
         if self.learner_steps < 1:
             raise RecipeError(f"{where}.learner_steps must be >= 1, got {self.learner_steps}")
+        if self.client_mixing_rank is not None and (self.client_mixing_rank < 1 or not self.cross_client):
+            raise RecipeError(f"{where}.client_mixing_rank must be >= 1 or null, and needs cross_client: true; got "
+                              f"{self.client_mixing_rank} with cross_client: {self.cross_client}")
         if self.calibration_bound is not None and not self.calibration_bound > 0:
             raise RecipeError(f"{where}.calibration_bound must be > 0 or null, got {self.calibration_bound}")
         if not self.global_aggregation and (self.center_calibrations or self.calibration_bound is not None):

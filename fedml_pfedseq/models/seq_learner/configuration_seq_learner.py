@@ -17,6 +17,9 @@ class SeqLearnerConfig(PretrainedConfig):
         max_seq_len: L_max, the longest window of rounds the learner reads (the MLP reads exactly this many).
         architecture: "mamba" (Selective SSM, the paper's), "mlp" (variant D) or "lstm" (variant E).
         cross_client: False is variant C: one learner reads each client's own sequence (1 channel) separately.
+        mixing_rank: R (beyond the paper): the learner reads R learned mixtures of the N client channels and maps its
+            R outputs back to the N clients, so its cost grows with N R instead of N^2 (for hundreds of clients);
+            None: every channel is a client (the paper's full mixing).
         num_blocks: Mamba blocks (paper: 2), or MLP hidden layers / LSTM layers.
         state_size: M, the SSM state per channel (paper: 16).
         expand: E, channel expansion inside a Mamba block (our choice: 2, as Mamba).
@@ -37,13 +40,16 @@ class SeqLearnerConfig(PretrainedConfig):
                  architecture: str = "mamba", cross_client: bool = True, num_blocks: int = 2, state_size: int = 16,
                  expand: int = 2, conv_kernel: int = 4, dt_rank: int | None = None, hidden_size: int = 64,
                  output_scale_init: float = 0.1, rms_norm_eps: float = 1e-5, magnitude_preserving: bool | None = None,
-                 **kwargs):
+                 mixing_rank: int | None = None, **kwargs):
         checks = {"num_clients": num_clients, "num_adapter_layers": num_adapter_layers, "max_seq_len": max_seq_len,
                   "num_blocks": num_blocks, "state_size": state_size, "expand": expand, "conv_kernel": conv_kernel,
                   "hidden_size": hidden_size}
         for name, value in checks.items():
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"SeqLearnerConfig.{name} must be a positive integer, got {value!r}")
+        if mixing_rank is not None and (not isinstance(mixing_rank, int) or mixing_rank < 1 or not cross_client):
+            raise ValueError("SeqLearnerConfig.mixing_rank must be a positive integer (or None) and needs "
+                             f"cross_client, got {mixing_rank!r} with cross_client={cross_client}")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"SeqLearnerConfig.architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         self.num_clients = num_clients
@@ -51,6 +57,7 @@ class SeqLearnerConfig(PretrainedConfig):
         self.max_seq_len = max_seq_len
         self.architecture = architecture
         self.cross_client = cross_client
+        self.mixing_rank = mixing_rank
         self.num_blocks = num_blocks
         self.state_size = state_size
         self.expand = expand
@@ -66,5 +73,5 @@ class SeqLearnerConfig(PretrainedConfig):
 
     @property
     def num_channels(self) -> int:
-        """Channels the learner sees: all clients, or one (variant C)."""
-        return self.num_clients if self.cross_client else 1
+        """Channels the learner sees: all clients, R mixtures of them (``mixing_rank``), or one (variant C)."""
+        return (self.mixing_rank or self.num_clients) if self.cross_client else 1

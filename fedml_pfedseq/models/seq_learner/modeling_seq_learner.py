@@ -151,6 +151,27 @@ class LSTMLearner(nn.Module):
 LEARNERS = {"mamba": MambaLearner, "mlp": MLPLearner, "lstm": LSTMLearner}
 
 
+class ClientMixing(nn.Module):
+    """A learner R channels wide between two linear maps (``mixing_rank``): N clients -> R mixtures -> learner -> R
+    outputs -> N clients. Its cost then grows with N R, where the full learner's projections grow with N^2. Neither
+    map has a bias, so the magnitude-preserving design holds."""
+
+    def __init__(self, config: SeqLearnerConfig, learner: nn.Module):
+        super().__init__()
+        self.mix = nn.Linear(config.num_clients, config.mixing_rank, bias=False)
+        self.learner = learner
+        self.unmix = nn.Linear(config.mixing_rank, config.num_clients, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, N] -> [b, N]
+        return self.unmix(self.learner(self.mix(x)))
+
+
+def build_learner(config: SeqLearnerConfig) -> nn.Module:
+    """One layer's learner: the configured architecture, between client mixing maps where ``mixing_rank`` is set."""
+    learner = LEARNERS[config.architecture](config)
+    return ClientMixing(config, learner) if config.mixing_rank else learner
+
+
 def row_chunks(rows: int, d_chunk: int | None) -> list[slice]:
     """Slices of ``d_chunk`` rows covering ``rows`` (one slice when d_chunk is None)."""
     step = d_chunk or rows
@@ -168,8 +189,7 @@ class SeqLearnerModel(PreTrainedModel):
 
     def __init__(self, config: SeqLearnerConfig):
         super().__init__(config)
-        self.learners = nn.ModuleList(LEARNERS[config.architecture](config)
-                                      for _ in range(config.num_adapter_layers))
+        self.learners = nn.ModuleList(build_learner(config) for _ in range(config.num_adapter_layers))
         self.output_scale = nn.Parameter(torch.full((config.num_adapter_layers,), float(config.output_scale_init)))
         self.post_init()
 
