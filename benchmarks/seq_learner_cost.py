@@ -7,6 +7,7 @@ number of layers (one learner each), so big-N rows may time fewer layers than th
 
     python benchmarks/seq_learner_cost.py                          # the README's table (25 min on 2 CPU cores)
     python benchmarks/seq_learner_cost.py --only 24576 20 15 12 12  # D N L layers-timed layers-reported
+    python benchmarks/seq_learner_cost.py --only 24576 1000 15 1 12 --mixing-rank 16  # client mixing, R = 16
 """
 from __future__ import annotations
 
@@ -21,15 +22,17 @@ import torch
 
 from fedml_pfedseq.models.seq_learner import SeqLearnerConfig, SeqLearnerModel
 
-# (what, D per layer, N, L, layers timed, layers of the backbone, d_chunk)
+# (what, D per layer, N, L, layers timed, layers of the backbone, d_chunk, client mixing rank R or None)
 GRID = [
-    ("ours: vit-small-cifar10, default recipe", 6144, 20, 6, 6, 6, 2048),
-    ("paper scale: ViT-B/16, Omniglot", 24576, 20, 15, 12, 12, 2048),
-    ("paper scale, unchunked", 24576, 20, 15, 1, 12, None),
-    ("L = 5", 24576, 20, 5, 1, 12, 2048),
-    ("L = 30 (the paper's largest)", 24576, 20, 30, 1, 12, 2048),
-    ("N = 100", 24576, 100, 15, 1, 12, 2048),
-    ("N = 1000", 24576, 1000, 15, 1, 12, 512),
+    ("ours: vit-small-cifar10, default recipe", 6144, 20, 6, 6, 6, 2048, None),
+    ("paper scale: ViT-B/16, Omniglot", 24576, 20, 15, 12, 12, 2048, None),
+    ("paper scale, unchunked", 24576, 20, 15, 1, 12, None, None),
+    ("L = 5", 24576, 20, 5, 1, 12, 2048, None),
+    ("L = 30 (the paper's largest)", 24576, 20, 30, 1, 12, 2048, None),
+    ("N = 100", 24576, 100, 15, 1, 12, 2048, None),
+    ("N = 100, client mixing R = 16", 24576, 100, 15, 1, 12, 2048, 16),
+    ("N = 1000", 24576, 1000, 15, 1, 12, 512, None),
+    ("N = 1000, client mixing R = 16", 24576, 1000, 15, 1, 12, 2048, 16),
 ]
 
 
@@ -38,10 +41,11 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def measure(d: int, n: int, length: int, layers: int, d_chunk: int | None, device: str) -> dict:
+def measure(d: int, n: int, length: int, layers: int, d_chunk: int | None, rank: int | None, device: str) -> dict:
     """Seconds for one learner step + one inference over ``layers`` layers, and the peak extra memory in MB."""
     torch.manual_seed(0)
-    model = SeqLearnerModel(SeqLearnerConfig(num_clients=n, num_adapter_layers=layers, max_seq_len=length)).to(device)
+    model = SeqLearnerModel(SeqLearnerConfig(num_clients=n, num_adapter_layers=layers, max_seq_len=length,
+                                             mixing_rank=rank)).to(device)
     window = torch.randn(d, length, n, device=device) * 1e-3  # [D, L, N], update-sized
     descent = torch.randn(d, n, device=device) * 1e-3  # [D, N]
     model.proxy_gradient(window[:8], 1e-3, 0, descent[:8], d_chunk)  # one-time allocations happen here
@@ -65,12 +69,12 @@ def measure(d: int, n: int, length: int, layers: int, d_chunk: int | None, devic
 
 
 def run_one(row: tuple, threads: int, device: str) -> dict:
-    what, d, n, length, timed, reported, d_chunk = row
-    out = subprocess.run([sys.executable, __file__, "--child", json.dumps([d, n, length, timed, d_chunk]),
+    what, d, n, length, timed, reported, d_chunk, rank = row
+    out = subprocess.run([sys.executable, __file__, "--child", json.dumps([d, n, length, timed, d_chunk, rank]),
                           "--threads", str(threads), "--device", device], capture_output=True, text=True, check=True)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     per_layer = (result["step_s"] + result["inference_s"]) / timed
-    return {"what": what, "D": d, "N": n, "L": length, "d_chunk": d_chunk, "layers_timed": timed,
+    return {"what": what, "D": d, "N": n, "L": length, "d_chunk": d_chunk, "mixing_rank": rank, "layers_timed": timed,
             "layers": reported, **result, "per_layer_s": per_layer, "per_round_s": per_layer * reported}
 
 
@@ -78,6 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--only", nargs=5, type=int, metavar=("D", "N", "L", "TIMED", "LAYERS"))
     parser.add_argument("--d-chunk", type=int, default=2048)
+    parser.add_argument("--mixing-rank", type=int, default=None, help="R of client mixing (with --only)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", help="also write the rows to this file")
@@ -85,10 +90,10 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child:
-        d, n, length, timed, d_chunk = json.loads(args.child)
-        print(json.dumps(measure(d, n, length, timed, d_chunk, args.device)))
+        d, n, length, timed, d_chunk, rank = json.loads(args.child)
+        print(json.dumps(measure(d, n, length, timed, d_chunk, rank, args.device)))
         return
-    grid = [("custom", *args.only, args.d_chunk)] if args.only else GRID
+    grid = [("custom", *args.only, args.d_chunk, args.mixing_rank)] if args.only else GRID
     print(f"device {args.device}, {args.threads} threads, torch {torch.__version__}")
     print("| configuration | D per layer | N | L | d_chunk | learner params per layer | s per layer (step + inference) "
           "| s per round (layers) | peak extra MB |")

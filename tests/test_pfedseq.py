@@ -215,7 +215,8 @@ def test_learner_is_reproducible_from_the_seed():
 
 
 @pytest.mark.parametrize("key, value", [("warmup_rounds", -1), ("seq_len", 0), ("learner_architecture", "gru"),
-                                        ("learner_lr", 0.0), ("norm_momentum", 1.0), ("d_chunk", 0)])
+                                        ("learner_lr", 0.0), ("norm_momentum", 1.0), ("d_chunk", 0),
+                                        ("client_mixing_rank", 0)])
 def test_bad_algorithm_args_are_named(key, value):
     with pytest.raises(RecipeError, match=key):
         make_server(**{key: value})
@@ -340,7 +341,8 @@ def test_every_schedule_switch_resumes_from_a_checkpoint(tmp_path):
 
 
 SCHEDULES = {"paper's": {}, "proximal, 3 steps": {"learner_objective": "proximal", "learner_steps": 3},
-             "chunked, centred": {"d_chunk": 5, "center_calibrations": True}}
+             "chunked, centred": {"d_chunk": 5, "center_calibrations": True},
+             "client mixing R = 2": {"client_mixing_rank": 2}}
 
 
 @pytest.mark.parametrize("args", SCHEDULES.values(), ids=SCHEDULES.keys())

@@ -362,7 +362,8 @@ def test_pfedseq_recipe_keys_build_the_learner_config_with_the_same_defaults():
 
 LEARNERS = {"mamba": {}, "mamba, legacy (not magnitude-preserving)": {"magnitude_preserving": False},
             "mamba, variant C (per client)": {"cross_client": False}, "mamba, one block": {"num_blocks": 1},
-            "mlp (variant D)": {"architecture": "mlp"}, "lstm (variant E)": {"architecture": "lstm"}}
+            "mlp (variant D)": {"architecture": "mlp"}, "lstm (variant E)": {"architecture": "lstm"},
+            "mamba, client mixing R = 2": {"mixing_rank": 2}}
 
 
 @pytest.mark.parametrize("d_chunk", [None, 4])
@@ -430,3 +431,26 @@ def test_the_kernels_are_cached_by_source_and_leave_denormals_alone(monkeypatch,
     finally:
         cpu_kernels.library.cache_clear()
     assert torch.tensor(1e-40, dtype=torch.float32) * 1.0 != 0  # a float32 denormal survives
+
+
+def test_client_mixing_reads_r_mixtures_and_grows_linearly_with_the_clients(tmp_path):
+    """mixing_rank R: the learner inside is R channels wide between an N -> R and an R -> N map, so its size grows
+    with N R (the full learner's with N^2); it saves and loads like any learner."""
+    sizes = {}
+    for n in (40, 80):
+        for rank in (None, 4):
+            learner = make_learner(num_clients=n, mixing_rank=rank)
+            sizes[n, rank] = sum(p.numel() for p in learner.learners[0].parameters())
+    assert sizes[80, None] / sizes[40, None] > 3.5  # ~N^2
+    mix = 2 * 4  # the two maps, per client
+    assert sizes[80, 4] - sizes[40, 4] == 40 * mix  # linear in N
+    learner = make_learner(mixing_rank=2)
+    inner = learner.learners[0]
+    assert (inner.mix.weight.shape, inner.unmix.weight.shape) == ((2, 4), (4, 2))
+    assert inner.learner.blocks[0].in_proj.in_features == 2 == learner.config.num_channels
+    learner.save_pretrained(tmp_path)
+    loaded = SeqLearnerModel.from_pretrained(tmp_path)
+    x = window()
+    torch.testing.assert_close(loaded.calibrate(x, 0.5, 1), learner.calibrate(x, 0.5, 1))
+    with pytest.raises(ValueError, match="mixing_rank"):
+        SeqLearnerConfig(num_clients=4, cross_client=False, mixing_rank=2)

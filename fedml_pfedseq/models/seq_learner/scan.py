@@ -1,4 +1,4 @@
-"""The selective scan of Mamba (Gu & Dao 2023), eq. 7 of the pFedSeq paper, in plain PyTorch.
+"""The selective scan of Mamba (Gu & Dao 2023), eq. 7 of the pFedSeq paper: the PyTorch loop, and which kernel runs.
 
     h_j = exp(dt_j * A) * h_{j-1} + dt_j * B_j * u_j        (A: zero-order hold; B: Euler, as Mamba's kernel does)
     y_j = C_j . h_j + D * u_j
