@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import statistics
 import time
 
@@ -70,6 +71,7 @@ def warm_server(recipe_path: str, shape: dict):
 
 def timed_round(server, round_uploads) -> tuple[float, list[torch.Tensor]]:
     server = copy.deepcopy(server)
+    gc.collect()  # the previous round's garbage is not this round's cost
     started = time.perf_counter()
     server.aggregate(round_uploads)
     return time.perf_counter() - started, server.calibrations

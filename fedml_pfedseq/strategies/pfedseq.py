@@ -69,7 +69,8 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(client_seed(recipe.common_args.random_seed, 0, purpose=5))
             self.learner = SeqLearnerModel(config).to(self.device)
-        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=self.args.learner_lr)
+        # foreach: one kernel per step for all of the learner's tensors (identical values; CPU defaults to a loop)
+        self.optimizer = torch.optim.Adam(self.learner.parameters(), lr=self.args.learner_lr, foreach=True)
         self.history: deque[RoundUpdates] = deque(maxlen=self.args.seq_len)
         self.mean_square = torch.zeros(len(self.layout.layers), dtype=torch.float64)  # running, per layer
         self.round = 0
