@@ -6,14 +6,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import evaluate
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
+
+if TYPE_CHECKING:
+    import evaluate
 
 ACCURACY_METRIC_DIR = Path(__file__).parent / "metrics" / "accuracy"
 
@@ -27,6 +30,8 @@ def select_device(using_gpu: bool = True) -> torch.device:
 
 @lru_cache(maxsize=1)
 def accuracy_metric() -> evaluate.EvaluationModule:
+    import evaluate  # here: servers and the GPU check, which never evaluate, run where evaluate is not installed
+
     return evaluate.load(str(ACCURACY_METRIC_DIR))
 
 

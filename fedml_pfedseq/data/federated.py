@@ -3,15 +3,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
 import numpy as np
 
 from fedml_pfedseq.config import DataArgs, RecipeError
 from fedml_pfedseq.data.loading import KNOWN_DATASETS, dataset_source, load_image_dataset
 from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
 from fedml_pfedseq.data.transforms import cluster_transform, image_classification_transform
+
+if TYPE_CHECKING:
+    import datasets
 
 SPLITS = ("train", "validation", "test")
 
@@ -98,6 +100,8 @@ def load_silo(args: DataArgs, client: int) -> tuple[datasets.Dataset, np.ndarray
     if not path.is_file():
         raise FileNotFoundError(f"data_args.data_files[{client}]: client {client}'s data {path} does not exist (with "
                                 "partition_method 'silo' each client's party reads its own file on its machine)")
+    import datasets  # here, as in data/loading.py: servers and the GPU check import this module without datasets
+
     dataset = datasets.load_dataset("parquet", data_files=str(path), split="train")
     image_column, label_column = columns(args)
     missing = {image_column, label_column} - set(dataset.column_names)
@@ -140,6 +144,8 @@ def transformed(split: datasets.Dataset, transform, preprocess: bool) -> dataset
 
     def as_arrays(batch: dict) -> dict:
         return {key: value.numpy() for key, value in transform(batch).items()}
+
+    import datasets
 
     shape = transform(split[:1])["pixel_values"].shape[1:]
     features = datasets.Features({  # fixed-shape arrays: read back as whole blocks, not as nested lists
