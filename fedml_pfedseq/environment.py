@@ -1,5 +1,5 @@
-"""What this machine offers a run: library versions, the devices torch and accelerate see, bf16, and which
-selective scan the learner gets on CUDA tensors (``pfedseq env``). The first thing to read on a GPU machine."""
+"""What this machine offers a run: library versions, the devices torch and accelerate see, bf16, and which code
+the learner's Mamba blocks get on CUDA and CPU tensors (``pfedseq env``). The first thing to read on a GPU machine."""
 from __future__ import annotations
 
 import os
@@ -32,6 +32,7 @@ def describe() -> list[tuple[str, str]]:
     """(what, value) rows, in the order ``pfedseq env`` prints them."""
     import torch
 
+    from fedml_pfedseq.models.seq_learner import cpu_kernels
     from fedml_pfedseq.models.seq_learner.scan import kernel_status
     from fedml_pfedseq.training import select_device
 
@@ -44,5 +45,6 @@ def describe() -> list[tuple[str, str]]:
                  ("TF32 matmul", str(torch.backends.cuda.matmul.allow_tf32))]
     rows += [("device a run picks (accelerate)", str(select_device(True))),
              ("selective scan on CUDA tensors", kernel_status()[1] if cuda else
-              f"none (no CUDA); the kernel would be: {kernel_status()[1]}")]
+              f"none (no CUDA); the kernel would be: {kernel_status()[1]}"),
+             ("Mamba blocks on CPU tensors", cpu_kernels.status()[1])]
     return rows

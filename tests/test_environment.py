@@ -69,6 +69,7 @@ def test_pfedseq_env_prints_versions_devices_and_the_scan(capsys):
     expected = scan.kernel_status()[1]
     assert rows["selective scan on CUDA tensors"] == (expected if torch.cuda.is_available() else
                                                       f"none (no CUDA); the kernel would be: {expected}")
+    assert rows["Mamba blocks on CPU tensors"].startswith("fused C kernels (cpu_kernels.c, built into ")
 
 
 def test_the_loop_can_be_asked_for_where_the_kernel_imports(fake_mamba, monkeypatch):

@@ -117,6 +117,20 @@ def test_the_fused_cpu_scan_matches_the_loop(last_only, extras):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_the_fused_cpu_scan_in_float32_is_as_exact_as_the_float32_loop():
+    """float32 (the kernel's inlined exp, clamped below e^-87): as close to the float64 loop as PyTorch's float32
+    loop is, over steps dt * A from 0 to -300 (far past the clamp)."""
+    g = torch.Generator().manual_seed(5)
+    b, length, d, m = 256, 6, 8, 4
+    u, B, C = (torch.randn(*shape, generator=g) for shape in ((b, length, d), (b, length, m), (b, length, m)))
+    dt = torch.rand(b, length, d, generator=g) * 3
+    A, D = -torch.rand(d, m, generator=g) * 100, torch.randn(d, generator=g)
+    exact = selective_scan_loop(*(t.double() for t in (u, dt, A, B, C, D)))
+    for y in (cpu_kernels.FusedScan.apply(u, dt, A, B, C, D, None, None, False, False),
+              selective_scan_loop(u, dt, A, B, C, D)):
+        torch.testing.assert_close(y.double(), exact, rtol=1e-5, atol=1e-5 * float(exact.abs().max()))
+
+
 def test_the_fused_cpu_scan_passes_gradcheck():
     u, dt, A, B, C, D = scan_inputs(b=2, length=4, d=3, m=2)
     z, bias = torch.randn(2, 4, 3, dtype=torch.float64, requires_grad=True), torch.randn(3, dtype=torch.float64,
@@ -390,7 +404,7 @@ def test_without_the_c_kernels_the_blocks_run_their_pytorch_code(monkeypatch, tm
     """No compiler: the status says so once, and the learner still gives the reference's calibrations."""
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("PFEDSEQ_KERNEL_CACHE", str(tmp_path / "cache"))
-    for cached in (cpu_kernels.library, cpu_kernels.status):
+    for cached in (cpu_kernels.library, cpu_kernels.status, cpu_kernels._builds):
         cached.cache_clear()
     try:
         with caplog.at_level("WARNING", logger=cpu_kernels.__name__):
@@ -402,7 +416,7 @@ def test_without_the_c_kernels_the_blocks_run_their_pytorch_code(monkeypatch, tm
         with reference_implementation():
             torch.testing.assert_close(fast, learner.calibrate(x, 1e-3, 0))
     finally:
-        for cached in (cpu_kernels.library, cpu_kernels.status):
+        for cached in (cpu_kernels.library, cpu_kernels.status, cpu_kernels._builds):
             cached.cache_clear()
 
 

@@ -4,8 +4,8 @@ The C source is compiled with the machine's C compiler on first use, per scalar 
 (``PFEDSEQ_KERNEL_CACHE``, else ``$XDG_CACHE_HOME/fedml_pfedseq/kernels`` or ``~/.cache/...``) keyed by the source,
 the flags, the compiler and the CPU; later processes load it with ctypes in milliseconds. Where it cannot be built
 (no compiler, no OpenMP, or the source left behind, as in a learner loaded from the Hub as remote code)
-the block runs its PyTorch code (the scan's loop, ``nn.Conv1d``), which computes the same thing, and
-``scan.selective_scan`` says why once.
+the block runs its PyTorch code (the scan's loop, ``nn.Conv1d``), which computes the same thing, and ``status``
+logs why, once.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 SCALARS = {torch.float32: ("float", "fast_expf", "log1pf"), torch.float64: ("double", "exp", "log1p")}
-# -ffast-math lets GCC call glibc's vectorised exp; it is given to the compile step only, because linking with it
-# would add crtfastmath.o, which flushes denormals to zero in the whole process.
+# -ffast-math lets GCC vectorise the reductions and call glibc's vectorised exp and log1p; it is given to the compile
+# step only, because linking with it would add crtfastmath.o, which flushes denormals to zero in the whole process.
 COMPILE = ("-c", "-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC")
 LINK = ("-shared", "-fopenmp", "-lm")
 _POINTER, _LONG, _INT = ctypes.c_void_p, ctypes.c_long, ctypes.c_int
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 class KernelUnavailable(RuntimeError):
-    """The fused scan cannot be built or loaded here; the message says why."""
+    """The fused kernels cannot be built or loaded here; the message says why."""
 
 
 def cache_dir() -> Path:
@@ -75,7 +75,7 @@ def library(dtype: torch.dtype) -> ctypes.CDLL:
     if not target.is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then moved in atomically
-            obj, lib = Path(tmp) / "scan.o", Path(tmp) / target.name
+            obj, lib = Path(tmp) / "kernels.o", Path(tmp) / target.name
             _run([compiler, *COMPILE, *defines, str(SOURCE), "-o", str(obj)])
             _run([compiler, str(obj), *LINK, "-o", str(lib)])
             os.replace(lib, target)
@@ -106,11 +106,21 @@ def status() -> tuple[bool, str]:
     return runs, line
 
 
+@functools.cache
+def _builds(dtype: torch.dtype) -> bool:
+    try:
+        library(dtype)
+    except KernelUnavailable as err:
+        logger.warning("the fused C kernels for %s are unavailable (its PyTorch code runs): %s", dtype, err)
+        return False
+    return True
+
+
 def kernels_apply(*inputs: torch.Tensor) -> bool:
     """Whether these inputs go to the fused kernels: CPU tensors of one of their scalar types, where they build."""
     u = inputs[0]
     return (u.device.type == "cpu" and u.dtype in SCALARS and all(t.dtype == u.dtype for t in inputs)
-            and status()[0])
+            and status()[0] and _builds(u.dtype))
 
 
 def _pointers(*tensors: torch.Tensor | None) -> list[ctypes.c_void_p]:
