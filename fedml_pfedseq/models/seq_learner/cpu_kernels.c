@@ -131,13 +131,20 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
           S B_jm = ROW(B, r, j, M)[m], C_jm = ROW(C, r, j, M)[m];
           S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict y0_j = y0 + j * d;
           const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
-          for (long c = 0; c < d; c++) {
-            dA_j[c] = EXP(dt_j[c] * A_m[c]);
-            h_j[c] = dtu_j[c] * B_jm;
+          if (j) {
+            const S *restrict h_prev = h_j - d;
+            for (long c = 0; c < d; c++) {
+              dA_j[c] = EXP(dt_j[c] * A_m[c]);
+              h_j[c] = dA_j[c] * h_prev[c] + dtu_j[c] * B_jm;
+              y0_j[c] += C_jm * h_j[c];
+            }
+          } else {
+            for (long c = 0; c < d; c++) {
+              dA_j[c] = EXP(dt_j[c] * A_m[c]);
+              h_j[c] = dtu_j[c] * B_jm;
+              y0_j[c] += C_jm * h_j[c];
+            }
           }
-          if (j)
-            for (long c = 0; c < d; c++) h_j[c] += dA_j[c] * h_j[c - d];
-          for (long c = 0; c < d; c++) y0_j[c] += C_jm * h_j[c];
         }
         memset(g, 0, d * sizeof(S));
         for (long j = L - 1; j >= 0; j--) { /* and back */
@@ -150,17 +157,22 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
               g[c] += gyg_j[c] * C_jm;
               gC_jm += gyg_j[c] * h_j[c];
             }
-          for (long c = 0; c < d; c++) {
-            gdtu_j[c] += g[c] * B_jm;
-            gB_jm += g[c] * dtu_j[c];
-          }
-          if (j)
+          if (j) {
+            const S *restrict h_prev = h_j - d;
             for (long c = 0; c < d; c++) {
-              S q = g[c] * dA_j[c] * h_j[c - d]; /* dLoss/d(dt_j A) */
+              S g_c = g[c], q = g_c * dA_j[c] * h_prev[c]; /* q: dLoss/d(dt_j A) */
+              gdtu_j[c] += g_c * B_jm;
+              gB_jm += g_c * dtu_j[c];
               gdt_j[c] += q * A_m[c];
               gA_m[c] += q * dt_j[c];
-              g[c] *= dA_j[c];
+              g[c] = g_c * dA_j[c];
             }
+          } else {
+            for (long c = 0; c < d; c++) {
+              gdtu_j[c] += g[c] * B_jm;
+              gB_jm += g[c] * dtu_j[c];
+            }
+          }
           ROW(gC, r, j, M)[m] = gC_jm;
           ROW(gB, r, j, M)[m] = gB_jm;
         }
