@@ -54,6 +54,7 @@ PYTHON
     export PYTHONPATH="$BUILD/site:$PYTHONPATH"
     echo "built in $(( $(date +%s) - started )) s"
   else
+    pkill -f "$BUILD" 2>/dev/null || true  # compilers the build started outlive the pip that timeout stopped
     echo "not built within ${MAMBA_BUILD_SECONDS:-240} s (or failed; log: $BUILD/build.log): the learner's CUDA scan is the loop"
     tail -3 "$BUILD/build.log"
   fi
