@@ -42,7 +42,11 @@ static inline float fast_expf(float x) {
   union { int i; float f; } scale = {.i = ((int)n + 127) << 23};
   return p * scale.f;
 }
+
 #define ROW(x, r, j, width) ((x) + ((r) * L + (j)) * (width)) /* row r, round j of a [b, L, width] array */
+/* row r, round j of an array in y's layout: [b, L, d], or [b, d] holding the last round alone (last_only) */
+#define OUT(x, r, j) (last_only ? (x) + (r) * d : ROW(x, r, j, d))
+#define READ(j) (!last_only || (j) == L - 1) /* whether round j's output is read */
 
 static inline S sigmoid(S x) { return 1 / (1 + EXP(-x)); }
 
@@ -66,8 +70,8 @@ void scan_forward(const S *restrict u, const S *restrict delta, const S *restric
       memset(h, 0, M * d * sizeof(S));
       for (long j = 0; j < L; j++) {
         const S *restrict u_j = ROW(u, r, j, d), *restrict B_j = ROW(B, r, j, M), *restrict C_j = ROW(C, r, j, M);
-        int read = !last_only || j == L - 1;
-        S *restrict y_j = last_only ? y + r * d : ROW(y, r, j, d);
+        int read = READ(j);
+        S *restrict y_j = OUT(y, r, j);
         step_sizes(ROW(delta, r, j, d), delta_bias, softplus, dt_j, d);
         if (read)
           for (long c = 0; c < d; c++) y_j[c] = D[c] * u_j[c];
@@ -79,7 +83,7 @@ void scan_forward(const S *restrict u, const S *restrict delta, const S *restric
             for (long c = 0; c < d; c++) y_j[c] += C_j[m] * h_m[c];
         }
         if (read && z) {
-          const S *restrict z_j = last_only ? z + r * d : ROW(z, r, j, d);
+          const S *restrict z_j = OUT(z, r, j);
           for (long c = 0; c < d; c++) y_j[c] *= z_j[c] * sigmoid(z_j[c]);
         }
       }
@@ -113,9 +117,9 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
     for (long r = 0; r < b; r++) {
       for (long j = 0; j < L; j++) {
         const S *restrict u_j = ROW(u, r, j, d);
-        int read = !last_only || j == L - 1;
-        const S *restrict gy_j = read ? (last_only ? gy + r * d : ROW(gy, r, j, d)) : NULL;
-        const S *restrict z_j = read && z ? (last_only ? z + r * d : ROW(z, r, j, d)) : NULL;
+        int read = READ(j);
+        const S *restrict gy_j = read ? OUT(gy, r, j) : NULL;
+        const S *restrict z_j = read && z ? OUT(z, r, j) : NULL;
         step_sizes(ROW(delta, r, j, d), delta_bias, softplus, dt + j * d, d);
         for (long c = 0; c < d; c++) {
           dtu[j * d + c] = dt[j * d + c] * u_j[c];
@@ -152,7 +156,7 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
           const S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict gyg_j = gyg + j * d;
           const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
           S *restrict gdtu_j = gdtu + j * d, *restrict gdt_j = gdt + j * d;
-          if (!last_only || j == L - 1) /* rounds whose output is read */
+          if (READ(j))
             for (long c = 0; c < d; c++) {
               g[c] += gyg_j[c] * C_jm;
               gC_jm += gyg_j[c] * h_j[c];
@@ -188,10 +192,9 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
           gD[c] += gyg_j[c] * u_j[c];
           gdelta_bias[c] += gdelta_j[c];
         }
-        if (z && (!last_only || j == L - 1)) { /* the gate: silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))) */
-          const S *restrict gy_j = last_only ? gy + r * d : ROW(gy, r, j, d);
-          const S *restrict z_j = last_only ? z + r * d : ROW(z, r, j, d);
-          S *restrict gz_j = last_only ? gz + r * d : ROW(gz, r, j, d);
+        if (z && READ(j)) { /* the gate: silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z))) */
+          const S *restrict gy_j = OUT(gy, r, j), *restrict z_j = OUT(z, r, j);
+          S *restrict gz_j = OUT(gz, r, j);
           for (long c = 0; c < d; c++) {
             S sig = sigmoid(z_j[c]);
             gz_j[c] = gy_j[c] * y0[j * d + c] * sig * (1 + z_j[c] * (1 - sig));
