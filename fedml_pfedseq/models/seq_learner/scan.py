@@ -81,14 +81,15 @@ def selective_scan(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus: bool = 
         y = kernel(t(u), t(dt), A.contiguous(), t(B), t(C), D.float(), z=t(z),
                    delta_bias=None if dt_bias is None else dt_bias.float(), delta_softplus=dt_softplus).transpose(1, 2)
         return y[:, -1] if last_only else y
+    if last_only and z is not None:
+        z = z[:, -1]  # the gate of the round that is read
     if kernels_apply(u, dt, A, B, C, D):
-        z_read = z[:, -1] if last_only and z is not None else z
-        return FusedScan.apply(u, dt, A, B, C, D, z_read, dt_bias, dt_softplus, last_only)
+        return FusedScan.apply(u, dt, A, B, C, D, z, dt_bias, dt_softplus, last_only)
     if dt_bias is not None:
         dt = dt + dt_bias
     if dt_softplus:
         dt = F.softplus(dt)
     y = selective_scan_loop(u, dt, A, B, C, D)
     if last_only:
-        y, z = y[:, -1], None if z is None else z[:, -1]
+        y = y[:, -1]
     return y if z is None else y * F.silu(z)
