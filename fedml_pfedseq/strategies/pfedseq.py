@@ -166,6 +166,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         params = list(self.learner.parameters())
         mask = torch.tensor(present, dtype=deltas[0].dtype, device=self.device)
         windows = [self._window(l) for l in range(len(deltas))]
+        layer_params = [self.learner.layer_parameters(l) for l in range(len(deltas))]  # proxy_gradient's order
         recomputed = [torch.zeros_like(delta) for delta in deltas]
         surrogate = 0.0
         for rows in self._row_batches(deltas):
@@ -179,7 +180,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
                     descent = self._centred(delta)
                 grads, xi = self.learner.proxy_gradient(windows[l][rows[l]], scales[l], l, descent,
                                                         self.args.d_chunk, self.output_units[l])
-                torch._foreach_add_([totals[p] for p in self.learner.layer_parameters(l)], grads, alpha=scales[l] ** -2)
+                torch._foreach_add_([totals[p] for p in layer_params[l]], grads, alpha=scales[l] ** -2)
                 xi = self._centred(xi).cpu()
                 recomputed[l][rows[l]] = xi
                 surrogate -= float((xi * delta.cpu()).sum())
