@@ -23,6 +23,7 @@ LEARNER_CONFIG_KEYS = {
     "num_blocks": "num_blocks", "state_size": "state_size", "expand": "expand", "conv_kernel": "conv_kernel",
     "learner_hidden_size": "hidden_size", "output_scale_init": "output_scale_init",
     "learner_magnitude_preserving": "magnitude_preserving", "client_mixing_rank": "mixing_rank",
+    "learner_memory": "memory",
 }
 LEARNER_OBJECTIVES = ("proxy", "proximal")
 
@@ -323,6 +324,9 @@ class PFedSeqArgs:
     client_mixing_rank: int | None = recipe_key(
         None, "R: the learner reads R learned mixtures of the clients' channels (cost ~ N R, for hundreds of "
         "clients); null: one channel per client (the paper's)")
+    learner_memory: bool = recipe_key(
+        False, "the learner also reads the calibration it output last and adds to it: xi^t = xi^{t-1} + "
+        "f(window, xi^{t-1}), a per-entry state across rounds (false: xi^t from the window alone, the paper's)")
     train_during_warmup: bool = recipe_key(True, "false: train the learner only on rounds whose xi was sent")
     center_calibrations: bool = recipe_key(False, "remove each parameter's mean over clients from xi")
     calibration_bound: float | None = recipe_key(

@@ -23,6 +23,11 @@ round; ``learner_steps: K`` takes K Adam steps per round, each on a random 1/K o
 the window in all); ``train_during_warmup: false`` trains only on rounds whose xi was sent;
 ``center_calibrations`` removes the mean over clients from xi (theta_g keeps what all share); and
 ``calibration_bound: b`` caps each client's xi per layer at an RMS of b times the updates' RMS.
+``learner_memory`` has the learner read the calibration it output last and add to it (xi^t = xi^{t-1} + f): the
+server keeps xi^{t-1}, and the input that produced it (``memory``), so the training step recomputes xi^{t-1}
+exactly; the gradient flows through that last step only. Memory starts from zero at the first calibrated round;
+a client that skips rounds keeps its column (still calibrated each round, from zero updates); one that joins late
+has the column the learner gave it meanwhile.
 """
 from __future__ import annotations
 
@@ -75,6 +80,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         self.mean_square = torch.zeros(len(self.layout.layers), dtype=torch.float64)  # running, per layer
         self.round = 0
         self.calibrations: list[torch.Tensor] | None = None  # xi^t per layer [D_l, N], what was last added
+        self.memory: list[torch.Tensor] | None = None  # with learner_memory: xi^{t-1}, the input that gave xi^t
         self.recomputed: list[torch.Tensor] = []  # xi^{t-1} per layer as recomputed in the last learner step
         self.last_round_stats: dict[str, float] = {}
         self.initial_adapter = torch.cat(self.layout.flatten(initial_state["lora"]))  # theta^0, flat
@@ -122,8 +128,11 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         bounded where the recipe asks)."""
         scales = self.history[-1].scales
         calibrations = []
+        if self.args.learner_memory:
+            self.memory = self.calibrations or [torch.zeros_like(entry) for entry in self.history[-1].updates]
         for l in range(len(self.layout.layers)):
-            xi = self.learner.calibrate(self._window(l), scales[l], l, self.args.d_chunk, self.output_units[l]).cpu()
+            xi = self.learner.calibrate(self._window(l), scales[l], l, self.args.d_chunk, self.output_units[l],
+                                        self._memory(l)).cpu()
             if not torch.isfinite(xi).all():
                 raise FloatingPointError(f"round {self.round}: the learner of layer {l} produced NaN/Inf "
                                          "calibrations; try a lower algorithm_args.learner_lr")
@@ -133,6 +142,15 @@ class PFedSeqServer(FedAvgLocalHeadServer):
                 xi = xi * (limit / xi.pow(2).mean(0, keepdim=True).sqrt().clamp_min(1e-30)).clamp(max=1.0)
             calibrations.append(xi)
         return calibrations
+
+    def _memory(self, layer: int) -> torch.Tensor | None:
+        """A memory learner's input of one layer [D_l, N] for xi^t (xi^{t-1}; zeros before any calibration), None
+        without memory."""
+        if not self.args.learner_memory:
+            return None
+        if self.memory is None:
+            return torch.zeros_like(self.history[-1].updates[layer], device=self.device)
+        return self.memory[layer].to(self.device)
 
     def _centred(self, xi: torch.Tensor) -> torch.Tensor:
         """xi less its mean over clients [D, N], where ``center_calibrations`` asks (the identity otherwise). It is a
@@ -167,6 +185,7 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         mask = torch.tensor(present, dtype=deltas[0].dtype, device=self.device)
         windows = [self._window(l) for l in range(len(deltas))]
         layer_params = [self.learner.layer_parameters(l) for l in range(len(deltas))]  # proxy_gradient's order
+        memory = [self._memory(l) for l in range(len(deltas))]  # the input of xi^{t-1}
         recomputed = [torch.zeros_like(delta) for delta in deltas]
         surrogate = 0.0
         for rows in self._row_batches(deltas):
@@ -179,7 +198,8 @@ class PFedSeqServer(FedAvgLocalHeadServer):
                 else:
                     descent = self._centred(delta)
                 grads, xi = self.learner.proxy_gradient(windows[l][rows[l]], scales[l], l, descent,
-                                                        self.args.d_chunk, self.output_units[l])
+                                                        self.args.d_chunk, self.output_units[l],
+                                                        None if memory[l] is None else memory[l][rows[l]])
                 torch._foreach_add_([totals[p] for p in layer_params[l]], grads, alpha=scales[l] ** -2)
                 xi = self._centred(xi).cpu()
                 recomputed[l][rows[l]] = xi

@@ -32,6 +32,9 @@ class SeqLearnerConfig(PretrainedConfig):
             latest update has a path to the output, so the output scales with the input; False: the learner of runs
             before this design. A saved config.json without the key was written by such a run, so it loads as
             False (``transformers_version`` marks a config read from a file).
+        memory: True (beyond the paper): the learner also reads what it output last, xi^{t-1}, and adds it to its
+            output, xi^t = xi^{t-1} + f(window, xi^{t-1}), so a per-entry state persists across rounds (see
+            ``SeqLearnerModel``); False: xi^t is a function of the window alone (the paper's).
     """
 
     model_type = "pfedseq_seq_learner"
@@ -40,7 +43,7 @@ class SeqLearnerConfig(PretrainedConfig):
                  architecture: str = "mamba", cross_client: bool = True, num_blocks: int = 2, state_size: int = 16,
                  expand: int = 2, conv_kernel: int = 4, dt_rank: int | None = None, hidden_size: int = 64,
                  output_scale_init: float = 0.1, rms_norm_eps: float = 1e-5, magnitude_preserving: bool | None = None,
-                 mixing_rank: int | None = None, **kwargs):
+                 mixing_rank: int | None = None, memory: bool = False, **kwargs):
         checks = {"num_clients": num_clients, "num_adapter_layers": num_adapter_layers, "max_seq_len": max_seq_len,
                   "num_blocks": num_blocks, "state_size": state_size, "expand": expand, "conv_kernel": conv_kernel,
                   "hidden_size": hidden_size}
@@ -58,6 +61,7 @@ class SeqLearnerConfig(PretrainedConfig):
         self.architecture = architecture
         self.cross_client = cross_client
         self.mixing_rank = mixing_rank
+        self.memory = memory
         self.num_blocks = num_blocks
         self.state_size = state_size
         self.expand = expand

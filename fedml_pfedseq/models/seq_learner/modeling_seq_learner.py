@@ -18,6 +18,15 @@ layer's RMS, ``CappedRMSNorm``) and g's readout has no bias, so the output keeps
 follows c, and xi = c * Delta is f with g = 0. An untrained learner adds about ``output_scale_init`` of an update.
 ``magnitude_preserving=False`` is the learner before this design (an RMSNorm over the client channels in each block
 and before a biased readout, no path from the latest update), kept to measure what the change does.
+
+Memory (``config.memory``, beyond the paper): the learner also reads what it output last, m = xi^{t-1} / s, and
+adds it to its output, f(x, m) = m + output_scale * (x_last + g(x + w * cap(m))). So xi keeps a state per entry
+across rounds, which the window alone cannot (it holds the last L updates, and they shrink as xi nears its
+ideal). m enters g added to every round's input with a learnt weight w per channel (zero at first, so an untrained
+learner with memory moves xi as one without it does), each row capped like the blocks' norm (an RMS over its
+channels above 1 is scaled to 1: xi grows to many updates' size); g's channel mixing then decides which clients'
+states to pool. The caller holds m (the server's last calibrations) and treats it as an input: a gradient flows
+through f's last step, not back through the rounds that produced m.
 """
 from __future__ import annotations
 
@@ -172,6 +181,10 @@ def build_learner(config: SeqLearnerConfig) -> nn.Module:
     return ClientMixing(config, learner) if config.mixing_rank else learner
 
 
+def _rows(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
+    return None if x is None else x[rows]
+
+
 def row_chunks(rows: int, d_chunk: int | None) -> list[slice]:
     """Slices of ``d_chunk`` rows covering ``rows`` (one slice when d_chunk is None)."""
     step = d_chunk or rows
@@ -191,6 +204,9 @@ class SeqLearnerModel(PreTrainedModel):
         super().__init__(config)
         self.learners = nn.ModuleList(build_learner(config) for _ in range(config.num_adapter_layers))
         self.output_scale = nn.Parameter(torch.full((config.num_adapter_layers,), float(config.output_scale_init)))
+        if config.memory:  # w: each input channel's weight of the capped memory, per layer
+            self.memory_weight = nn.Parameter(torch.zeros(config.num_adapter_layers, config.num_clients
+                                                          if config.cross_client else 1))
         self.post_init()
 
     @torch.no_grad()
@@ -198,10 +214,12 @@ class SeqLearnerModel(PreTrainedModel):
         """PyTorch's own initialisation for every module (and Mamba's for the SSM), not transformers' N(0, 0.02)."""
         if module is self:
             self.output_scale.fill_(self.config.output_scale_init)
+            if self.config.memory:
+                self.memory_weight.zero_()
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
 
-    def _check(self, updates: torch.Tensor, layer: int) -> None:
+    def _check(self, updates: torch.Tensor, layer: int, previous: torch.Tensor | None) -> None:
         c = self.config
         if not 0 <= layer < c.num_adapter_layers:
             raise IndexError(f"layer {layer} out of range: this learner has {c.num_adapter_layers} layers")
@@ -209,46 +227,64 @@ class SeqLearnerModel(PreTrainedModel):
             raise ValueError(f"updates must be [D, L, N={c.num_clients}], got {tuple(updates.shape)}")
         if not 1 <= updates.shape[1] <= c.max_seq_len:
             raise ValueError(f"window of {updates.shape[1]} rounds; this learner reads 1..{c.max_seq_len}")
+        if c.memory and (previous is None or previous.shape != (updates.shape[0], updates.shape[2])):
+            got = None if previous is None else tuple(previous.shape)
+            raise ValueError(f"a learner with memory reads its last output [D, N] = "
+                             f"{(updates.shape[0], updates.shape[2])} beside the updates, got {got}")
+        if not c.memory and previous is not None:
+            raise ValueError("previous calibrations given to a learner without memory (config.memory is False)")
 
-    def forward(self, updates: torch.Tensor, layer: int) -> torch.Tensor:
-        """f(updates) for one layer: normalised updates [D, L, N] -> normalised calibrations [D, N]."""
-        self._check(updates, layer)
+    def forward(self, updates: torch.Tensor, layer: int, previous: torch.Tensor | None = None) -> torch.Tensor:
+        """f(updates) for one layer: normalised updates [D, L, N] -> normalised calibrations [D, N]; with memory,
+        f(updates, previous), ``previous`` [D, N] being the last output in the same units."""
+        self._check(updates, layer, previous)
         d, length, n = updates.shape
+        inputs = updates
+        if self.config.memory:  # w * cap(m), the same for every round of the window
+            capped = previous / previous.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1.0)
+            inputs = updates + (capped * self.memory_weight[layer]).unsqueeze(1)
         if not self.config.cross_client:  # variant C: each client's own sequence, as 1-channel rows
-            updates = updates.permute(0, 2, 1).reshape(d * n, length, 1)
-        out = self.learners[layer](updates)  # [b, c]
+            updates, inputs = (x.permute(0, 2, 1).reshape(d * n, length, 1) for x in (updates, inputs))
+        out = self.learners[layer](inputs)  # [b, c]
         if self.config.magnitude_preserving:
             out = updates[:, -1] + out  # the path from the latest update: xi = c * Delta is g = 0
-        return out.reshape(d, n) * self.output_scale[layer]
+        out = out.reshape(d, n) * self.output_scale[layer]
+        return previous + out if self.config.memory else out
 
-    def _scaled(self, updates: torch.Tensor, scale: float, layer: int, unit: float | None) -> torch.Tensor:
-        return (scale if unit is None else unit) * self(updates / scale, layer)
+    def _scaled(self, updates: torch.Tensor, scale: float, layer: int, unit: float | None,
+                previous: torch.Tensor | None) -> torch.Tensor:
+        unit = scale if unit is None else unit
+        return unit * self(updates / scale, layer, None if previous is None else previous / unit)
 
     @torch.no_grad()
     def calibrate(self, updates: torch.Tensor, scale: float, layer: int, d_chunk: int | None = None,
-                  unit: float | None = None) -> torch.Tensor:
+                  unit: float | None = None, previous: torch.Tensor | None = None) -> torch.Tensor:
         """xi = unit * f(updates / scale): [D, L, N] -> [D, N], computed ``d_chunk`` rows at a time.
 
         ``unit`` is the output's unit, by default ``scale`` (xi at the updates' size); variant A, whose output is the
-        adapter itself, passes the adapter's own size.
+        adapter itself, passes the adapter's own size. A learner with memory also reads ``previous`` [D, N], its
+        last output (xi^{t-1}, in xi's units).
         """
-        return torch.cat([self._scaled(updates[rows], scale, layer, unit)
+        return torch.cat([self._scaled(updates[rows], scale, layer, unit, _rows(previous, rows))
                           for rows in row_chunks(updates.shape[0], d_chunk)])
 
     def layer_parameters(self, layer: int) -> list[nn.Parameter]:
-        """The parameters that a layer's calibration depends on: its learner's and the output scales."""
-        return [*self.learners[layer].parameters(), self.output_scale]
+        """The parameters that a layer's calibration depends on: its learner's, the output scales (and the memory
+        weights)."""
+        shared = [self.output_scale, self.memory_weight] if self.config.memory else [self.output_scale]
+        return [*self.learners[layer].parameters(), *shared]
 
     def proxy_gradient(self, updates: torch.Tensor, scale: float, layer: int, descent: torch.Tensor | Descent,
                        d_chunk: int | None = None, unit: float | None = None,
-                       ) -> tuple[list[torch.Tensor], torch.Tensor]:
+                       previous: torch.Tensor | None = None) -> tuple[list[torch.Tensor], torch.Tensor]:
         """The learner's gradient with a client update as the proxy of the loss gradient (paper eq. 5).
 
         ``descent`` [D, N] is the clients' updates Delta^t, a descent direction, so -Delta stands for dL/dxi:
         g = sum_i (d xi_i / d psi)^T (-Delta_i), accumulated over chunks of ``d_chunk`` rows. ``descent`` may
         instead be a function of (xi of a chunk, its rows) giving that chunk's descent: ``target[rows] - xi`` is the
         gradient of 0.5 ||xi - target||^2 (a regression of xi onto a target, whose gradient at xi = sent is eq. 5's
-        with target = sent + Delta).
+        with target = sent + Delta). ``previous`` is a memory learner's last output, as in ``calibrate``: an input,
+        so the gradient is f's last step's.
         Returns one gradient per parameter of ``layer_parameters(layer)`` (every other parameter's is zero) and
         xi [D, N] (detached).
         """
@@ -259,7 +295,7 @@ class SeqLearnerModel(PreTrainedModel):
         grads = [torch.zeros_like(p) for p in params]
         calibrations = []
         for rows in row_chunks(updates.shape[0], d_chunk):
-            xi = self._scaled(updates[rows], scale, layer, unit)
+            xi = self._scaled(updates[rows], scale, layer, unit, _rows(previous, rows))
             chunk_descent = descent(xi.detach(), rows) if callable(descent) else descent[rows]
             torch._foreach_add_(grads, update_proxy_gradient(xi, params, chunk_descent))
             calibrations.append(xi.detach())
