@@ -118,9 +118,11 @@ def test_history_keeps_the_last_L_rounds_with_their_normalisers():
     assert server._window(0).shape == (24, 3, N)
 
 
-def test_recomputed_calibrations_equal_what_clients_received():
-    """Step 3 recomputes xi^{t-1} from the stored window and normalisers before psi moves: exactly what was sent."""
-    server = make_server()
+@pytest.mark.parametrize("memory", [False, True], ids=["window only", "with memory"])
+def test_recomputed_calibrations_equal_what_clients_received(memory):
+    """Step 3 recomputes xi^{t-1} from the stored window and normalisers (and, with memory, the xi^{t-2} it read)
+    before psi moves: exactly what was sent."""
+    server = make_server(learner_memory=memory)
     run_rounds(server, 3)
     sent = server.calibrations
     server.aggregate(uploads_for(4))
@@ -329,7 +331,7 @@ def test_every_schedule_switch_resumes_from_a_checkpoint(tmp_path):
     from fedml_pfedseq.checkpoint import load_checkpoint, save_checkpoint
 
     switches = dict(learner_objective="proximal", learner_steps=3, train_during_warmup=False,
-                    center_calibrations=True, calibration_bound=2.0)
+                    center_calibrations=True, calibration_bound=2.0, learner_memory=True)
     server = make_server(**switches)
     run_rounds(server, 3)
     save_checkpoint(tmp_path / "c.safetensors", {"server": server}, {"round": 3})
@@ -340,9 +342,48 @@ def test_every_schedule_switch_resumes_from_a_checkpoint(tmp_path):
     assert states_equal(learner_state(server), learner_state(restored))
 
 
+def test_memory_starts_at_zero_then_adds_to_the_last_calibration():
+    """The first calibrated round reads a zero memory with zero weights: the memory-less server's calibrations.
+    From the next one xi^t = xi^{t-1} + f(window, xi^{t-1}), where the memory-less server sends f alone."""
+    remembering, forgetting = make_server(learner_memory=True), make_server()
+    for t in (1, 2):
+        remembering.aggregate(uploads_for(t)), forgetting.aggregate(uploads_for(t))
+    for a, b in zip(remembering.calibrations, forgetting.calibrations, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+    first = remembering.calibrations
+    remembering.aggregate(uploads_for(3)), forgetting.aggregate(uploads_for(3))
+    assert remembering.memory is first
+    scales = remembering.history[-1].scales
+    for l, (xi, previous, other) in enumerate(zip(remembering.calibrations, first, forgetting.calibrations)):
+        f = remembering.learner.calibrate(remembering._window(l), scales[l], l, previous=previous) - previous
+        torch.testing.assert_close(xi - previous, f, rtol=1e-5, atol=1e-12)
+        assert (xi - other).abs().max() > 0.5 * other.abs().max()  # memory is what makes the difference
+
+
+def test_memory_with_a_late_client_and_skipped_rounds():
+    """Client 3 joins at round 4, client 1 skips round 4: every client is calibrated every round, an absent one
+    from zero updates, its column of memory carried on; the learner still trains on who reported."""
+    server = make_server(learner_memory=True, learner_objective="proximal")
+    rounds = {t: {i: u for i, u in uploads_for(t).items() if i != 3 or t >= 4} for t in range(1, 4)}
+    rounds[4] = {i: u for i, u in uploads_for(4).items() if i != 1}
+    columns = []
+    for uploads in rounds.values():
+        payloads = server.aggregate(uploads)
+        assert sorted(payloads) == list(range(N))
+        columns.append(server.calibrations[0][:, 3].clone() if server.calibrations else None)
+        assert server.history[-1].present == [i in uploads for i in range(N)]
+    assert columns[0] is None and all(torch.isfinite(c).all() and c.any() for c in columns[1:])
+    assert not torch.equal(columns[1], columns[2])  # the late client's column moves before it reports
+    sent = server.calibrations
+    server.aggregate(uploads_for(5))
+    for recomputed, xi in zip(server.recomputed, sent):
+        torch.testing.assert_close(recomputed, xi, rtol=0, atol=0)
+
+
 SCHEDULES = {"paper's": {}, "proximal, 3 steps": {"learner_objective": "proximal", "learner_steps": 3},
              "chunked, centred": {"d_chunk": 5, "center_calibrations": True},
-             "client mixing R = 2": {"client_mixing_rank": 2}}
+             "client mixing R = 2": {"client_mixing_rank": 2},
+             "proximal with memory": {"learner_objective": "proximal", "learner_memory": True}}
 
 
 @pytest.mark.parametrize("args", SCHEDULES.values(), ids=SCHEDULES.keys())

@@ -468,3 +468,62 @@ def test_client_mixing_reads_r_mixtures_and_grows_linearly_with_the_clients(tmp_
     torch.testing.assert_close(loaded.calibrate(x, 0.5, 1), learner.calibrate(x, 0.5, 1))
     with pytest.raises(ValueError, match="mixing_rank"):
         SeqLearnerConfig(num_clients=4, cross_client=False, mixing_rank=2)
+
+
+def with_memory(learner: SeqLearnerModel, weight: float | None = None) -> SeqLearnerModel:
+    """The same learner with memory on (its other weights copied); memory weights ``weight`` (random: None)."""
+    torch.manual_seed(5)
+    remembering = SeqLearnerModel(SeqLearnerConfig(**{**learner.config.to_dict(), "memory": True}))
+    missing, unexpected = remembering.load_state_dict(learner.state_dict(), strict=False)
+    assert missing == ["memory_weight"] and not unexpected
+    with torch.no_grad():
+        if weight is None:
+            remembering.memory_weight.normal_()
+        else:
+            remembering.memory_weight.fill_(weight)
+    return remembering
+
+
+@pytest.mark.parametrize("kwargs", LEARNERS.values(), ids=LEARNERS.keys())
+def test_memory_adds_the_last_calibration_and_reads_it(kwargs):
+    """With memory, f(x, m) = m + output_scale (x_last + g(x + w cap(m))): at w = 0 exactly the last output plus
+    what the memory-less learner gives, for every architecture and variant; w != 0 makes m an input of g too."""
+    learner, x = make_learner(**kwargs), window()
+    previous = 30 * torch.randn(11, 4, generator=torch.Generator().manual_seed(3))  # rows far above unit RMS
+    unread = with_memory(learner, weight=0.0)
+    torch.testing.assert_close(unread(x, 1, previous), previous + learner(x, 1), rtol=1e-6, atol=1e-5)
+    read = with_memory(learner)
+    moved = read(x, 1, previous) - previous
+    assert not torch.allclose(moved, learner(x, 1), atol=1e-3)
+    capped = previous / previous.pow(2).mean(1, keepdim=True).sqrt()  # each row's RMS over clients is 30 or more
+    shift = capped * (read.memory_weight[1] if read.config.cross_client else read.memory_weight[1, 0])
+    latest_path = learner.output_scale[1] * shift if learner.config.magnitude_preserving else 0  # reads x_last
+    torch.testing.assert_close(moved, learner(x + shift.unsqueeze(1), 1) - latest_path, rtol=1e-5, atol=1e-5)
+
+
+def test_a_learner_with_memory_checks_its_input_and_trains_its_weights():
+    learner, x, previous = make_learner(memory=True), window(), torch.randn(11, 4)
+    with pytest.raises(ValueError, match=r"its last output \[D, N\]"):
+        learner(x, 0)
+    with pytest.raises(ValueError, match="without memory"):
+        make_learner()(x, 0, previous)
+    grads, _ = learner.proxy_gradient(x, 1.0, 0, torch.randn(11, 4), d_chunk=4, previous=previous)
+    names = {id(p): name for name, p in learner.named_parameters()}
+    memory_grad = grads[[names[id(p)] for p in learner.layer_parameters(0)].index("memory_weight")]
+    assert memory_grad[0].abs().sum() > 0 and memory_grad[1].abs().sum() == 0  # layer 0's weights, not layer 1's
+    (g_chunked, xi_chunked), (g_whole, xi_whole) = (
+        learner.proxy_gradient(x, 0.5, 1, torch.randn(11, 4, generator=torch.Generator().manual_seed(0)),
+                               d_chunk=c, previous=previous) for c in (3, None))
+    torch.testing.assert_close(xi_chunked, xi_whole)
+    torch.testing.assert_close(learner.calibrate(x, 0.5, 1, 3, previous=previous), xi_whole)
+    for a, b in zip(g_chunked, g_whole):
+        torch.testing.assert_close(a, b)
+
+
+def test_a_learner_with_memory_saves_and_loads(tmp_path):
+    learner, x, previous = with_memory(make_learner()), window(), torch.randn(11, 4)
+    learner.save_pretrained(tmp_path)
+    loaded = SeqLearnerModel.from_pretrained(tmp_path)
+    assert loaded.config.memory
+    torch.testing.assert_close(loaded(x, 1, previous), learner(x, 1, previous), rtol=0, atol=0)
+    assert not make_learner().config.memory  # the paper's learner stays the default
