@@ -80,6 +80,8 @@ class DataArgs:
     partition_method: str = recipe_key("column", "'column', 'dirichlet', or 'silo': each client's data is its own file")
     partition_column: str | None = recipe_key("drawer", "'column': one client per value of this column (Omniglot's "
                                                         "drawer, PACS's domain)")
+    partition_splits: int = recipe_key(1, "'column': split each value's rows at random into this many clients "
+                                          "(several silos of one domain: value v's j-th silo is client v * k + j)")
     partition_alpha: float = recipe_key(0.1, "'dirichlet': the concentration of each client's label distribution "
                                              "(smaller: more skew)")
     partition_min_size: int = recipe_key(10, "'dirichlet': redraw until every client holds at least this many samples")
@@ -111,6 +113,9 @@ class DataArgs:
         require(not silo or self.hub_id is None, "data_args.hub_id", "cannot be combined with partition_method 'silo'")
         require(self.partition_method != "column" or bool(self.partition_column), "data_args.partition_column",
                 "is required when partition_method is 'column'")
+        require(self.partition_splits >= 1 and (self.partition_splits == 1 or self.partition_method == "column"),
+                "data_args.partition_splits", f"must be >= 1, and above 1 only with partition_method 'column'; got "
+                f"{self.partition_splits} with {self.partition_method!r}")
         require(self.partition_alpha > 0, "data_args.partition_alpha", f"must be > 0, got {self.partition_alpha}")
         require(self.partition_min_size >= 0, "data_args.partition_min_size", "must be >= 0")
         require(self.partition_max_retries >= 1, "data_args.partition_max_retries", "must be >= 1")

@@ -4,8 +4,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.data.loading import load_image_dataset
-from fedml_pfedseq.data.partition import PartitionError, partition_by_column, partition_dirichlet, split_train_val_test
+from fedml_pfedseq.data.partition import (
+    PartitionError,
+    partition_by_column,
+    partition_dirichlet,
+    split_each,
+    split_train_val_test,
+)
 
 
 def assert_exact_cover(parts, n):
@@ -122,3 +129,35 @@ def test_recipe_partition_errors_name_the_column_and_the_client_count(tmp_path):
         build_federated_data(DataArgs(), processor, 5, seed=0)
     with pytest.raises(RecipeError, match="required with partition_method 'dirichlet'"):
         build_federated_data(DataArgs(partition_method="dirichlet"), processor, None, seed=0)
+
+
+def test_split_each_cuts_every_part_into_seeded_silos_of_equal_size():
+    domains = np.repeat(np.arange(4), [20, 31, 9, 40])
+    parts = split_each(partition_by_column(domains), 3, seed=0)
+    assert len(parts) == 12
+    assert_exact_cover(parts, len(domains))
+    for client, part in enumerate(parts):
+        assert set(domains[part]) == {client // 3}  # value v's j-th silo is client 3 v + j
+    assert [len(p) for p in parts] == [7, 7, 6, 11, 10, 10, 3, 3, 3, 14, 13, 13]
+    assert all(np.array_equal(a, b) for a, b in zip(parts, split_each(partition_by_column(domains), 3, seed=0)))
+    assert not all(np.array_equal(a, b) for a, b in zip(parts, split_each(partition_by_column(domains), 3, seed=1)))
+    assert all(np.array_equal(a, b) for a, b in zip(split_each(partition_by_column(domains), 1, seed=5),
+                                                    partition_by_column(domains)))
+
+
+@pytest.mark.shared_data
+def test_pacs_domains_in_three_silos_each_give_12_clients_in_4_domain_clusters():
+    from fedml_pfedseq.config import parse_recipe
+    from fedml_pfedseq.data.federated import partition_indices
+
+    ds = load_image_dataset("pacs")
+    recipe = parse_recipe({"data_args": {"dataset": "pacs", "partition_column": "domain", "partition_splits": 3}})
+    parts = partition_indices(ds, recipe.data_args, "label", 12, seed=0)
+    domains = np.asarray(ds.data.column("domain").to_numpy())
+    assert_exact_cover(parts, len(ds))
+    assert [len(set(domains[p])) for p in parts] == [1] * 12
+    assert [sum(len(p) for p in parts[3 * v:3 * v + 3]) for v in range(4)] == [2048, 2344, 1670, 3929]
+    with pytest.raises(RecipeError, match="4 distinct values \\(3 client"):
+        partition_indices(ds, recipe.data_args, "label", 4, seed=0)
+    with pytest.raises(RecipeError, match="partition_splits"):
+        parse_recipe({"data_args": {"partition_method": "dirichlet", "partition_splits": 2}})

@@ -9,7 +9,7 @@ import numpy as np
 
 from fedml_pfedseq.config import DataArgs, RecipeError
 from fedml_pfedseq.data.loading import KNOWN_DATASETS, dataset_source, load_image_dataset
-from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_train_val_test
+from fedml_pfedseq.data.partition import partition_by_column, partition_dirichlet, split_each, split_train_val_test
 from fedml_pfedseq.data.transforms import cluster_transform, image_classification_transform
 
 if TYPE_CHECKING:
@@ -58,9 +58,12 @@ def partition_indices(dataset: datasets.Dataset, args: DataArgs, label_column: s
                               f"data_args.partition_column{default} names (columns: {dataset.column_names}); set "
                               "data_args.partition_column, or partition_method: dirichlet")
         parts = partition_by_column(dataset.data.column(args.partition_column).to_numpy())
-        if num_clients is not None and num_clients != len(parts):
+        if num_clients is not None and num_clients != len(parts) * args.partition_splits:
             raise RecipeError(f"train_args.client_num_in_total is {num_clients} but column "
-                              f"{args.partition_column!r} has {len(parts)} distinct values (one client each)")
+                              f"{args.partition_column!r} has {len(parts)} distinct values "
+                              f"({args.partition_splits} client(s) each, data_args.partition_splits)")
+        if args.partition_splits > 1:  # each value's rows into k silos, drawn from the run's seed
+            parts = split_each(parts, args.partition_splits, client_seed(seed, 0, purpose=7))
         return parts
     if num_clients is None:
         raise RecipeError("train_args.client_num_in_total is required with partition_method 'dirichlet'")
@@ -176,7 +179,7 @@ def build_federated_data(args: DataArgs, processor, num_clients: int | None, see
 
 
 def partition_column(args: DataArgs) -> str | None:
-    """The column with one client per value (partition_method "column"), else None."""
+    """The column whose value each client holds (partition_method "column"), else None."""
     return args.partition_column if args.partition_method == "column" else None
 
 

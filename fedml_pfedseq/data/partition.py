@@ -22,6 +22,15 @@ def partition_by_column(values: np.ndarray) -> list[np.ndarray]:
     return [np.sort(chunk) for chunk in np.split(order, starts[1:])]
 
 
+def split_each(parts: list[np.ndarray], splits: int, seed: int) -> list[np.ndarray]:
+    """Each part cut at random into ``splits`` parts of (nearly) equal size, in order: part v's j-th piece is client
+    v * splits + j (several silos of one domain). Seeded; every row stays in exactly one piece."""
+    if splits < 1:
+        raise ValueError(f"splits must be >= 1, got {splits}")
+    rng = np.random.default_rng(seed)
+    return [np.sort(piece) for part in parts for piece in np.array_split(rng.permutation(part), splits)]
+
+
 def partition_dirichlet(
     labels: np.ndarray,
     num_clients: int,
