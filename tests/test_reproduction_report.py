@@ -275,3 +275,33 @@ def test_a_part_left_out_keeps_the_page_and_numbers_reported_before(tmp_path):
     assert report.main(["--out", str(out)])["pfedseq_investigation"] == kept
     assert (out / "investigation.md").read_text() == "# the investigation\n"
     assert not (out / "pfedseq_investigation.md").exists()
+
+
+def test_comparison_report_pairs_each_method_with_the_control_and_says_whether_the_papers_order_appears(tmp_path):
+    definition = write_definition(
+        tmp_path / "full_data.yaml",
+        [str(RECIPES / "omniglot_fedavg_local_head.yaml"), str(RECIPES / "omniglot_local.yaml"),
+         {"recipe": PFEDSEQ, "name": "pFedSeq_memory"}, str(RECIPES / "omniglot_pfedhn.yaml")],
+        {"omniglot_full": [], "pacs_full": []}, [0, 1], description="full data")
+    root = tmp_path / "runs"
+    accuracy = {"FedAvgLocalHead": [0.40, 0.50], "Local": [0.30, 0.35], "pFedSeq_memory": [0.45, 0.52],
+                "pFedHN": [0.41, 0.48]}
+    for method, values in accuracy.items():
+        for seed, value in enumerate(values):
+            fake_cell(root, "omniglot_full", method, seed, value)
+            (root / "omniglot_full" / method / f"seed_{seed}" / "metrics.json").write_text(
+                json.dumps({"eval": [{"round": 1, "client": 0, "test_accuracy": value}]}))
+    fake_cell(root, "pacs_full", "FedAvgLocalHead", 0, 0.5)
+    (root / "pacs_full" / "FedAvgLocalHead" / "seed_0" / "metrics.json").write_text(json.dumps({"eval": []}))
+    out = tmp_path / "report"
+    out.mkdir()
+    record = report.comparison_report(report.GridOutput(root, definition), out, page="full_data.md")
+    result = record["scenarios"]["omniglot_full"]
+    assert result["pFedSeq_memory"]["minus_control_paired"]["mean"] == pytest.approx(3.5)  # (5 + 2) / 2
+    assert result["pFedHN"]["minus_control_paired"]["mean"] == pytest.approx(-0.5)  # (1 - 2) / 2
+    assert result["Local"]["minus_control_paired"]["mean"] == pytest.approx(-12.5)
+    assert result["paper_order"].startswith("no: 1 of the 2 methods") and "(pFedSeq_memory)" in result["paper_order"]
+    assert record["scenarios"]["pacs_full"]["paper_order"].startswith("not known yet")
+    text = (out / "full_data.md").read_text()
+    assert text.startswith("# full data") and "+3.50 ± 2.12" in text and "- pacs_full/pFedHN: seed_0, seed_1" in text
+    assert (out / "curves_omniglot_full.png").stat().st_size > 0

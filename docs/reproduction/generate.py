@@ -1,7 +1,8 @@
 """Turn the grids of the paper's Tables 1-3 and L sweep into the reproduction report (Markdown, PNGs, summary.json).
 
     python docs/reproduction/generate.py --table1 runs/table1 --table2-3 runs/table2_3 --l-sweep runs/l_sweep \
-        --pfedseq-investigation runs/pfedseq_investigation --out docs/reproduction
+        --pfedseq-investigation runs/pfedseq_investigation --rotated runs/rotated --full-data runs/full_data \
+        --pacs-silos runs/pacs_silos --out docs/reproduction
 
 Every number is read from the grids' cell files (``<scenario>/<method>/seed_<k>/summary.json``, ``recipe.yaml``,
 ``metrics.json`` and ``tune/<candidate>/summary.json``), not from grid_summary.json, which a grid writes only once it
@@ -12,6 +13,7 @@ The paper's numbers are in paper_results.json beside this script.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 from pathlib import Path
@@ -434,6 +436,43 @@ def rotated_report(out: GridOutput, dest: Path) -> dict:
     return record
 
 
+PERSONAL = ("pFedHN", "PeFLL", "pFedSeq")  # row-name prefixes of the methods that personalize the adapter itself
+
+
+def comparison_report(out: GridOutput, dest: Path, page: str) -> dict:
+    """A grid of a few methods against pFedSeq's control (the full-data grids of issue 31): each method's accuracy,
+    its difference from FedAvg with local heads paired by seed, and whether the paper's order appears (every method
+    that personalizes the adapter above the control)."""
+    grid, record = out.grid, {**out.record(), "scenarios": {}}
+    text = [out.header(yaml.safe_load(out.definition.read_text())["description"])]
+    for scenario in grid.scenarios:
+        by_seed = {m: out.by_seed(scenario, m) for m in grid.names}
+        result = {m: {"test": out.stats(scenario, m),
+                      "validation": out.stats(scenario, m, "final_validation_accuracy_mean"),
+                      "minus_control_paired": paired(by_seed[m], by_seed[CONTROL])} for m in grid.names}
+        record["scenarios"][scenario] = result
+        rows = [[m, fmt(r["validation"]), fmt(r["test"]),
+                 fmt(r["minus_control_paired"], "+") if m != CONTROL else ""] for m, r in result.items()]
+        table = format_table(["method", "validation (%)", "test (%)", f"minus {CONTROL}, by seed"], rows)
+        gains = {m: r["minus_control_paired"]["mean"] for m, r in result.items()
+                 if m.startswith(PERSONAL) and r["minus_control_paired"]}
+        if not gains:
+            order = "not known yet: no method that personalizes the adapter has a cell beside the control's"
+        else:
+            above = sorted(m for m, gain in gains.items() if gain > 0)
+            order = (f"{'yes' if len(above) == len(gains) else 'no'}: {len(above)} of the {len(gains)} methods that "
+                     f"personalize the adapter and have finished cells are above {CONTROL} on the mean paired "
+                     f"difference ({', '.join(above) or 'none'})")
+        record["scenarios"][scenario]["paper_order"] = order
+        text.append(f"\n## {scenario}\n\n{table}\n\n- minus {CONTROL}, by seed: the difference within each seed "
+                    f"(the same partition for every method), mean ± std over the seeds both finished; {CONTROL} is "
+                    f"pFedSeq without calibrations\n- the paper's order (methods that personalize the adapter above "
+                    f"FedAvg with local heads): {order}\n\n![learning curves](curves_{scenario}.png)\n")
+        plot_curves(out, scenario, dest / f"curves_{scenario}.png")
+    (dest / page).write_text("".join(text))
+    return record
+
+
 def plot_learner(servers: dict[str, list[dict]], scenario: str, path: Path) -> None:
     """Per round, averaged over seeds: each variant's calibration size and surrogate loss (``servers``: each
     variant's server rows of every finished seed)."""
@@ -460,7 +499,9 @@ def plot_learner(servers: dict[str, list[dict]], scenario: str, path: Path) -> N
 
 
 REPORTS = {"table1": table1_report, "table2_3": table2_3_report, "l_sweep": l_sweep_report,
-           "pfedseq_investigation": investigation_report, "rotated": rotated_report}
+           "pfedseq_investigation": investigation_report, "rotated": rotated_report,
+           "full_data": functools.partial(comparison_report, page="full_data.md"),
+           "pacs_silos": functools.partial(comparison_report, page="pacs_silos.md")}
 PAGES = {key: f"{key}.md" for key in REPORTS} | {"pfedseq_investigation": "investigation.md"}  # what each writes
 
 
