@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p["grid"].add_argument("--rows", nargs="+", default=None, metavar="NAME",
                            help="run only these rows (method names as in the grid's table); their cells are the "
                                 "whole grid's, so a later run of every row keeps them")
+    p["grid"].add_argument("--seeds", nargs="+", type=int, default=None, metavar="K",
+                           help="run only these seeds' cells (of the grid's seeds), as --rows does rows: one seed "
+                                "of every row first gives paired comparisons first")
     p["deploy"].add_argument("path", type=Path, help="the recipe")
     p["check"].add_argument("path", type=Path, help="a recipe, suite or grid file")
     for name in ("run", "suite", "grid", "deploy"):
@@ -164,8 +167,8 @@ def suite(args) -> None:
 def grid(args) -> None:
     from fedml_pfedseq.grid import run_grid
 
-    print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress,
-                   workers=args.workers, rows=args.rows, engine=args.engine)["markdown"])
+    print(run_grid(args.path, args.overrides, args.output_dir, progress=not args.no_progress, workers=args.workers,
+                   rows=args.rows, engine=args.engine, seeds=args.seeds)["markdown"])
 
 
 def deploy(args) -> None:

@@ -153,6 +153,13 @@ class Grid:
             raise RecipeError(f"{self.path}: {unknown} are not rows of this grid; its rows are {self.names}")
         return set(rows or self.names)
 
+    def select_seeds(self, seeds: list[int] | None) -> set[int]:
+        """The seeds to run: ``seeds`` (each checked to be one of this grid's), else every seed."""
+        unknown = [seed for seed in seeds or [] if seed not in self.seeds]
+        if unknown:
+            raise RecipeError(f"{self.path}: {unknown} are not seeds of this grid; its seeds are {self.seeds}")
+        return set(seeds or self.seeds)
+
     def stand_in_choice(self) -> dict[str, dict] | None:
         """With ``grid_chosen_by``, the grid's first values in every scenario, standing in for the choice before
         it is made (to count and validate the runs); else None."""
@@ -396,11 +403,13 @@ def start(pool: ProcessPoolExecutor | None, cell: Cell, threads: int | None, gpu
 
 
 def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_dir: Path | None = None,
-             progress: bool = True, workers: int = 1, rows: list[str] | None = None, engine: str = "local") -> dict:
+             progress: bool = True, workers: int = 1, rows: list[str] | None = None, engine: str = "local",
+             seeds: list[int] | None = None) -> dict:
     """Tune (if the grid says so), run every seed cell that is not done yet (``workers`` at once, or with
     ``engine`` "ray" as Ray tasks on the Ray that the cells' ray_args name), then write the summary (see
-    ``summarize``) and return it. ``rows``: only these methods' cells (the grid's values are still chosen by
-    ``grid_chosen_by``), in the folders the whole grid uses, so a later full run keeps them."""
+    ``summarize``) and return it. ``rows``, ``seeds``: only these methods' and seeds' cells (the grid's values are
+    still chosen by ``grid_chosen_by``), in the folders the whole grid uses, so a later full run keeps them: a
+    budget that fits one seed of every row first gets paired comparisons first."""
     if workers < 1:
         raise RecipeError(f"workers must be >= 1, got {workers}")
     if engine not in ENGINES:
@@ -410,12 +419,13 @@ def run_grid(path: str | Path, extra_overrides: list[str] | None = None, output_
         from fedml_pfedseq.ray_engine import RaySession
 
         with RaySession(grid.seed_cells({})[0].recipe.ray_args):
-            return _run_grid(grid, rows, progress, workers, engine)
-    return _run_grid(grid, rows, progress, workers, engine)
+            return _run_grid(grid, rows, seeds, progress, workers, engine)
+    return _run_grid(grid, rows, seeds, progress, workers, engine)
 
 
-def _run_grid(grid: Grid, rows: list[str] | None, progress: bool, workers: int, engine: str) -> dict:
-    selected = grid.select(rows)
+def _run_grid(grid: Grid, rows: list[str] | None, seeds: list[int] | None, progress: bool, workers: int,
+              engine: str) -> dict:
+    selected, selected_seeds = grid.select(rows), grid.select_seeds(seeds)
     chooser = (grid.tuning or {}).get("grid_chosen_by")
     shared = None
     if chooser is not None:  # first the chooser's runs pick the grid's values per scenario
@@ -430,7 +440,7 @@ def _run_grid(grid: Grid, rows: list[str] | None, progress: bool, workers: int, 
     for scenario in grid.scenarios:  # methods with a single candidate run with it
         for name in grid.names:
             chosen.setdefault((scenario, name), grid.candidates(name, (shared or {}).get(scenario))[0])
-    cells = [cell for cell in grid.seed_cells(chosen) if cell.method in selected]
+    cells = [cell for cell in grid.seed_cells(chosen) if cell.method in selected and cell.seed in selected_seeds]
     _run(cells, f"grid {grid.path.stem}", progress, workers, engine=engine)
     return summarize(cells, grid.root, candidates)
 

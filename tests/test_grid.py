@@ -97,24 +97,27 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     assert ran == []
 
 
-def test_rows_run_only_those_methods_in_the_whole_grids_folders(tiny_vit, tmp_path, monkeypatch):
-    path = write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, seeds=[0],
+def test_rows_and_seeds_run_only_those_cells_in_the_whole_grids_folders(tiny_vit, tmp_path, monkeypatch):
+    path = write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, seeds=[0, 1],
                       tuning={"rounds": 1, "grid": {"train_args.learning_rate": [0.05, 0.5]},
                               "grid_chosen_by": "FedAvg"})
     ran = []
     real_run = simulation.run_recipe
     monkeypatch.setattr(simulation, "run_recipe", lambda recipe, out, progress=True, resume=False: ran.append(
         out.relative_to(tmp_path / "grid/small").as_posix()) or real_run(recipe, out, progress=progress, resume=resume))
-    part = grid.run_grid(path, progress=False, rows=["local_heads"])
-    # the chooser's tuning still picks the grid's values; of the seed cells only the row asked for runs
-    assert sorted(ran) == ["FedAvg/tune/learning_rate=0.05", "FedAvg/tune/learning_rate=0.5", "local_heads/seed_0"]
+    part = grid.run_grid(path, progress=False, rows=["local_heads"], seeds=[1])
+    # the chooser's tuning still picks the grid's values; of the seed cells only the row and seed asked for run
+    assert sorted(ran) == ["FedAvg/tune/learning_rate=0.05", "FedAvg/tune/learning_rate=0.5", "local_heads/seed_1"]
     assert set(part["table"]) == {"local_heads"}
     ran.clear()
-    whole = grid.run_grid(path, progress=False)
-    assert ran == ["FedAvg/seed_0"]  # the row's cell is the whole grid's: kept, not rerun
+    whole = grid.run_grid(path, progress=False, seeds=[1])
+    assert ran == ["FedAvg/seed_1"]  # the row's cell is the whole grid's: kept, not rerun
     assert whole["table"]["local_heads"] == part["table"]["local_heads"]
     with pytest.raises(RecipeError, match=r"\['FedRep'\] are not rows of this grid"):
         grid.run_grid(path, progress=False, rows=["FedRep"])
+    with pytest.raises(RecipeError, match=r"\[5\] are not seeds of this grid; its seeds are \[0, 1\]"):
+        grid.run_grid(path, progress=False, seeds=[5])
+    assert ran == ["FedAvg/seed_1"]  # refused before anything ran
 
 
 def test_command_overrides_win_over_the_grids_and_the_scenarios_but_not_an_entrys_own(tiny_vit, tmp_path):
