@@ -414,8 +414,8 @@ def test_a_run_warm_starts_its_seq_learner_from_the_pushed_repo(pushed, hub_env,
 def test_a_learner_of_another_shape_is_refused_naming_what_differs(pushed, hub_env, tiny_vit, tmp_path):
     recipe = load_recipe(SRC / "recipes" / "omniglot_pfedseq.yaml", [
         f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "algorithm_args.seq_len=3",
-        "device_args.using_gpu=false"])
-    with pytest.raises(RecipeError, match="max_seq_len: saved 6, this run 3"):
+        "algorithm_args.learner_memory=true", "device_args.using_gpu=false"])
+    with pytest.raises(RecipeError, match="max_seq_len: saved 6, this run 3; memory: saved False, this run True"):
         warm_start_learner(build_federation(recipe).server, REPO)
 
 

@@ -16,7 +16,8 @@ from fedml_pfedseq.hub.push import hub_endpoint
 
 LEARNER_DIR = "seq_learner"
 SHAPING = ("num_clients", "num_adapter_layers", "max_seq_len", "architecture", "cross_client", "num_blocks",
-           "state_size", "expand", "conv_kernel", "dt_rank", "hidden_size", "magnitude_preserving")
+           "state_size", "expand", "conv_kernel", "dt_rank", "hidden_size", "magnitude_preserving", "mixing_rank",
+           "memory")
 
 
 def find_checkpoint(source: str | Path, revision: str | None = None, endpoint: str | None = None) -> Path:
