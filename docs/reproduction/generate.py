@@ -396,8 +396,7 @@ def rotated_report(out: GridOutput, dest: Path) -> dict:
         test = {m: s for m in grid.names if (s := out.stats(scenario, m))}
         rank = ranks({m: s["mean"] for m, s in test.items() if not m.startswith(VARIANTS) and m != ORACLE})
         by_seed = {m: out.by_seed(scenario, m) for m in grid.names}
-        servers = {m: server_rows(out, scenario, m) for m in grid.names if m == FULL or m == CHOSEN
-                   or m.startswith(VARIANTS)}
+        servers = {m: server_rows(out, scenario, m) for m in grid.names if m.startswith((FULL, *VARIANTS))}
         result = {m: {"test": test.get(m), "validation": out.stats(scenario, m, "final_validation_accuracy_mean"),
                       "rank": rank.get(m), "minus_control_paired": paired(by_seed[m], by_seed[CONTROL]),
                       **({"minus_chosen_paired": paired(by_seed[m], by_seed[CHOSEN])} if m.startswith(VARIANTS)
@@ -512,7 +511,8 @@ def main(argv: list[str] | None = None) -> dict:
         parser.add_argument(f"--{flag}", type=Path, help=f"output folder of a recipes/grids/{key}.yaml grid "
                             "(left out: a page --out already has stays as it is, else the page says it is "
                             "not reported)")
-        parser.add_argument(f"--{flag}-grid", type=Path, default=HERE.parent / "recipes" / "grids" / f"{key}.yaml",
+        parser.add_argument(f"--{flag}-grid", type=Path,
+                            default=HERE.parents[1] / "recipes" / "grids" / f"{key}.yaml",
                             help="the grid definition it ran, which says which cells to expect (default: %(default)s)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the report")
     args = parser.parse_args(argv)
