@@ -260,10 +260,25 @@ class CommArgs:
                         "for `pfedseq deploy` to issue throw-away certificates")
 
 
+REPORTERS = ("tensorboard", "wandb")  # tracking_args.report_to's backends (fedml_pfedseq/tracking.py)
+
+
 @dataclass
 class TrackingArgs:
+    report_to: list[str] = recipe_key([], "where each round's metrics also go, as transformers' report_to reads it: "
+                                          "tensorboard (event files in <output_dir>/tensorboard), wandb (an offline "
+                                          "run in <output_dir>/wandb; nothing is uploaded), all, or none")
     enable_tracking: bool = recipe_key(False, "FedML's experiment tracking (off: nothing leaves the machine)")
     log_level: str = recipe_key("INFO", "logging level of cross-silo parties")
+
+    def __post_init__(self):
+        unknown = [name for name in self.report_to if name not in (*REPORTERS, "all", "none")]
+        require(not unknown, "tracking_args.report_to", f"names {unknown}; it takes {[*REPORTERS, 'all', 'none']}")
+
+    @property
+    def reporters(self) -> list[str]:
+        """The backends that ``report_to`` asks for ("all": every one; "none" or nothing: none)."""
+        return list(REPORTERS) if "all" in self.report_to else [r for r in REPORTERS if r in self.report_to]
 
 
 @dataclass

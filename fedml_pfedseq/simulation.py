@@ -35,6 +35,7 @@ from fedml_pfedseq.hub.push import push_run
 from fedml_pfedseq.hub.round_push import RoundPusher
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
 from fedml_pfedseq.round_close import round_record, screen
+from fedml_pfedseq.tracking import Tracker, check_reporters
 from fedml_pfedseq.training import select_device
 from fedml_pfedseq.transport import check_plain
 
@@ -148,7 +149,7 @@ def run_federation(fed: Federation, progress: bool = True,
                    before_aggregation: Callable[[int, MetricsLog], None] | None = None,
                    checkpoint: Path | None = None,
                    resumed: tuple[int, dict, MetricsLog] | None = None,
-                   engine: LocalEngine | None = None) -> MetricsLog:
+                   engine: LocalEngine | None = None, tracker: Tracker | None = None) -> MetricsLog:
     """Run ``comm_round`` rounds; evaluate what each client received before it trains, and once after the end.
     With ``checkpoint``, save the federation there after every round; ``resumed``: go on from what
     ``resume_federation`` restored. ``engine`` runs each round's clients (default: a LocalEngine); the server, the
@@ -156,7 +157,8 @@ def run_federation(fed: Federation, progress: bool = True,
 
     ``after_evaluation(round, i, client)`` is called right after client i is evaluated at ``round``, while its
     evaluated model is still in ``client.model`` (to save exactly what was reported); ``before_aggregation(t - 1,
-    log)`` once every client of round t has trained, while the server still holds the state after round t - 1."""
+    log)`` once every client of round t has trained, while the server still holds the state after round t - 1.
+    ``tracker`` gets each round's figures once they are all in (round t - 1's at the end of round t)."""
     engine = engine or LocalEngine(fed)
     rounds = fed.recipe.train_args.comm_round
     every = fed.recipe.validation_args.frequency_of_the_test
@@ -181,6 +183,8 @@ def run_federation(fed: Federation, progress: bool = True,
         log.eval_seconds.append(sum(visit.eval_s for visit in visits.values()))
         if checkpoint is not None:
             save_federation(checkpoint, fed, t, payloads, log)
+        if tracker is not None:
+            tracker.log_round(log, t - 1)
         show_evaluated(bar, log)
         bar.update()
     for i, client in enumerate(fed.clients):
@@ -188,6 +192,8 @@ def run_federation(fed: Federation, progress: bool = True,
         log.add(round=rounds, client=i, **client.evaluate())
         if after_evaluation is not None:
             after_evaluation(rounds, i, client)
+    if tracker is not None:
+        tracker.log_round(log, rounds)
     show_evaluated(bar, log)
     bar.close()
     return log
@@ -233,6 +239,7 @@ def run_recipe(recipe: Recipe, output_dir: Path | None = None, progress: bool = 
     if resume and not source.is_file():
         raise CheckpointError(f"cannot resume: no {CHECKPOINT_FILE} in {source.parent} (was it run with "
                               "common_args.checkpoint: true and did it finish a round?)")
+    check_reporters(recipe)
     started = time.perf_counter()
     fed = build_federation(recipe, resuming=resume, progress=progress)
     resumed = resume_federation(source, fed) if resume else None
@@ -260,10 +267,15 @@ def _run_accepted(fed: Federation, engine: LocalEngine, output_dir: Path, resume
         if pusher is not None:
             pusher.after_evaluation(round_idx, i, client)
 
-    log = run_federation(fed, progress=progress, after_evaluation=after_evaluation,
-                         before_aggregation=pusher.before_aggregation if pusher else None,
-                         checkpoint=checkpoint if recipe.common_args.checkpoint else None, resumed=resumed,
-                         engine=engine)
+    tracker = Tracker.of(recipe, output_dir)
+    try:
+        log = run_federation(fed, progress=progress, after_evaluation=after_evaluation,
+                             before_aggregation=pusher.before_aggregation if pusher else None,
+                             checkpoint=checkpoint if recipe.common_args.checkpoint else None, resumed=resumed,
+                             engine=engine, tracker=tracker)
+    finally:
+        if tracker is not None:
+            tracker.close()
     fed.server.save_artifacts(output_dir)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     (output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

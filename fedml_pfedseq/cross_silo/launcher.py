@@ -39,6 +39,7 @@ from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import complete_manifest, remove_stale
 from fedml_pfedseq.hub.push import PushError
 from fedml_pfedseq.results import MetricsLog, write_run_outputs
+from fedml_pfedseq.tracking import check_reporters, track_all
 
 POLL_SECONDS = 0.2
 DONE = (0, EXIT_NOT_PUSHED)  # exit codes of a party that completed its run
@@ -208,6 +209,7 @@ def party_env(env: dict[str, str], rank: int, gpus: list[str]) -> dict[str, str]
 
 def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True) -> dict:
     """Run ``recipe`` as a cross-silo deployment on this machine; returns the summary (also in summary.json)."""
+    check_reporters(recipe)
     output_dir = Path(output_dir or f"{recipe.output_dir}_cross_silo").resolve()  # beside the simulator's run
     shutil.rmtree(output_dir / "parties", ignore_errors=True)  # a previous run's progress must not count
     remove_stale(output_dir / "adapters")  # parties replace only their own share of it
@@ -237,6 +239,7 @@ def deploy(recipe: Recipe, output_dir: Path | None = None, progress: bool = True
         raise
     dead = supervise(parties, output_dir, recipe, progress)
     log = collect_metrics(output_dir, n, {d["rank"] for d in dead})
+    track_all(recipe, output_dir, log)
     summary = write_run_outputs(log, recipe, output_dir, wall_seconds=time.perf_counter() - started)
     summary.update(engine="fedml cross-silo (gRPC)", dead_parties=dead)
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=2))
