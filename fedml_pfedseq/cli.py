@@ -17,18 +17,21 @@ from pathlib import Path
 from fedml_pfedseq.errors import UserError
 
 EXAMPLES = """\
-start here (about a minute on a laptop CPU, on the Omniglot data shipped in data/):
-  pfedseq run recipes/omniglot_pfedseq.yaml --output-dir runs/first --set train_args.comm_round=3 \\
+start here (about a minute on a laptop CPU, on the Omniglot data shipped with the package):
+  pfedseq run omniglot_pfedseq --output-dir runs/first --set train_args.comm_round=3 \\
       --set data_args.samples_per_client=40 --set algorithm_args.warmup_rounds=1
 
 more:
-  pfedseq check recipes/omniglot_pfedseq.yaml        validate a recipe (or suite, or grid) without running it
+  pfedseq recipes                                    the shipped recipes, suites and grids, by name
+  pfedseq recipe omniglot_pfedseq > mine.yaml        a copy of one to edit (then: pfedseq run mine.yaml)
+  pfedseq check omniglot_pfedseq                     validate a recipe (or suite, or grid) without running it
   pfedseq keys --method pFedSeq                      every recipe key with its default and meaning
   pfedseq run runs/first/recipe.yaml --resume --set train_args.comm_round=5    extend a run in place
-  pfedseq suite recipes/suites/default.yaml          the default comparison (what `make run` runs)
-  pfedseq deploy recipes/omniglot_pfedseq.yaml       the same recipe as real FedML processes on 127.0.0.1
+  pfedseq suite suites/default                       the default comparison (what `make run` runs)
+  pfedseq deploy omniglot_pfedseq                    the same recipe as real FedML processes on 127.0.0.1
   pfedseq push runs/first --repo-id me/first         share the run's adapters and card ($HF_ENDPOINT, $HF_TOKEN)
 
+A recipe, suite or grid is a file, or the name of a shipped one (`pfedseq recipes`).
 `pfedseq COMMAND --help` describes each command's options."""
 
 COMMANDS = {
@@ -45,6 +48,8 @@ COMMANDS = {
     "check": "load and validate a recipe (or suite, or grid), find its data and backbone on this machine, and say "
              "what it would run; runs nothing",
     "keys": "print every recipe key with its default and meaning (from the config dataclasses)",
+    "recipes": "list the recipes, suites and grids shipped with the package, by the name every command takes",
+    "recipe": "print a shipped recipe, suite or grid (pfedseq recipe NAME > mine.yaml: a copy to edit)",
     "push": "push a finished run (adapters, learners, recipe, metrics, card) to a Hub repo in one commit "
             "($HF_ENDPOINT, $HF_TOKEN)",
     "hub-eval": "evaluate client K's pushed adapter on its split of the data",
@@ -114,6 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p["docs"].add_argument("--check", action="store_true", help="write nothing; exit 1 naming the pages that "
                            "differ from the code")
+    p["recipe"].add_argument("name", help="a name that `pfedseq recipes` lists, e.g. omniglot_pfedseq")
     p["keys"].add_argument("--method", default=None, help="only this method's algorithm_args (default: every method)")
     p["keys"].add_argument("--markdown", action="store_true", help="as Markdown tables (the docs' recipe reference)")
 
@@ -234,6 +240,30 @@ def keys(args) -> None:
     print(recipe_key_reference(args.method, markdown=args.markdown), end="")
 
 
+def recipes(args) -> None:
+    from fedml_pfedseq.shipped import shipped_recipes
+
+    shipped = shipped_recipes()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        first = next((line.lstrip("# ").strip() for line in path.read_text().splitlines() if line.startswith("#")), "")
+        print(f"{name:<{width}}  {first}")
+
+
+def recipe(args) -> None:
+    import difflib
+
+    from fedml_pfedseq.shipped import shipped_recipes
+
+    shipped = shipped_recipes()
+    name = args.name.removesuffix(".yaml").removeprefix("recipes/")
+    if name not in shipped:
+        close = difflib.get_close_matches(name, shipped, n=3)
+        raise UserError(f"no shipped recipe {args.name!r}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+                        + "; `pfedseq recipes` lists them")
+    print(shipped[name].read_text(), end="")
+
+
 def docs(args) -> int:
     from fedml_pfedseq import reference_docs
 
@@ -281,7 +311,8 @@ def env(args) -> None:
 
 
 HANDLERS = {"run": run, "suite": suite, "grid": grid, "deploy": deploy, "party": party, "certs": certs, "check": check,
-            "keys": keys, "docs": docs, "push": push, "hub-eval": hub_eval, "hub-serve": hub_serve, "env": env}
+            "keys": keys, "recipes": recipes, "recipe": recipe, "docs": docs, "push": push, "hub-eval": hub_eval,
+            "hub-serve": hub_serve, "env": env}
 
 
 def show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -300,7 +331,11 @@ _python_show_warning = warnings.showwarning
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.showwarning = show_warning
-    if args.command not in ("check", "keys", "hub-serve", "certs"):
+    if args.command in ("run", "suite", "grid", "deploy", "party", "check"):
+        from fedml_pfedseq.shipped import resolve_recipe  # light: importlib only
+
+        args.path = resolve_recipe(args.path)  # a file, or the name of a shipped one
+    if args.command not in ("check", "keys", "hub-serve", "certs", "recipes", "recipe"):
         from fedml_pfedseq.console import quiet_libraries
 
         quiet_libraries()

@@ -6,16 +6,16 @@ import importlib.util
 from pathlib import Path
 
 from fedml_pfedseq.data.loading import KNOWN_DATASETS, find_data_file
-
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parents[1] / "hf_models"
+from fedml_pfedseq.shipped import MODELS_DIR
 
 
 def bundled_models() -> list[str]:
-    return sorted(p.parent.name for p in BUNDLED_MODELS_DIR.glob("*/config.json"))
+    return sorted(p.parent.name for p in MODELS_DIR.glob("*/config.json"))
 
 
 def resolve_backbone(name: str) -> str:
-    """A local directory, a model bundled under ``hf_models/``, or a Hub id ``owner/name`` (returned unchanged).
+    """A local directory, a model bundled in the package (``shipped.MODELS_DIR``), or a Hub id ``owner/name``
+    (returned unchanged).
 
     A bare name that is neither a directory nor bundled fails here, rather than after minutes of Hub retries.
     """
@@ -23,10 +23,10 @@ def resolve_backbone(name: str) -> str:
         if not (Path(name) / "config.json").is_file():
             raise FileNotFoundError(f"backbone directory {name!r} has no config.json")
         return str(Path(name))
-    if (BUNDLED_MODELS_DIR / name / "config.json").is_file():
-        return str(BUNDLED_MODELS_DIR / name)
+    if (MODELS_DIR / name / "config.json").is_file():
+        return str(MODELS_DIR / name)
     if "/" not in name or name.startswith((".", "/")):
-        raise FileNotFoundError(f"backbone {name!r} is not a directory, not a model bundled in {BUNDLED_MODELS_DIR} "
+        raise FileNotFoundError(f"backbone {name!r} is not a directory, not a model bundled in {MODELS_DIR} "
                                 f"(bundled: {bundled_models()}), and not a Hub id of the form owner/name")
     return name
 

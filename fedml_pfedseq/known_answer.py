@@ -56,6 +56,7 @@ from fedml_pfedseq.federation import build_model, build_server, participants
 from fedml_pfedseq.lora_state import LayerLayout, StateDict
 from fedml_pfedseq.results import format_table, write_csv
 from fedml_pfedseq.round_close import screen
+from fedml_pfedseq.shipped import RECIPES_DIR
 from fedml_pfedseq.strategies import METHODS, method_class
 from fedml_pfedseq.strategies.apple import initial_p, proximal_coefficient
 from fedml_pfedseq.strategies.fedavg import Payload, Upload
@@ -64,7 +65,6 @@ from fedml_pfedseq.strategies.pfedseq import PFedSeqServer
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 NUM_LABELS = 10  # the head's size: it only travels (as zero deltas), the problem has no head loss
 NUM_SAMPLES = 100  # every client's n_i: equal weights in every average
 PROBLEM_PURPOSE, NOISE_PURPOSE, BATCH_SLOTS = 9001, 10**7, 10**5  # client_seed purposes (others use < 10^4)
@@ -373,7 +373,7 @@ def run_method(recipe: Recipe, model: AdapterModel, problem: Problem, bar=None) 
 def shipped_recipes() -> dict[str, Path]:
     """recipes/omniglot_*.yaml by method (lower-case name), read once per process (every method and seed asks)."""
     out = {}
-    for path in sorted(RECIPES.glob("omniglot_*.yaml")):
+    for path in sorted(RECIPES_DIR.glob("omniglot_*.yaml")):
         out.setdefault(load_yaml(path)["train_args"]["federated_optimizer"].lower(), path)
     return out
 

@@ -26,7 +26,7 @@ def test_help_starts_with_a_first_run_and_every_option_is_explained(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     text = capsys.readouterr().out
-    assert "start here" in text and "pfedseq run recipes/omniglot_pfedseq.yaml" in text
+    assert "start here" in text and "pfedseq run omniglot_pfedseq --output-dir runs/first" in text
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, type(parser._subparsers._group_actions[0])))
     for name, command in sub.choices.items():
@@ -134,3 +134,48 @@ def test_check_names_the_data_and_backbone_this_machine_lacks(tmp_path, monkeypa
     downloads = ("backbone 'google/vit-base-patch16-224-in21k'", "dataset 'flwrlabs/pacs'", "dataset 'uoft-cs/cifar10'")
     for note in downloads:
         assert f"pfedseq: note: a run will download {note} from the Hub" in err
+
+
+def test_recipes_lists_every_shipped_file_and_recipe_prints_one_to_copy(capsys):
+    """The package ships the checkout's recipes, suites and grids (fedml_pfedseq/assets/recipes links to them),
+    each under the name every command takes."""
+    from fedml_pfedseq.shipped import RECIPES_DIR, shipped_recipes
+
+    files = sorted((REPO / "recipes").rglob("*.yaml"))
+    assert RECIPES_DIR.resolve() == (REPO / "recipes").resolve()
+    assert sorted(shipped_recipes()) == sorted(p.relative_to(REPO / "recipes").with_suffix("").as_posix()
+                                               for p in files)
+    assert main(["recipes"]) == 0
+    listed = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert "omniglot_pfedseq" in listed and "suites/default" in listed and "grids/paper_scale/table1" in listed
+    assert main(["recipe", "omniglot_pfedseq"]) == 0
+    assert capsys.readouterr().out == (REPO / "recipes" / "omniglot_pfedseq.yaml").read_text()
+    assert main(["recipe", "omniglot_pfedsq"]) == 2
+    assert "no shipped recipe 'omniglot_pfedsq' (did you mean omniglot_pfedseq" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["omniglot_pfedseq", "omniglot_pfedseq.yaml", "recipes/omniglot_pfedseq.yaml",
+                                  "suites/default", "grids/rotated"])
+def test_a_shipped_recipe_is_found_by_name_from_any_folder(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no recipes/ here
+    monkeypatch.setenv("PFEDSEQ_DATA_DIR", str(tmp_path))
+    (tmp_path / "cifar10_test.parquet").write_bytes(b"")  # the rotated grid's data file, looked for only
+    assert main(["check", name]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.startswith("ok: ")
+    (tmp_path / "omniglot_pfedseq.yaml").write_text("train_args: {comm_round: 1}\n")  # a file wins over the name
+    assert main(["check", "omniglot_pfedseq.yaml"]) == 0
+    assert "1 recipe(s): omniglot_pfedseq" in capsys.readouterr().out
+    assert main(["check", "omniglot_nothing"]) == 2
+    assert "recipe file not found: omniglot_nothing" in capsys.readouterr().err
+
+
+def test_the_package_finds_its_backbone_data_and_card_template_through_its_own_assets():
+    from fedml_pfedseq.data.loading import EMBEDDED_DATA_DIR
+    from fedml_pfedseq.hub.card import TEMPLATE
+    from fedml_pfedseq.inputs import bundled_models, resolve_backbone
+    from fedml_pfedseq.shipped import ASSETS
+
+    assert bundled_models() == ["vit-small-cifar10"]
+    assert Path(resolve_backbone("vit-small-cifar10")).parent == ASSETS / "hf_models"
+    assert EMBEDDED_DATA_DIR == ASSETS / "data" and (EMBEDDED_DATA_DIR / "omniglot28.parquet").is_file()
+    assert TEMPLATE.is_relative_to(ASSETS) and TEMPLATE.is_file()

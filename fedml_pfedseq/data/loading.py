@@ -1,8 +1,8 @@
 """Load the offline image datasets (Hugging Face parquet) or, where a network exists, a Hub dataset.
 
 The parquet files are looked up in a data directory: the ``data_dir`` a recipe names, else ``$PFEDSEQ_DATA_DIR``,
-else ``../shared/data`` beside the repository; the repository's own ``data/`` (the embedded Omniglot) is always
-searched last, so the default run works on a machine without ``shared/``.
+else ``../shared/data`` beside a source checkout; the package's own data (the embedded Omniglot,
+``shipped.DATA_DIR``) is always searched last, so the default run works on a machine without ``shared/``.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import datasets
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-EMBEDDED_DATA_DIR = REPO_ROOT / "data"
+from fedml_pfedseq.shipped import DATA_DIR as EMBEDDED_DATA_DIR
+
+CHECKOUT = Path(__file__).resolve().parents[2]  # a source checkout's root (in a wheel: site-packages' parent)
 DATA_DIR_ENV = "PFEDSEQ_DATA_DIR"
 
 
@@ -45,7 +46,7 @@ def data_search_path(data_dir: str | os.PathLike | None = None) -> list[Path]:
     elif os.environ.get(DATA_DIR_ENV):
         candidates.append(Path(os.environ[DATA_DIR_ENV]))
     else:
-        candidates.append(REPO_ROOT.parent / "shared" / "data")
+        candidates.append(CHECKOUT.parent / "shared" / "data")
     candidates.append(EMBEDDED_DATA_DIR)
     return [path.absolute() for path in candidates]  # a relative one means this process's folder, named once
 

@@ -23,9 +23,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from fedml_pfedseq.errors import UserError
 from fedml_pfedseq.hub.adapters import CLIENT_FILE, MANIFEST, is_hub_id
 from fedml_pfedseq.results import format_table
+from fedml_pfedseq.shipped import CARD_TEMPLATES_DIR
 
-TEMPLATES_DIR = Path(__file__).resolve().parents[2] / "cards" / "templates"
-TEMPLATE = TEMPLATES_DIR / "personalized_adapters.md"
+TEMPLATE = CARD_TEMPLATES_DIR / "personalized_adapters.md"
 
 
 class CardError(UserError, ValueError):
