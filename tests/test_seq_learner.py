@@ -18,13 +18,15 @@ from fedml_pfedseq.models.seq_learner.modeling_seq_learner import causal_conv_si
 from fedml_pfedseq.models.seq_learner.reference import reference_implementation
 
 
-def scan_inputs(b=3, length=6, d=4, m=5, dtype=torch.float64, seed=0):
+def scan_inputs(b=3, length=6, d=4, m=5, dtype=torch.float64, seed=0, groups=None):
+    """u, dt, A, B, C, D; B and C [b, L, groups, M] where ``groups`` is given."""
     g = torch.Generator().manual_seed(seed)
     u = torch.randn(b, length, d, generator=g, dtype=dtype)
     dt = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g, dtype=dtype))
     A = -torch.rand(d, m, generator=g, dtype=dtype) * 2 - 0.1
-    B = torch.randn(b, length, m, generator=g, dtype=dtype)
-    C = torch.randn(b, length, m, generator=g, dtype=dtype)
+    shape = (b, length, m) if groups is None else (b, length, groups, m)
+    B = torch.randn(shape, generator=g, dtype=dtype)
+    C = torch.randn(shape, generator=g, dtype=dtype)
     D = torch.randn(d, generator=g, dtype=dtype)
     return [t.requires_grad_() for t in (u, dt, A, B, C, D)]
 
@@ -93,17 +95,18 @@ def test_scan_hands_the_cuda_kernel_its_channels_first_layout(monkeypatch):
     assert calls == [(torch.Size([2, 3, 5]), torch.Size([2, 4, 5]), torch.Size([2, 3, 5]), True)] * 2
 
 
+@pytest.mark.parametrize("groups", [None, 3], ids=["B, C shared", "3 groups"])
 @pytest.mark.parametrize("last_only", [False, True])
 @pytest.mark.parametrize("extras", ["none", "gate", "bias+softplus", "all"])
-def test_the_fused_cpu_scan_matches_the_loop(last_only, extras):
+def test_the_fused_cpu_scan_matches_the_loop(last_only, extras, groups):
     """cpu_kernels.FusedScan, forward and every gradient, against the loop with the extras written out (float64,
-    so only rounding differs)."""
+    so only rounding differs); with B and C shared by every channel of a row, or per group of channels."""
     assert cpu_kernels.status()[0], cpu_kernels.status()[1]  # the kernels build on the machines the tests run on
-    inputs = scan_inputs(b=3, length=6, d=5, m=4)
+    inputs = scan_inputs(b=3, length=6, d=6, m=4, groups=groups)
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(3, 6, 5, generator=g, dtype=torch.float64, requires_grad=True) if extras in ("gate", "all") \
+    z = torch.randn(3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True) if extras in ("gate", "all") \
         else None
-    bias = torch.randn(5, generator=g, dtype=torch.float64, requires_grad=True) if extras != "none" and \
+    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if extras != "none" and \
         extras != "gate" else None
     softplus = bias is not None
     fused = scan_module.selective_scan(*inputs, z=z, dt_bias=bias, dt_softplus=softplus, last_only=last_only)
@@ -527,3 +530,29 @@ def test_a_learner_with_memory_saves_and_loads(tmp_path):
     assert loaded.config.memory
     torch.testing.assert_close(loaded(x, 1, previous), learner(x, 1, previous), rtol=0, atol=0)
     assert not make_learner().config.memory  # the paper's learner stays the default
+
+
+def test_a_grouped_scan_is_each_groups_own_scan():
+    """B and C [b, L, G, M]: the loop (and so the fused kernel, tested against it above) gives group g's channels
+    the scan with B[:, :, g] and C[:, :, g], the layout several layers' learners share in one call."""
+    u, dt, A, B, C, D = scan_inputs(b=2, length=5, d=6, m=3, groups=3)
+    grouped = selective_scan_loop(u, dt, A, B, C, D)
+    for g, channels in enumerate(torch.arange(6).split(2)):
+        torch.testing.assert_close(grouped[..., channels], selective_scan_loop(
+            u[..., channels], dt[..., channels], A[channels], B[:, :, g], C[:, :, g], D[channels]))
+
+
+def test_a_grouped_scan_hands_the_cuda_kernel_mamba_ssms_grouped_layout(monkeypatch):
+    """Grouped B and C go to mamba-ssm's kernel as [b, G, M, L] (its n_groups layout)."""
+    shapes = []
+
+    def fake_kernel(u, dt, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
+        shapes.append(B.shape)
+        t, back = (lambda x: x.transpose(1, 2)), (lambda x: x.permute(0, 3, 1, 2))  # noqa: E731
+        return t(loop_with_extras(t(u), t(dt), A, back(B), back(C), D, t(z), delta_bias, delta_softplus))
+
+    monkeypatch.setattr(scan_module, "cuda_kernel", lambda u: fake_kernel)
+    inputs = [x.detach().float() for x in scan_inputs(b=2, length=5, d=6, m=4, groups=3)]
+    z = torch.randn(2, 5, 6)
+    torch.testing.assert_close(scan_module.selective_scan(*inputs, z=z), loop_with_extras(*inputs, z))
+    assert shapes == [torch.Size([2, 3, 4, 5])]

@@ -11,8 +11,10 @@
  * cpu_kernels.py compiles this once per scalar type (SCALAR float or double; EXP, LOG1P the matching libm names;
  * -ffast-math lets GCC call glibc's vectorised versions). Layouts, row-major: u, delta, gu, gdelta [b, L, d];
  * y, z, gy, gz [b, L, d], or [b, d] when only the last round is read (last_only); A_t [M, d] (A transposed);
- * B, C, gB, gC [b, L, M]; D, delta_bias [d]; w [d, K]. delta_bias and z may be NULL (not used). The inner loops run
- * over the d channels, contiguous in every array, so they vectorise. Gradients of parameters shared by all rows
+ * B, C, gB, gC [b, L, G, M]; D, delta_bias [d]; w [d, K]. The d channels are G groups of e = d / G (several
+ * layers' learners in one call, their channels side by side), group g's channels reading B and C at g.
+ * delta_bias and z may be NULL (not used). The inner loops run over a group's channels, contiguous in every array,
+ * so they vectorise. Gradients of parameters shared by all rows
  * (gA, gD, gdelta_bias, gw, gbias) are summed into one slice per thread (*_parts, zeros from the caller), which the
  * caller adds up.
  */
@@ -61,7 +63,9 @@ static void step_sizes(const S *restrict delta_j, const S *restrict delta_bias, 
 
 void scan_forward(const S *restrict u, const S *restrict delta, const S *restrict delta_bias, int softplus,
                   const S *restrict A_t, const S *restrict B, const S *restrict C, const S *restrict D,
-                  const S *restrict z, S *restrict y, long b, long L, long d, long M, int last_only, int threads) {
+                  const S *restrict z, S *restrict y, long b, long L, long d, long M, long G, int last_only,
+                  int threads) {
+  long e = d / G;
 #pragma omp parallel num_threads(threads)
   {
     S *restrict h = malloc(M * d * sizeof(S)), *restrict dt_j = malloc(d * sizeof(S));
@@ -69,19 +73,22 @@ void scan_forward(const S *restrict u, const S *restrict delta, const S *restric
     for (long r = 0; r < b; r++) {
       memset(h, 0, M * d * sizeof(S));
       for (long j = 0; j < L; j++) {
-        const S *restrict u_j = ROW(u, r, j, d), *restrict B_j = ROW(B, r, j, M), *restrict C_j = ROW(C, r, j, M);
+        const S *restrict u_j = ROW(u, r, j, d), *restrict B_j = ROW(B, r, j, G * M);
+        const S *restrict C_j = ROW(C, r, j, G * M);
         int read = READ(j);
         S *restrict y_j = OUT(y, r, j);
         step_sizes(ROW(delta, r, j, d), delta_bias, softplus, dt_j, d);
         if (read)
           for (long c = 0; c < d; c++) y_j[c] = D[c] * u_j[c];
-        for (long m = 0; m < M; m++) {
-          S *restrict h_m = h + m * d;
-          const S *restrict A_m = A_t + m * d;
-          for (long c = 0; c < d; c++) h_m[c] = EXP(dt_j[c] * A_m[c]) * h_m[c] + dt_j[c] * u_j[c] * B_j[m];
-          if (read)
-            for (long c = 0; c < d; c++) y_j[c] += C_j[m] * h_m[c];
-        }
+        for (long m = 0; m < M; m++)
+          for (long g = 0, c0 = 0; g < G; g++, c0 += e) { /* group g: channels c0 .. c0 + e - 1 */
+            S *restrict h_m = h + m * d;
+            const S *restrict A_m = A_t + m * d;
+            S B_jm = B_j[g * M + m], C_jm = C_j[g * M + m];
+            for (long c = c0; c < c0 + e; c++) h_m[c] = EXP(dt_j[c] * A_m[c]) * h_m[c] + dt_j[c] * u_j[c] * B_jm;
+            if (read)
+              for (long c = c0; c < c0 + e; c++) y_j[c] += C_jm * h_m[c];
+          }
         if (read && z) {
           const S *restrict z_j = OUT(z, r, j);
           for (long c = 0; c < d; c++) y_j[c] *= z_j[c] * sigmoid(z_j[c]);
@@ -100,17 +107,18 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
                    const S *restrict A_t, const S *restrict B, const S *restrict C, const S *restrict D,
                    const S *restrict z, const S *restrict gy, S *restrict gu, S *restrict gdelta,
                    S *restrict gdelta_bias_parts, S *restrict gA_parts, S *restrict gB, S *restrict gC,
-                   S *restrict gD_parts, S *restrict gz, long b, long L, long d, long M, int last_only,
+                   S *restrict gD_parts, S *restrict gz, long b, long L, long d, long M, long G, int last_only,
                    int threads) {
+  long e = d / G;
 #pragma omp parallel num_threads(threads)
   {
     /* per row [L, d]: dt, dt * u, the gated gy, the ungated output y0, and the gradients w.r.t. dt * u and dt */
     S *restrict dt = malloc(L * d * sizeof(S)), *restrict dtu = malloc(L * d * sizeof(S));
     S *restrict gyg = malloc(L * d * sizeof(S)), *restrict y0 = malloc(L * d * sizeof(S));
     S *restrict gdtu = malloc(L * d * sizeof(S)), *restrict gdt = malloc(L * d * sizeof(S));
-    /* per state m: dA[j][c], h[j][c], and g = dLoss/dh_j carried back through dA_j+1 */
+    /* per state m: dA[j][c], h[j][c], and gh = dLoss/dh_j carried back through dA_j+1 */
     S *restrict dA = malloc(L * d * sizeof(S)), *restrict h = malloc(L * d * sizeof(S));
-    S *restrict g = malloc(d * sizeof(S));
+    S *restrict gh = malloc(d * sizeof(S));
     S *restrict gA = gA_parts + omp_get_thread_num() * M * d, *restrict gD = gD_parts + omp_get_thread_num() * d;
     S *restrict gdelta_bias = gdelta_bias_parts + omp_get_thread_num() * d;
 #pragma omp for schedule(static)
@@ -128,59 +136,60 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
           gdtu[j * d + c] = gdt[j * d + c] = 0;
         }
       }
-      for (long m = 0; m < M; m++) {
-        const S *restrict A_m = A_t + m * d;
-        S *restrict gA_m = gA + m * d;
-        for (long j = 0; j < L; j++) { /* the forward of state m */
-          S B_jm = ROW(B, r, j, M)[m], C_jm = ROW(C, r, j, M)[m];
-          S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict y0_j = y0 + j * d;
-          const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
-          if (j) {
-            const S *restrict h_prev = h_j - d;
-            for (long c = 0; c < d; c++) {
-              dA_j[c] = EXP(dt_j[c] * A_m[c]);
-              h_j[c] = dA_j[c] * h_prev[c] + dtu_j[c] * B_jm;
-              y0_j[c] += C_jm * h_j[c];
-            }
-          } else {
-            for (long c = 0; c < d; c++) {
-              dA_j[c] = EXP(dt_j[c] * A_m[c]);
-              h_j[c] = dtu_j[c] * B_jm;
-              y0_j[c] += C_jm * h_j[c];
-            }
-          }
-        }
-        memset(g, 0, d * sizeof(S));
-        for (long j = L - 1; j >= 0; j--) { /* and back */
-          S B_jm = ROW(B, r, j, M)[m], C_jm = ROW(C, r, j, M)[m], gB_jm = 0, gC_jm = 0;
-          const S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict gyg_j = gyg + j * d;
-          const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
-          S *restrict gdtu_j = gdtu + j * d, *restrict gdt_j = gdt + j * d;
-          if (READ(j))
-            for (long c = 0; c < d; c++) {
-              g[c] += gyg_j[c] * C_jm;
-              gC_jm += gyg_j[c] * h_j[c];
-            }
-          if (j) {
-            const S *restrict h_prev = h_j - d;
-            for (long c = 0; c < d; c++) {
-              S g_c = g[c], q = g_c * dA_j[c] * h_prev[c]; /* q: dLoss/d(dt_j A) */
-              gdtu_j[c] += g_c * B_jm;
-              gB_jm += g_c * dtu_j[c];
-              gdt_j[c] += q * A_m[c];
-              gA_m[c] += q * dt_j[c];
-              g[c] = g_c * dA_j[c];
-            }
-          } else {
-            for (long c = 0; c < d; c++) {
-              gdtu_j[c] += g[c] * B_jm;
-              gB_jm += g[c] * dtu_j[c];
+      for (long m = 0; m < M; m++)
+        for (long g = 0, c0 = 0; g < G; g++, c0 += e) { /* group g: channels c0 .. c0 + e - 1 */
+          const S *restrict A_m = A_t + m * d;
+          S *restrict gA_m = gA + m * d;
+          for (long j = 0; j < L; j++) { /* the forward of state m */
+            S B_jm = ROW(B, r, j, G * M)[g * M + m], C_jm = ROW(C, r, j, G * M)[g * M + m];
+            S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict y0_j = y0 + j * d;
+            const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
+            if (j) {
+              const S *restrict h_prev = h_j - d;
+              for (long c = c0; c < c0 + e; c++) {
+                dA_j[c] = EXP(dt_j[c] * A_m[c]);
+                h_j[c] = dA_j[c] * h_prev[c] + dtu_j[c] * B_jm;
+                y0_j[c] += C_jm * h_j[c];
+              }
+            } else {
+              for (long c = c0; c < c0 + e; c++) {
+                dA_j[c] = EXP(dt_j[c] * A_m[c]);
+                h_j[c] = dtu_j[c] * B_jm;
+                y0_j[c] += C_jm * h_j[c];
+              }
             }
           }
-          ROW(gC, r, j, M)[m] = gC_jm;
-          ROW(gB, r, j, M)[m] = gB_jm;
+          memset(gh + c0, 0, e * sizeof(S));
+          for (long j = L - 1; j >= 0; j--) { /* and back */
+            S B_jm = ROW(B, r, j, G * M)[g * M + m], C_jm = ROW(C, r, j, G * M)[g * M + m], gB_jm = 0, gC_jm = 0;
+            const S *restrict dA_j = dA + j * d, *restrict h_j = h + j * d, *restrict gyg_j = gyg + j * d;
+            const S *restrict dt_j = dt + j * d, *restrict dtu_j = dtu + j * d;
+            S *restrict gdtu_j = gdtu + j * d, *restrict gdt_j = gdt + j * d;
+            if (READ(j))
+              for (long c = c0; c < c0 + e; c++) {
+                gh[c] += gyg_j[c] * C_jm;
+                gC_jm += gyg_j[c] * h_j[c];
+              }
+            if (j) {
+              const S *restrict h_prev = h_j - d;
+              for (long c = c0; c < c0 + e; c++) {
+                S g_c = gh[c], q = g_c * dA_j[c] * h_prev[c]; /* q: dLoss/d(dt_j A) */
+                gdtu_j[c] += g_c * B_jm;
+                gB_jm += g_c * dtu_j[c];
+                gdt_j[c] += q * A_m[c];
+                gA_m[c] += q * dt_j[c];
+                gh[c] = g_c * dA_j[c];
+              }
+            } else {
+              for (long c = c0; c < c0 + e; c++) {
+                gdtu_j[c] += gh[c] * B_jm;
+                gB_jm += gh[c] * dtu_j[c];
+              }
+            }
+            ROW(gC, r, j, G * M)[g * M + m] = gC_jm;
+            ROW(gB, r, j, G * M)[g * M + m] = gB_jm;
+          }
         }
-      }
       for (long j = 0; j < L; j++) {
         const S *restrict u_j = ROW(u, r, j, d), *restrict delta_j = ROW(delta, r, j, d);
         const S *restrict dt_j = dt + j * d, *restrict gyg_j = gyg + j * d;
@@ -210,7 +219,7 @@ void scan_backward(const S *restrict u, const S *restrict delta, const S *restri
     free(gdt);
     free(dA);
     free(h);
-    free(g);
+    free(gh);
   }
 }
 

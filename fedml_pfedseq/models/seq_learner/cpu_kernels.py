@@ -83,8 +83,8 @@ def library(dtype: torch.dtype) -> ctypes.CDLL:
         loaded = ctypes.CDLL(str(target))
     except OSError as err:
         raise KernelUnavailable(f"{target} did not load: {err}") from err
-    loaded.scan_forward.argtypes = [_POINTER] * 3 + [_INT] + [_POINTER] * 6 + [_LONG] * 4 + [_INT] * 2
-    loaded.scan_backward.argtypes = [_POINTER] * 3 + [_INT] + [_POINTER] * 14 + [_LONG] * 4 + [_INT] * 2
+    loaded.scan_forward.argtypes = [_POINTER] * 3 + [_INT] + [_POINTER] * 6 + [_LONG] * 5 + [_INT] * 2
+    loaded.scan_backward.argtypes = [_POINTER] * 3 + [_INT] + [_POINTER] * 14 + [_LONG] * 5 + [_INT] * 2
     loaded.conv_silu_forward.argtypes = [_POINTER] * 4 + [_LONG] * 4 + [_INT]
     loaded.conv_silu_backward.argtypes = [_POINTER] * 7 + [_LONG] * 4 + [_INT]
     return loaded
@@ -128,6 +128,11 @@ def _pointers(*tensors: torch.Tensor | None) -> list[ctypes.c_void_p]:
     return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
 
 
+def _groups(B: torch.Tensor) -> int:
+    """G of B [b, L, G, M]; 1 for B [b, L, M]."""
+    return B.shape[2] if B.dim() == 4 else 1
+
+
 def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
 
@@ -136,7 +141,8 @@ class FusedScan(torch.autograd.Function):
     """scan.selective_scan's result and gradients: y = scan(u, dt, A, B, C, D) * silu(z) with
     dt = softplus(delta + delta_bias), each extra optional (z or delta_bias None, delta_softplus False), as in
     mamba-ssm's ``selective_scan_fn``. Shapes as ``scan.selective_scan_loop``; with ``last_only`` y and z are the
-    last round's [b, d]."""
+    last round's [b, d]. B and C may be [b, L, G, M]: the d channels are then G groups of d / G, group g reading
+    B[:, :, g] and C[:, :, g] (the learners of G layers side by side in one call)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, last_only: bool):
@@ -145,8 +151,8 @@ class FusedScan(torch.autograd.Function):
         b, length, d = u.shape
         y = u.new_empty((b, d) if last_only else (b, length, d))
         library(u.dtype).scan_forward(*_pointers(u, delta, delta_bias), int(delta_softplus),
-                                      *_pointers(A_t, B, C, D, z, y), b, length, d, A.shape[1], int(last_only),
-                                      torch.get_num_threads())
+                                      *_pointers(A_t, B, C, D, z, y), b, length, d, A.shape[1], _groups(B),
+                                      int(last_only), torch.get_num_threads())
         ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias)
         ctx.flags = delta_softplus, last_only
         return y
@@ -164,7 +170,7 @@ class FusedScan(torch.autograd.Function):
         library(u.dtype).scan_backward(*_pointers(u, delta, delta_bias), int(delta_softplus),
                                        *_pointers(A_t, B, C, D, z, gy, gu, gdelta, parts[0], parts[1], gB, gC,
                                                   parts[2], gz),
-                                       b, length, d, A_t.shape[0], int(last_only), threads)
+                                       b, length, d, A_t.shape[0], _groups(B), int(last_only), threads)
         g_delta_bias, gA, gD = (part.sum(0) for part in parts)
         return (gu, gdelta, gA.t(), gB, gC, gD, gz, None if delta_bias is None else g_delta_bias, None, None)
 

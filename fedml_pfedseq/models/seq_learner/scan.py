@@ -57,15 +57,19 @@ def cuda_kernel(u: torch.Tensor):
 def selective_scan_loop(u, dt, A, B, C, D):
     """The scan as a per-step loop.
 
-    u, dt: [b, L, d]; A: [d, M]; B, C: [b, L, M]; D: [d]  ->  y: [b, L, d]
+    u, dt: [b, L, d]; A: [d, M]; B, C: [b, L, M], or [b, L, G, M] where the d channels are G groups of d / G (as
+    mamba-ssm's grouped B and C), group g's reading B[:, :, g]; D: [d]  ->  y: [b, L, d]
     """
+    grouped = B.dim() == 4
+    if grouped:  # each channel's own B and C: [b, L, d, M]
+        B, C = (x.repeat_interleave(u.shape[2] // x.shape[2], dim=2) for x in (B, C))
     h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])  # [b, d, M]
     ys = []
     for u_j, dt_j, B_j, C_j in zip(u.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
         dA = torch.exp(dt_j.unsqueeze(-1) * A)  # [b, d, M]
-        dBu = (dt_j * u_j).unsqueeze(-1) * B_j.unsqueeze(1)  # [b, d, M]
+        dBu = (dt_j * u_j).unsqueeze(-1) * (B_j if grouped else B_j.unsqueeze(1))  # [b, d, M]
         h = dA * h + dBu
-        ys.append(torch.einsum("bdm,bm->bd", h, C_j))  # [b, d]
+        ys.append(torch.einsum("bdm,bdm->bd" if grouped else "bdm,bm->bd", h, C_j))  # [b, d]
     return torch.stack(ys, dim=1) + u * D  # [b, L, d]
 
 
@@ -73,12 +77,17 @@ def selective_scan(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus: bool = 
     """y = selective scan of u, as mamba-ssm's ``selective_scan_fn`` computes it: the step sizes are
     softplus(dt + dt_bias) where asked, and the output is gated by silu(z) where z [b, L, d] is given. With
     ``last_only`` only the last round's y[:, -1] [b, d] is returned (all that a learner's last block reads). The
-    fused C kernel for CPU tensors, mamba-ssm's for CUDA ones, else the loop. Shapes as :func:`selective_scan_loop`.
+    fused C kernel for CPU tensors, mamba-ssm's for CUDA ones, else the loop. Shapes as :func:`selective_scan_loop`
+    (B and C grouped or not).
     """
     kernel = cuda_kernel(u)
     if kernel is not None:
         t = lambda x: None if x is None else x.transpose(1, 2).contiguous()  # noqa: E731  channels-first layout
-        y = kernel(t(u), t(dt), A.contiguous(), t(B), t(C), D.float(), z=t(z),
+        if B.dim() == 4:  # mamba-ssm's grouped B and C: [b, G, M, L]
+            B, C = (x.permute(0, 2, 3, 1).contiguous() for x in (B, C))
+        else:
+            B, C = t(B), t(C)
+        y = kernel(t(u), t(dt), A.contiguous(), B, C, D.float(), z=t(z),
                    delta_bias=None if dt_bias is None else dt_bias.float(), delta_softplus=dt_softplus).transpose(1, 2)
         return y[:, -1] if last_only else y
     if last_only and z is not None:
