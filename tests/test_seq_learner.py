@@ -151,7 +151,7 @@ def test_the_fused_conv_matches_the_grouped_convolution():
     conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3).double()
     for length in (1, 3, 7):
         u = torch.randn(3, length, 5, dtype=torch.float64, requires_grad=True)
-        fused = causal_conv_silu(u, conv)
+        fused = causal_conv_silu(u, conv.weight[:, 0], conv.bias)
         module = torch.nn.functional.silu(conv(u.transpose(1, 2))[..., :length].transpose(1, 2))
         torch.testing.assert_close(fused, module)
         weights = torch.randn_like(fused)
@@ -556,3 +556,22 @@ def test_a_grouped_scan_hands_the_cuda_kernel_mamba_ssms_grouped_layout(monkeypa
     z = torch.randn(2, 5, 6)
     torch.testing.assert_close(scan_module.selective_scan(*inputs, z=z), loop_with_extras(*inputs, z))
     assert shapes == [torch.Size([2, 3, 4, 5])]
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"magnitude_preserving": False}, {"num_blocks": 1}],
+                         ids=["mamba", "legacy", "one block"])
+def test_several_layers_learners_in_one_call_give_each_layers_own_result(kwargs):
+    """learners_forward over 3 layers (channels side by side, grouped B and C, batched projections) against each
+    layer's learner on its own: outputs and every parameter's gradient, in float64."""
+    from fedml_pfedseq.models.seq_learner.modeling_seq_learner import learners_forward
+
+    model = make_learner(num_adapter_layers=3, **kwargs).double()
+    x = torch.randn(3, 7, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    weights = torch.randn(3, 7, 4, dtype=torch.float64)
+    together = learners_forward(list(model.learners), x)
+    alone = torch.stack([learner(x[i]) for i, learner in enumerate(model.learners)])
+    torch.testing.assert_close(together, alone, rtol=1e-12, atol=1e-12)
+    params = list(model.learners.parameters())
+    for a, b in zip(torch.autograd.grad((together * weights).sum(), params),
+                    torch.autograd.grad((alone * weights).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -126,13 +126,16 @@ class PFedSeqServer(FedAvgLocalHeadServer):
     def calibrate(self) -> list[torch.Tensor]:
         """xi per layer [D_l, N] from the current history, read with the latest round's normaliser (and centred or
         bounded where the recipe asks)."""
-        scales = self.history[-1].scales
+        scales, layers = self.history[-1].scales, range(len(self.layout.layers))
         calibrations = []
         if self.args.learner_memory:
             self.memory = self.calibrations or [torch.zeros_like(entry) for entry in self.history[-1].updates]
-        for l in range(len(self.layout.layers)):
-            xi = self.learner.calibrate(self._window(l), scales[l], l, self.args.d_chunk, self.output_units[l],
-                                        self._memory(l)).cpu()
+        memory = [self._memory(l) for l in layers]
+        learned = self.learner.calibrate_layers([self._window(l) for l in layers], scales, list(layers),
+                                                self.args.d_chunk, self.output_units,
+                                                None if memory[0] is None else memory)  # the layers of one D at once
+        for l, xi in enumerate(learned):
+            xi = xi.cpu()
             if not torch.isfinite(xi).all():
                 raise FloatingPointError(f"round {self.round}: the learner of layer {l} produced NaN/Inf "
                                          "calibrations; try a lower algorithm_args.learner_lr")
@@ -180,32 +183,33 @@ class PFedSeqServer(FedAvgLocalHeadServer):
         gradient's scale, except through its eps (1e-8), which raw gradients (~s * |Delta| ~ 1e-8 at update sizes
         ~1e-3) would hit, silently shrinking the learning rate.
         """
-        scales = self.history[-1].scales
-        params = list(self.learner.parameters())
+        scales, layers = self.history[-1].scales, list(range(len(deltas)))
         mask = torch.tensor(present, dtype=deltas[0].dtype, device=self.device)
-        windows = [self._window(l) for l in range(len(deltas))]
-        layer_params = [self.learner.layer_parameters(l) for l in range(len(deltas))]  # proxy_gradient's order
-        memory = [self._memory(l) for l in range(len(deltas))]  # the input of xi^{t-1}
+        windows = [self._window(l) for l in layers]
+        memory = [self._memory(l) for l in layers]  # the input of xi^{t-1}
         recomputed = [torch.zeros_like(delta) for delta in deltas]
         surrogate = 0.0
-        for rows in self._row_batches(deltas):
-            totals = {p: torch.zeros_like(p) for p in params}
+        for rows in self._row_batches(deltas):  # one step: every layer's rows of it, the layers of one D at once
+            descents = []
             for l, delta in enumerate(deltas):
-                delta, target = delta[rows[l]].to(self.device), targets[l][rows[l]].to(self.device)
+                weight = scales[l] ** -2  # the layer's objective in normalised units
                 if self.args.learner_objective == "proximal":
-                    def descent(xi, chunk, target=target):  # d/dxi of -0.5 ||P xi - target||^2 over who reported
-                        return self._centred((target[chunk] - self._centred(xi)) * mask)
+                    target = targets[l][rows[l]].to(self.device)
+
+                    def descent(xi, chunk, target=target, weight=weight):  # d/dxi of -0.5 ||P xi - target||^2
+                        return weight * self._centred((target[chunk] - self._centred(xi)) * mask)  # who reported
                 else:
-                    descent = self._centred(delta)
-                grads, xi = self.learner.proxy_gradient(windows[l][rows[l]], scales[l], l, descent,
-                                                        self.args.d_chunk, self.output_units[l],
-                                                        None if memory[l] is None else memory[l][rows[l]])
-                torch._foreach_add_([totals[p] for p in layer_params[l]], grads, alpha=scales[l] ** -2)
+                    descent = weight * self._centred(delta[rows[l]].to(self.device))
+                descents.append(descent)
+            grads, xis = self.learner.proxy_gradient_layers(
+                [windows[l][rows[l]] for l in layers], scales, layers, descents, self.args.d_chunk,
+                self.output_units, None if memory[0] is None else [memory[l][rows[l]] for l in layers])
+            for p, grad in zip(self.learner.layers_parameters(layers), grads):
+                p.grad = grad
+            for l, xi in enumerate(xis):
                 xi = self._centred(xi).cpu()
                 recomputed[l][rows[l]] = xi
-                surrogate -= float((xi * delta.cpu()).sum())
-            for p, total in totals.items():
-                p.grad = total
+                surrogate -= float((xi * deltas[l][rows[l]]).sum())
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         self.recomputed = recomputed

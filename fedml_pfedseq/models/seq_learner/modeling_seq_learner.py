@@ -31,6 +31,7 @@ through f's last step, not back through the rounds that produced m.
 from __future__ import annotations
 
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -53,17 +54,71 @@ class CappedRMSNorm(nn.RMSNorm):
     overflow (without any norm, one outlier entry reached 1e7 update RMSs on the known-answer problem)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., c]
-        rms = x.pow(2).mean(-1, keepdim=True).add(self.eps).sqrt()
-        return x / rms.clamp_min(1.0) * self.weight
+        return capped_rms_norm(x, self.weight, self.eps)
 
 
-def causal_conv_silu(u: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """silu of the block's depthwise causal convolution over rounds: [b, L, e] -> [b, L, e]. The fused CPU kernel
-    where it runs (on CPU the grouped convolution's backward cost more than the rest of a block), else the module
-    with its right padding dropped."""
-    if kernels_apply(u, conv.weight, conv.bias):
-        return FusedConvSiLU.apply(u, conv.weight[:, 0], conv.bias)
-    return F.silu(conv(u.transpose(1, 2))[..., :u.shape[1]].transpose(1, 2))
+def capped_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:  # x: [..., c]
+    rms = x.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+    return x / rms.clamp_min(1.0) * weight
+
+
+def causal_conv_silu(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """silu of a depthwise causal convolution over rounds: u [b, L, e], weight [e, K], bias [e] -> [b, L, e]. The
+    fused CPU kernel where it runs (on CPU the grouped convolution's backward cost more than the rest of a block),
+    else ``F.conv1d`` with its right padding dropped."""
+    if kernels_apply(u, weight, bias):
+        return FusedConvSiLU.apply(u, weight, bias)
+    length, kernel = u.shape[1], weight.shape[1]
+    v = F.conv1d(u.transpose(1, 2), weight.unsqueeze(1), bias, padding=kernel - 1, groups=u.shape[2])
+    return F.silu(v[..., :length].transpose(1, 2))
+
+
+def blocks_forward(blocks: list[MambaBlock], x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+    """G layers' blocks (one each, alike in shape) at once: x [G, b, L, c] -> [G, b, L, c], or with ``last_only``
+    [G, b, c]. The projections are batched matmuls over the layers, and the conv and scan see the G layers'
+    channels side by side ([b, L, G e], B and C grouped), so a round's learner steps cost one call per block
+    instead of one per layer and block."""
+    first, (G, b, length, c) = blocks[0], x.shape
+    rows = b * length
+
+    def stack(name: str) -> torch.Tensor:  # [G, ...]: that parameter of each layer's block
+        return torch.stack([operator.attrgetter(name)(block) for block in blocks])
+
+    def side(t: torch.Tensor) -> torch.Tensor:  # [G, rows, k] -> [b, L, G k]: the layers' channels side by side
+        return t.transpose(0, 1).reshape(b, length, G * t.shape[-1])
+
+    def apart(t: torch.Tensor, n: int) -> torch.Tensor:  # [n, G k] (any leading shape of n rows) -> [G, n, k]
+        return t.reshape(n, G, -1).transpose(0, 1)
+
+    h = x.reshape(G, rows, c)
+    if isinstance(first.norm, CappedRMSNorm):
+        h = capped_rms_norm(h, stack("norm.weight")[:, None], first.norm.eps)
+    else:  # the legacy RMSNorm
+        h = F.rms_norm(h, (c,), eps=first.norm.eps) * stack("norm.weight")[:, None]
+    u, z = torch.bmm(h, stack("in_proj.weight").transpose(1, 2)).chunk(2, dim=-1)  # [G, rows, e] each
+    e, m = u.shape[-1], first.state_size
+    u = causal_conv_silu(side(u), stack("conv1d.weight").reshape(G * e, -1), stack("conv1d.bias").reshape(G * e))
+    dt, B, C = torch.bmm(apart(u, rows), stack("x_proj.weight").transpose(1, 2)).split([first.dt_rank, m, m], dim=-1)
+    dt = torch.bmm(dt, stack("dt_proj.weight").transpose(1, 2))  # [G, rows, e]; the scan adds the bias (softplus)
+    grouped = [t.transpose(0, 1).reshape(b, length, G, m) for t in (B, C)]  # [b, L, G, M]
+    y = selective_scan(u, side(dt), -torch.exp(stack("A_log")).reshape(G * e, m), *grouped, stack("D").reshape(G * e),
+                       z=side(z), dt_bias=stack("dt_proj.bias").reshape(G * e), dt_softplus=True, last_only=last_only)
+    out = torch.bmm(apart(y, b if last_only else rows), stack("out_proj.weight").transpose(1, 2))  # [G, n, c]
+    return x[:, :, -1] + out if last_only else x + out.reshape(G, b, length, c)
+
+
+def learners_forward(learners: list[MambaLearner], x: torch.Tensor) -> torch.Tensor:
+    """G layers' Mamba learners at once: x [G, b, L, c] -> [G, b, c] (``blocks_forward`` block by block)."""
+    for k in range(len(learners[0].blocks) - 1):
+        x = blocks_forward([learner.blocks[k] for learner in learners], x)
+    x = blocks_forward([learner.blocks[-1] for learner in learners], x, last_only=True)  # [G, b, c]
+    if isinstance(learners[0].norm, nn.RMSNorm):  # the legacy learner's norm before its readout
+        gains = torch.stack([learner.norm.weight for learner in learners])[:, None]
+        x = F.rms_norm(x, (x.shape[-1],), eps=learners[0].norm.eps) * gains
+    out = torch.bmm(x, torch.stack([learner.readout.weight for learner in learners]).transpose(1, 2))
+    if learners[0].readout.bias is not None:
+        out = out + torch.stack([learner.readout.bias for learner in learners])[:, None]
+    return out
 
 
 class MambaBlock(nn.Module):
@@ -98,13 +153,7 @@ class MambaBlock(nn.Module):
     def forward(self, x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         """x: [b, L, c] -> [b, L, c], or with ``last_only`` the last round's [b, c] (all that a learner's last block
         has to give: the rest of its rounds then skip the scan's readout, the gate and the output projection)."""
-        u, z = self.in_proj(self.norm(x)).chunk(2, dim=-1)  # [b, L, e] each
-        u = causal_conv_silu(u, self.conv1d)
-        dt, B, C = self.x_proj(u).split([self.dt_rank, self.state_size, self.state_size], dim=-1)
-        dt = dt @ self.dt_proj.weight.t()  # [b, L, e]; the scan adds the bias and takes softplus, as Mamba's kernel
-        y = selective_scan(u, dt, -torch.exp(self.A_log), B, C, self.D, z=z, dt_bias=self.dt_proj.bias,
-                           dt_softplus=True, last_only=last_only)  # y * silu(z): [b, L, e], or [b, e]
-        return (x[:, -1] if last_only else x) + self.out_proj(y)
+        return blocks_forward([self], x[None], last_only)[0]
 
 
 class MambaLearner(nn.Module):
@@ -118,9 +167,7 @@ class MambaLearner(nn.Module):
         self.readout = nn.Linear(config.num_channels, config.num_channels, bias=legacy)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [b, L, c] -> [b, c]
-        for block in self.blocks[:-1]:
-            x = block(x)
-        return self.readout(self.norm(self.blocks[-1](x, last_only=True)))
+        return learners_forward([self], x[None])[0]
 
 
 class MLPLearner(nn.Module):
@@ -181,10 +228,6 @@ def build_learner(config: SeqLearnerConfig) -> nn.Module:
     return ClientMixing(config, learner) if config.mixing_rank else learner
 
 
-def _rows(x: torch.Tensor | None, rows: slice) -> torch.Tensor | None:
-    return None if x is None else x[rows]
-
-
 def row_chunks(rows: int, d_chunk: int | None) -> list[slice]:
     """Slices of ``d_chunk`` rows covering ``rows`` (one slice when d_chunk is None)."""
     step = d_chunk or rows
@@ -237,24 +280,38 @@ class SeqLearnerModel(PreTrainedModel):
     def forward(self, updates: torch.Tensor, layer: int, previous: torch.Tensor | None = None) -> torch.Tensor:
         """f(updates) for one layer: normalised updates [D, L, N] -> normalised calibrations [D, N]; with memory,
         f(updates, previous), ``previous`` [D, N] being the last output in the same units."""
-        self._check(updates, layer, previous)
-        d, length, n = updates.shape
+        return self.forward_layers(updates[None], [layer], None if previous is None else previous[None])[0]
+
+    def forward_layers(self, updates: torch.Tensor, layers: list[int],
+                       previous: torch.Tensor | None = None) -> torch.Tensor:
+        """``forward`` for several layers with the same D at once: [G, D, L, N] (and previous [G, D, N]) ->
+        [G, D, N]. Their Mamba learners run together, one call per block (``learners_forward``)."""
+        for i, layer in enumerate(layers):
+            self._check(updates[i], layer, None if previous is None else previous[i])
+        g, d, length, n = updates.shape
         inputs = updates
         if self.config.memory:  # w * cap(m), the same for every round of the window
-            capped = previous / previous.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1.0)
-            inputs = updates + (capped * self.memory_weight[layer]).unsqueeze(1)
+            capped = previous / previous.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1.0)
+            inputs = updates + (capped * self.memory_weight[layers][:, None]).unsqueeze(2)
         if not self.config.cross_client:  # variant C: each client's own sequence, as 1-channel rows
-            updates, inputs = (x.permute(0, 2, 1).reshape(d * n, length, 1) for x in (updates, inputs))
-        out = self.learners[layer](inputs)  # [b, c]
+            updates, inputs = (x.permute(0, 1, 3, 2).reshape(g, d * n, length, 1) for x in (updates, inputs))
+        learners = [self.learners[layer] for layer in layers]
+        if all(isinstance(learner, MambaLearner) for learner in learners):
+            out = learners_forward(learners, inputs)  # [G, b, c]
+        else:
+            out = torch.stack([learner(x) for learner, x in zip(learners, inputs)])
         if self.config.magnitude_preserving:
-            out = updates[:, -1] + out  # the path from the latest update: xi = c * Delta is g = 0
-        out = out.reshape(d, n) * self.output_scale[layer]
+            out = updates[:, :, -1] + out  # the path from the latest update: xi = c * Delta is g = 0
+        out = out.reshape(g, d, n) * self.output_scale[layers][:, None, None]
         return previous + out if self.config.memory else out
 
-    def _scaled(self, updates: torch.Tensor, scale: float, layer: int, unit: float | None,
+    def _scaled(self, updates: torch.Tensor, scales: list[float], layers: list[int], units: list[float | None],
                 previous: torch.Tensor | None) -> torch.Tensor:
-        unit = scale if unit is None else unit
-        return unit * self(updates / scale, layer, None if previous is None else previous / unit)
+        """unit * f(updates / scale) per layer: [G, D, L, N] -> [G, D, N]."""
+        scale = updates.new_tensor(scales)[:, None, None]
+        unit = updates.new_tensor([s if u is None else u for s, u in zip(scales, units)])[:, None, None]
+        return unit * self.forward_layers(updates / scale[..., None], layers,
+                                          None if previous is None else previous / unit)
 
     @torch.no_grad()
     def calibrate(self, updates: torch.Tensor, scale: float, layer: int, d_chunk: int | None = None,
@@ -265,14 +322,44 @@ class SeqLearnerModel(PreTrainedModel):
         adapter itself, passes the adapter's own size. A learner with memory also reads ``previous`` [D, N], its
         last output (xi^{t-1}, in xi's units).
         """
-        return torch.cat([self._scaled(updates[rows], scale, layer, unit, _rows(previous, rows))
-                          for rows in row_chunks(updates.shape[0], d_chunk)])
+        return self.calibrate_layers([updates], [scale], [layer], d_chunk, [unit],
+                                     None if previous is None else [previous])[0]
+
+    @torch.no_grad()
+    def calibrate_layers(self, updates: list[torch.Tensor], scales: list[float], layers: list[int],
+                         d_chunk: int | None = None, units: list[float | None] | None = None,
+                         previous: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``calibrate`` for several layers, each with its own window [D_l, L, N]: the layers of one D together."""
+        chunks = [[] for _ in layers]
+        for group, _, xi in self._chunks(updates, scales, layers, d_chunk, units, previous):
+            for k, i in enumerate(group):
+                chunks[i].append(xi[k])
+        return [torch.cat(chunk) for chunk in chunks]
+
+    def _chunks(self, updates, scales, layers, d_chunk, units, previous):
+        """(layer indices of one D, the chunk's rows, their xi [G, rows, N] with its graph) for each group of layers
+        alike in shape and each chunk of ``d_chunk`` rows."""
+        units = units or [None] * len(layers)
+        groups: dict[tuple, list[int]] = {}
+        for i, window in enumerate(updates):
+            groups.setdefault(tuple(window.shape), []).append(i)
+        for group in groups.values():
+            stacked = torch.stack([updates[i] for i in group])
+            memory = None if previous is None else torch.stack([previous[i] for i in group])
+            group_scales, group_layers, group_units = ([values[i] for i in group] for values in (scales, layers, units))
+            for rows in row_chunks(stacked.shape[1], d_chunk):
+                yield group, rows, self._scaled(stacked[:, rows], group_scales, group_layers, group_units,
+                                                None if memory is None else memory[:, rows])
 
     def layer_parameters(self, layer: int) -> list[nn.Parameter]:
         """The parameters that a layer's calibration depends on: its learner's, the output scales (and the memory
         weights)."""
+        return self.layers_parameters([layer])
+
+    def layers_parameters(self, layers: list[int]) -> list[nn.Parameter]:
+        """The parameters that these layers' calibrations depend on: their learners', then the shared ones."""
         shared = [self.output_scale, self.memory_weight] if self.config.memory else [self.output_scale]
-        return [*self.learners[layer].parameters(), *shared]
+        return [p for layer in layers for p in self.learners[layer].parameters()] + shared
 
     def proxy_gradient(self, updates: torch.Tensor, scale: float, layer: int, descent: torch.Tensor | Descent,
                        d_chunk: int | None = None, unit: float | None = None,
@@ -288,15 +375,27 @@ class SeqLearnerModel(PreTrainedModel):
         Returns one gradient per parameter of ``layer_parameters(layer)`` (every other parameter's is zero) and
         xi [D, N] (detached).
         """
-        if not callable(descent) and descent.shape != (updates.shape[0], updates.shape[2]):
-            raise ValueError(f"descent must be [D, N] = {(updates.shape[0], updates.shape[2])}, "
-                             f"got {tuple(descent.shape)}")
-        params = self.layer_parameters(layer)
+        grads, xis = self.proxy_gradient_layers([updates], [scale], [layer], [descent], d_chunk, [unit],
+                                                None if previous is None else [previous])
+        return grads, xis[0]
+
+    def proxy_gradient_layers(self, updates: list[torch.Tensor], scales: list[float], layers: list[int],
+                              descents: list[torch.Tensor | Descent], d_chunk: int | None = None,
+                              units: list[float | None] | None = None, previous: list[torch.Tensor] | None = None,
+                              ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """``proxy_gradient`` of the sum over several layers (the layers of one D in one call per block and chunk):
+        one gradient per parameter of ``layers_parameters(layers)``, and xi per layer (detached)."""
+        for window, descent in zip(updates, descents):
+            if not callable(descent) and descent.shape != (window.shape[0], window.shape[2]):
+                raise ValueError(f"descent must be [D, N] = {(window.shape[0], window.shape[2])}, "
+                                 f"got {tuple(descent.shape)}")
+        params = self.layers_parameters(layers)
         grads = [torch.zeros_like(p) for p in params]
-        calibrations = []
-        for rows in row_chunks(updates.shape[0], d_chunk):
-            xi = self._scaled(updates[rows], scale, layer, unit, _rows(previous, rows))
-            chunk_descent = descent(xi.detach(), rows) if callable(descent) else descent[rows]
+        calibrations = [[] for _ in layers]
+        for group, rows, xi in self._chunks(updates, scales, layers, d_chunk, units, previous):
+            chunk_descent = torch.stack([descents[i](xi[k].detach(), rows) if callable(descents[i])
+                                         else descents[i][rows] for k, i in enumerate(group)])
             torch._foreach_add_(grads, update_proxy_gradient(xi, params, chunk_descent))
-            calibrations.append(xi.detach())
-        return grads, torch.cat(calibrations)
+            for k, i in enumerate(group):
+                calibrations[i].append(xi[k].detach())
+        return grads, [torch.cat(chunks) for chunks in calibrations]

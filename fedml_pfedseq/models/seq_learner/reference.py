@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 
+from . import modeling_seq_learner as modeling
 from .modeling_seq_learner import MambaBlock, MambaLearner
 from .scan import selective_scan_loop
 
@@ -33,12 +34,17 @@ def learner_forward(learner: MambaLearner, x: torch.Tensor) -> torch.Tensor:  # 
     return learner.readout(learner.norm(x[:, -1]))
 
 
+def learners_forward(learners: list[MambaLearner], x: torch.Tensor) -> torch.Tensor:  # [G, b, L, c] -> [G, b, c]
+    return torch.stack([learner_forward(learner, layer_x) for learner, layer_x in zip(learners, x)])
+
+
 @contextmanager
 def reference_implementation() -> Iterator[None]:
-    """Inside this context every Mamba learner of the process computes as the reference does."""
-    fast = MambaLearner.forward
-    MambaLearner.forward = learner_forward
+    """Inside this context every Mamba learner of the process computes as the reference does, one layer at a time
+    (also where the model batches several layers)."""
+    fast, fast_layers = MambaLearner.forward, modeling.learners_forward
+    MambaLearner.forward, modeling.learners_forward = learner_forward, learners_forward
     try:
         yield
     finally:
-        MambaLearner.forward = fast
+        MambaLearner.forward, modeling.learners_forward = fast, fast_layers
