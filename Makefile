@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | sha1sum | cut -c1-12)
 
-.PHONY: setup run deploy lint docs test clean
+.PHONY: setup run deploy lint docs test test-fast clean
 
 setup: $(STAMP)
 
@@ -32,6 +32,9 @@ docs: setup  # rewrite docs/reference/ from the code's docstrings and help texts
 
 test: setup
 	$(BIN)/python -m pytest
+
+test-fast: setup  # the inner loop: every test not marked slow (CI runs them all)
+	$(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

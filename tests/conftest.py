@@ -1,18 +1,24 @@
-"""Shared fixtures: a tiny random ViT saved like a Hub checkpoint, and small recipes built in code."""
+"""Shared fixtures: a tiny random ViT saved like a Hub checkpoint, small recipes built in code, the every-method
+matrices' reference runs (one per method and session), and one pushed run on a local Hub endpoint per session."""
 from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
+from huggingface_hub import constants
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
 from fedml_pfedseq import simulation
 from fedml_pfedseq.config import Recipe, load_recipe, parse_recipe
 from fedml_pfedseq.federation import build_federation
+from fedml_pfedseq.strategies import METHODS
+from fedml_pfedseq.testing.hub_server import LocalHubServer
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -45,6 +51,49 @@ def small_recipe(method: str, model: str, tmp_path, **sections) -> Recipe:
     for section, values in sections.items():
         raw.setdefault(section, {}).update(values)
     return parse_recipe(raw, where=f"test:{method}")
+
+
+THREE_CLIENTS = {  # three clients from a Dirichlet split of the embedded Omniglot, one thread: the fast federation
+    "data_args": {"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 40},
+    "train_args": {"client_num_in_total": 3, "comm_round": 3, "learning_rate": 0.5},
+    "device_args": {"num_threads": 1, "using_gpu": False},
+}
+
+
+def three_clients(method: str, model: str, tmp_path, **sections) -> Recipe:
+    """``small_recipe`` on ``THREE_CLIENTS``; ``sections`` override it key by key. ``method`` is a method's key or
+    name; pFedLoRA's clients get ``client_depths: [2, 1]`` (model heterogeneity) unless ``model_args`` says
+    otherwise."""
+    name = METHODS[method.lower()].name
+    merged = {section: dict(values) for section, values in THREE_CLIENTS.items()}
+    if name == "pFedLoRA":
+        merged["model_args"] = {"client_depths": [2, 1]}
+    for section, values in sections.items():
+        merged.setdefault(section, {}).update(values)
+    return small_recipe(name, model, tmp_path, **merged)
+
+
+# The every-method matrices (checkpoint resume, FedML wrappers, Ray engine) each compare one method's run against
+# the same local run: two of three clients per round, so a client sits rounds out and moves between Ray workers.
+MATRIX = {"train_args": {"client_num_per_round": 2}}
+
+
+@pytest.fixture(scope="session")
+def matrix_reference(tiny_vit, tmp_path_factory):
+    """``matrix_reference(method)``: (recipe, run folder) of ``method``'s matrix recipe run once per session on the
+    local engine, its checkpoint kept; the matrices build their runs from a copy of that recipe."""
+    runs = {}
+
+    def reference(method: str) -> tuple[Recipe, Path]:
+        if method not in runs:
+            root = tmp_path_factory.mktemp(f"reference_{method}")
+            recipe = three_clients(method, tiny_vit, root, **MATRIX)
+            simulation.run_recipe(recipe, root / "run", progress=False)
+            runs[method] = recipe, root / "run"
+        recipe, folder = runs[method]
+        return parse_recipe(recipe.to_dict(), where=f"matrix:{method}"), folder
+
+    return reference
 
 
 def as_state(model, params: dict[str, torch.Tensor]) -> dict:
@@ -106,16 +155,63 @@ def synthetic_lora(rank: int, hidden: int, layers: int = 2) -> dict[str, torch.T
     return state
 
 
-def pytest_collection_modifyitems(config, items):
-    """Tests marked ``shared_data`` read ../shared/data (PACS, CIFAR-10), which only some machines have.
+# --- one pushed run on a local Hub endpoint -------------------------------------------------------------------
 
-    Where it is missing they are skipped with the reason shown; with PFEDSEQ_REQUIRE_SHARED_DATA=1 (set by
-    .ci/run) they run regardless and fail on the missing files.
+REPO = "local-user/omniglot-pfedseq"
+
+
+def hub_environment(monkeypatch, url: str, cache: Path) -> dict:
+    """Point this process's ``huggingface_hub`` (constants are read at import) and child processes at ``url``."""
+    env = {"HF_ENDPOINT": url, "HF_TOKEN": "dummy-token", "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return {**os.environ, **env}
+
+
+@pytest.fixture(scope="session")
+def pushed(tiny_vit, tmp_path_factory):
+    """One pFedSeq run on the tiny slice (personalized adapters from round 2 on), pushed by its recipe to a local
+    endpoint that serves the session's Hub tests."""
+    root = tmp_path_factory.mktemp("hub")
+    server = LocalHubServer(root / "repos").start()
+    with pytest.MonkeyPatch.context() as mp:
+        hub_environment(mp, server.url, root / "push-cache")
+        fed, summary, metrics = run_shipped_recipe("pfedseq", tiny_vit, root, overrides=(
+            "algorithm_args.warmup_rounds=1", "hub_args.push_to_hub=true", f"hub_args.hub_repo_id={REPO}"))
+    final = {r["client"]: r for r in metrics["eval"] if r["round"] == 2}
+    yield SimpleNamespace(server=server, run_dir=root / "out", fed=fed, summary=summary, final=final, root=root)
+    server.stop()
+
+
+@pytest.fixture
+def hub_env(pushed, monkeypatch, tmp_path):
+    return hub_environment(monkeypatch, pushed.server.url, tmp_path / "cache")
+
+
+# fixtures that start real processes, a Ray, or many runs: every test that uses one is marked slow
+SLOW_FIXTURES = {"deployed", "attacked", "local_ray", "matrix_reference"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests that use a ``SLOW_FIXTURES`` fixture are marked ``slow`` (``make test-fast`` leaves them out, with the
+    tests marked so by hand).
+
+    Tests marked ``shared_data`` read ../shared/data (PACS, CIFAR-10), which only some machines have. Where it is
+    missing they are skipped with the reason shown; with PFEDSEQ_REQUIRE_SHARED_DATA=1 (set by .ci/run) they run
+    regardless and fail on the missing files.
     """
     import os
 
     from fedml_pfedseq.data.loading import data_search_path
 
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if os.environ.get("PFEDSEQ_REQUIRE_SHARED_DATA") == "1":
         return
     if any((d / "pacs112.parquet").is_file() for d in data_search_path()):
@@ -124,3 +220,4 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "shared_data" in item.keywords:
             item.add_marker(skip)
+

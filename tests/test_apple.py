@@ -190,6 +190,7 @@ def test_bad_algorithm_args_are_refused_naming_the_key(key, value):
         parse_recipe({"train_args": {"federated_optimizer": "APPLE"}, "algorithm_args": {key: value}})
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end_and_p_moves_from_its_init(tiny_vit, tmp_path):
     fed, summary, metrics = run_shipped_recipe("apple", tiny_vit, tmp_path)
     assert summary["clients"] == 20 and summary["rounds"] == 2

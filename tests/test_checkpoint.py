@@ -87,15 +87,14 @@ def interrupted_and_resumed(recipe, tmp_path: Path, crash_round: int) -> Path:
     return path
 
 
-@pytest.mark.parametrize("method", sorted(m.name for m in METHODS.values()))
-def test_every_method_resumes_to_the_uninterrupted_run(method, tiny_vit, tmp_path):
-    """3 rounds uninterrupted == 2 rounds, killed, resumed for the third: same metrics, payloads, every strategy's
-    state (learners, optimisers, histories, personal models, heads) to the bit."""
-    recipe = small(method, tiny_vit, tmp_path, rounds=3)
-    straight = tmp_path / "straight" / CHECKPOINT_FILE
-    run_federation(build_federation(recipe), progress=False, checkpoint=straight)
+@pytest.mark.slow
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_every_method_resumes_to_the_uninterrupted_run(method, matrix_reference, tmp_path):
+    """3 rounds uninterrupted (the matrix's reference run) == 2 rounds, killed, resumed for the third: same metrics,
+    payloads, every strategy's state (learners, optimisers, histories, personal models, heads) to the bit."""
+    recipe, reference = matrix_reference(method)
     resumed = interrupted_and_resumed(recipe, tmp_path, crash_round=3)
-    assert_same(decoded(straight), decoded(resumed))
+    assert_same(decoded(reference / CHECKPOINT_FILE), decoded(resumed))
 
 
 def test_the_cluster_oracle_resumes_to_the_uninterrupted_run(tiny_vit, tmp_path):
@@ -116,6 +115,7 @@ def test_the_cluster_oracle_resumes_to_the_uninterrupted_run(tiny_vit, tmp_path)
     assert torch.equal(lora(0), lora(2)) and not torch.equal(lora(0), lora(1))  # one adapter per cluster
 
 
+@pytest.mark.slow
 def test_pfedseq_six_rounds_equal_three_plus_resume_plus_three(tiny_vit, tmp_path):
     """The issue's check on pFedSeq with the learner personalizing on both sides of the cut (W=1, L=3): the
     metrics and the final learner, Adam state, history and calibrations equal."""
@@ -146,6 +146,7 @@ def test_run_recipe_resume_writes_the_same_outputs(tiny_vit, tmp_path):
     assert sorted({r["round"] for r in metrics["eval"]}) == [0, 1, 2, 3]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_does_not_read_the_learners_warm_start_source_again(tiny_vit, tmp_path):
     """The checkpoint holds the learner, so a run warm-started by ``hub_args.hub_learner_init`` resumes after its
     source is gone (a deleted folder, an offline Hub) and gives the uninterrupted run's outputs."""

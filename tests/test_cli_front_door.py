@@ -112,6 +112,7 @@ def test_every_method_has_its_algorithm_args_under_its_name():
     assert LEARNER_ARCHITECTURES == ARCHITECTURES
 
 
+@pytest.mark.slow
 def test_check_names_the_data_and_backbone_this_machine_lacks(tmp_path, monkeypatch, capsys):
     grid = str(REPO / "recipes" / "grids" / "table1.yaml")  # PACS and CIFAR-10 from parquet files
     monkeypatch.setenv("PFEDSEQ_DATA_DIR", str(tmp_path))

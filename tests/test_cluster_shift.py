@@ -63,6 +63,7 @@ def test_unknown_or_empty_transform_lists_are_refused_naming_the_key(tiny_vit, t
         small_recipe("FedAvg", tiny_vit, tmp_path, data_args={"cluster_transforms": names})
 
 
+@pytest.mark.slow
 def test_saved_adapters_and_the_card_name_each_clients_transform(tiny_vit, tmp_path):
     recipe = small_recipe("FedAvgLocalHead", tiny_vit, tmp_path, data_args={"cluster_transforms": SHIFTS},
                           train_args={"client_num_in_total": 20, "comm_round": 1}, device_args={"num_threads": 1})

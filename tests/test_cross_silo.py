@@ -85,6 +85,7 @@ os._exit(0)  # as a killed party ends: no clean-up of temporary folders
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["patched", "unpatched"])
 def test_fedml_init_makes_no_network_attempt_and_writes_under_the_run(tmp_path, mode):
     """The unpatched run is the control: it shows the probe does see FedML's config fetch, and that a killed
@@ -200,6 +201,7 @@ time.sleep(30)
 
 
 @pytest.mark.parametrize("phase, limit", [("startup", "startup_timeout"), ("started", "round_timeout")])
+@pytest.mark.slow
 def test_a_party_whose_peer_went_silent_exits_3_naming_the_timeout(phase, limit):
     result = subprocess.run([sys.executable, "-c", WATCHDOG_PROBE, phase], capture_output=True, text=True,
                             timeout=120)
@@ -222,6 +224,7 @@ def deployed(tiny_vit, tmp_path_factory):
     return result, tmp / "cross_silo", tmp / "simulator", simulated
 
 
+@pytest.mark.slow
 def test_deployment_exits_zero_and_writes_the_simulator_outputs(deployed):
     result, out, _, _ = deployed
     assert result.returncode == 0, result.stderr[-3000:]
@@ -301,23 +304,21 @@ def drive_like_fedml(recipe) -> list[dict]:
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_methods_fedml_wrappers_reproduce_the_simulator(method, tiny_vit, tmp_path):
+def test_every_methods_fedml_wrappers_reproduce_the_simulator(method, matrix_reference):
     """The FedML wrappers (StrategyAggregator, StrategyTrainer) of every method, driven in process through FedML's
-    call sequence with encoded messages, give the simulator's per-client metrics; the gRPC transport itself is
-    exercised by the real deployments (pFedSeq above, and the representative methods below)."""
-    name = METHODS[method].name
-    model_args = {"client_depths": [2, 1]} if method == "pfedlora" else {}
-    recipe = small_recipe(name, tiny_vit, tmp_path, data_args=DEPLOYMENT["data_args"], model_args=model_args,
-                          train_args={**DEPLOYMENT["train_args"], "comm_round": 2}, device_args={"num_threads": 1})
+    call sequence with encoded messages, give the simulator's per-client metrics (the matrix's reference run: two of
+    three clients per round); the gRPC transport itself is exercised by the real deployments (pFedSeq above, and
+    the representative methods below)."""
+    recipe, reference = matrix_reference(method)
     rows = drive_like_fedml(recipe)
-    run_recipe(recipe, tmp_path / "simulator", progress=False)
-    simulated = json.loads((tmp_path / "simulator" / "metrics.json").read_text())["eval"]
+    simulated = json.loads((reference / "metrics.json").read_text())["eval"]
     simulated = sorted(simulated, key=lambda r: (r["round"], r["client"]))
     assert [(r["round"], r["client"]) for r in rows] == [(r["round"], r["client"]) for r in simulated]
     assert all(a["test_accuracy"] == b["test_accuracy"] and a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6)
                for a, b in zip(rows, simulated))
 
 
+@pytest.mark.slow
 def test_a_cross_silo_server_warm_starts_its_seq_learner_as_the_simulator_does(tiny_vit, tmp_path):
     """hub_args.hub_learner_init in a deployment: ``build_server`` (what ``run_party`` calls) loads the saved
     SeqLearner, and the clients' metrics equal the warm-started simulator's, not a cold start's."""
@@ -344,6 +345,7 @@ def test_a_cross_silo_server_warm_starts_its_seq_learner_as_the_simulator_does(t
 # APPLE: the largest payloads (every client's core); pFedLoRA: parties of different depths; PeFLL: multi-part
 # payloads and uploads (embedding network, descriptor updates and gradients), in plaintext (comm_args.tls: false)
 @pytest.mark.parametrize("method, tls", [("apple", True), ("pfedlora", True), ("pefll", False)])
+@pytest.mark.slow
 def test_representative_methods_run_as_fedml_parties_and_match_the_simulator(method, tls, tiny_vit, tmp_path):
     name = METHODS[method].name
     model_args = {"client_depths": [2, 1]} if method == "pfedlora" else {}  # each party builds its own depth
@@ -397,6 +399,7 @@ def alive(pid):
         return f.read().split()[2] != "Z"
 
 
+@pytest.mark.slow
 def test_a_client_that_dies_mid_run_stops_every_party_with_an_error(tiny_vit, tmp_path):
     recipe = silo_recipe(tiny_vit, tmp_path, round_timeout=120)
     recipe.train_args.comm_round = 20
@@ -405,6 +408,7 @@ def test_a_client_that_dies_mid_run_stops_every_party_with_an_error(tiny_vit, tm
     assert not any(alive(pid) for pid in pids.values())
 
 
+@pytest.mark.slow
 def test_a_stalled_round_stops_every_party_after_the_round_timeout(tiny_vit, tmp_path):
     recipe = silo_recipe(tiny_vit, tmp_path, round_timeout=20)
     recipe.train_args.comm_round = 20

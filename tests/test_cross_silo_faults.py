@@ -100,6 +100,7 @@ def simulate_without(recipe, client: int, from_round: int) -> dict:
     return {"eval": log.rows, "server": log.server_rows}
 
 
+@pytest.mark.slow
 def test_a_client_killed_mid_run_is_left_out_and_the_others_finish(tiny_vit, tmp_path):
     recipe = fault_recipe(tiny_vit, tmp_path)
     out = tmp_path / "cross_silo"
@@ -147,6 +148,7 @@ def test_a_client_killed_mid_run_is_left_out_and_the_others_finish(tiny_vit, tmp
     assert f"Client(s) {DEAD} did not finish the run" in card.text and f"{CLIENTS} clients tuned" in card.text
 
 
+@pytest.mark.slow
 def test_too_few_uploads_within_the_deadline_stop_the_run_naming_the_round_and_the_minimum(tiny_vit, tmp_path):
     recipe = fault_recipe(tiny_vit, tmp_path, min_uploads_per_round=CLIENTS)
     outcome, pids = kill_a_client_after_round_1(recipe, tmp_path / "cross_silo")
@@ -157,6 +159,7 @@ def test_too_few_uploads_within_the_deadline_stop_the_run_naming_the_round_and_t
     assert not any(alive(pid) for pid in pids.values())
 
 
+@pytest.mark.slow
 def test_a_frozen_client_is_left_out_and_gets_payloads_again_once_it_resumes(tiny_vit, tmp_path):
     """Frozen mid-training, its upload comes late and is discarded; frozen while idle, its payload cannot be sent and
     its waiting report brings it back. Where SIGSTOP lands decides which, and whether it is back before the run
@@ -186,6 +189,7 @@ def test_a_frozen_client_is_left_out_and_gets_payloads_again_once_it_resumes(tin
     assert any(r["client"] == DEAD and r["round"] == rounds for r in rows["eval"])  # and it got the final payload
 
 
+@pytest.mark.slow
 def test_a_restarted_client_rejoins_from_the_next_round(tiny_vit, tmp_path):
     recipe = fault_recipe(tiny_vit, tmp_path, comm_round=5)
     recipe.comm_args.upload_timeout = 60  # round 2 waits for the dead client while its replacement starts

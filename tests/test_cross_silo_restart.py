@@ -59,6 +59,7 @@ def checkpoint_round(path) -> int:
     return decode(skeleton["extra"]["round"])
 
 
+@pytest.mark.slow
 def test_a_killed_server_restarted_from_its_checkpoint_finishes_the_run(tiny_vit, tmp_path):
     recipe = fault_recipe(tiny_vit, tmp_path, comm_round=ROUNDS)
     recipe.train_args.epochs = 5  # longer rounds: the kill lands in round 3 (payloads out, or clients training)
@@ -106,6 +107,7 @@ def test_a_killed_server_restarted_from_its_checkpoint_finishes_the_run(tiny_vit
         assert checkpoint_round(party_file(out, i + 1, CHECKPOINT_FILE)) == ROUNDS
 
 
+@pytest.mark.slow
 def test_a_client_party_restarted_with_resume_keeps_its_state_and_rows(tiny_vit, tmp_path):
     """Under ``pfedseq deploy`` (the server lives): client 1 is killed once round 2 is done and restarted with
     ``--resume``; it loads its checkpoint and rejoins as a restarted client does, its rows before the kill kept."""

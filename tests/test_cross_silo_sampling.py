@@ -163,6 +163,7 @@ def test_a_client_that_only_had_notices_answers_a_restarted_server_with_its_wait
 
 # --- a real deployment ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_deployment_sampling_two_of_three_trains_the_sampled_clients_and_matches_the_simulator(tiny_vit, tmp_path):
     """With upload_timeout, the fault-tolerant configuration; the notices and waiting reports are checked in process
     above, and the server manager sends notices the same way without it."""

@@ -147,6 +147,7 @@ def assert_unchanged(run: dict) -> None:
     assert all(a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-5) for a, b in zip(cross, sim))
 
 
+@pytest.mark.slow
 def test_attacks_over_tls_change_nothing_and_the_federation_finishes(attacked):
     assert_unchanged(attacked)
 

@@ -25,6 +25,7 @@ def recipe_with(tiny_vit, tmp_path, preprocess: bool, **data_args):
                         device_args={"num_threads": 1, "using_gpu": False})
 
 
+@pytest.mark.slow
 def test_preprocessed_tensors_equal_the_lazy_transforms(tiny_vit, tmp_path):
     once, lazy = (build_data(recipe_with(tiny_vit, tmp_path, p)) for p in (True, False))
     assert len(once.clients) == len(lazy.clients) > 2
@@ -39,6 +40,7 @@ def test_preprocessed_tensors_equal_the_lazy_transforms(tiny_vit, tmp_path):
     assert once.clients[1].shift == "rot90"  # the shift is part of what was kept
 
 
+@pytest.mark.slow
 def test_a_run_is_the_same_with_and_without_preprocessing(tiny_vit, tmp_path):
     logs = []
     for preprocess in (True, False):
@@ -48,6 +50,7 @@ def test_a_run_is_the_same_with_and_without_preprocessing(tiny_vit, tmp_path):
     assert logs[0] == logs[1]
 
 
+@pytest.mark.slow
 def test_loader_worker_processes_give_the_same_run(tiny_vit, tmp_path):
     """Shuffling happens in the main process, so worker processes (lazy transforms, where they pay) change nothing."""
     logs = []

@@ -142,6 +142,7 @@ def flat(state):
     return torch.cat([state[part][k].reshape(-1) for part in ("lora", "head") for k in sorted(state[part])])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ditto", "perada"])
 def test_recipe_runs_end_to_end_with_distinct_personal_models_and_reproducibly(name, tiny_vit, tmp_path):
     fed, _, metrics = run_shipped_recipe(name, tiny_vit, tmp_path, "a")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from fedml_pfedseq import _PUBLIC
 
 # what a user imports first: each public name the way the README shows it (`from fedml_pfedseq import run_recipe`),
@@ -26,6 +28,7 @@ FIRST_IMPORTS = [
 ]
 
 
+@pytest.mark.slow
 def test_every_public_entry_point_imports_in_a_fresh_interpreter():
     processes = {line: subprocess.Popen([sys.executable, "-c", line], stdout=subprocess.PIPE,
                                         stderr=subprocess.STDOUT, text=True) for line in FIRST_IMPORTS}
@@ -37,6 +40,7 @@ def test_every_public_entry_point_imports_in_a_fresh_interpreter():
     assert failures == {}
 
 
+@pytest.mark.slow
 def test_the_learner_package_imports_nothing_else_of_the_library():
     probe = ("import sys, fedml_pfedseq.models.seq_learner; "
              "print(sorted(m for m in sys.modules if m.startswith('fedml_pfedseq')))")

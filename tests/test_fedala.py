@@ -125,6 +125,7 @@ def test_w_is_learned_in_0_1_kept_on_the_client_and_the_start_phase_runs_until_t
     assert fed.clients[0].last_ala_epochs == 5
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end(tiny_vit, tmp_path):
     fed, summary, metrics = run_shipped_recipe("fedala", tiny_vit, tmp_path)
     assert summary["clients"] == 20 and summary["rounds"] == 2

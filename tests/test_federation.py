@@ -27,6 +27,7 @@ def runs(tiny_vit, tmp_path_factory):
     return {m: run(small_recipe(m, tiny_vit, tmp)) for m in ["FedAvg", "FedAvgLocalHead", "Local"]}
 
 
+@pytest.mark.slow
 def test_fedavg_clients_hold_identical_adapters_and_heads_after_aggregation(runs):
     fed, log = runs["FedAvg"]
     assert all(states_equal(fed.clients, "lora")) and all(states_equal(fed.clients, "head"))
@@ -35,18 +36,21 @@ def test_fedavg_clients_hold_identical_adapters_and_heads_after_aggregation(runs
     assert log.rounds == [0, 1, 2] and len(log.at(2)) == 20
 
 
+@pytest.mark.slow
 def test_fedavg_local_head_shares_the_adapter_but_not_the_heads(runs):
     fed, _ = runs["FedAvgLocalHead"]
     assert all(states_equal(fed.clients, "lora"))
     assert not any(states_equal(fed.clients, "head"))
 
 
+@pytest.mark.slow
 def test_local_clients_never_share_anything(runs):
     fed, _ = runs["Local"]
     assert not any(states_equal(fed.clients, "lora"))
     assert not any(states_equal(fed.clients, "head"))
 
 
+@pytest.mark.slow
 def test_a_client_refuses_a_payload_addressed_to_another(runs):
     fed, _ = runs["FedAvg"]
     with pytest.raises(ValueError, match="received the payload of client 1"):
@@ -55,6 +59,7 @@ def test_a_client_refuses_a_payload_addressed_to_another(runs):
         fed.clients[0].receive({"client_id": 0, "lora": fed.server.global_state["lora"]})
 
 
+@pytest.mark.slow
 def test_same_seed_same_numbers_other_seed_other_numbers(tiny_vit, tmp_path):
     a = run(small_recipe("FedAvg", tiny_vit, tmp_path, train_args={"comm_round": 1}))[1].rows
     b = run(small_recipe("FedAvg", tiny_vit, tmp_path, train_args={"comm_round": 1}))[1].rows
@@ -64,6 +69,7 @@ def test_same_seed_same_numbers_other_seed_other_numbers(tiny_vit, tmp_path):
     assert a != c
 
 
+@pytest.mark.slow
 def test_run_recipe_writes_metrics_plot_table_and_summary(tiny_vit, tmp_path):
     recipe = small_recipe("FedAvgLocalHead", tiny_vit, tmp_path, train_args={"comm_round": 1})
     summary = run_recipe(recipe, tmp_path / "out", progress=False)
@@ -79,6 +85,7 @@ def test_run_recipe_writes_metrics_plot_table_and_summary(tiny_vit, tmp_path):
     assert metrics["train_seconds"][0] + metrics["eval_seconds"][0] <= metrics["round_seconds"][0]
 
 
+@pytest.mark.slow
 def test_fedavg_learns_omniglot_alphabets_above_chance_with_the_pretrained_backbone(tmp_path):
     """The committed backbone, 20 drawers x 200 drawings, 3 rounds at the recipes' lr: well above 1/50 chance.
 
@@ -92,6 +99,7 @@ def test_fedavg_learns_omniglot_alphabets_above_chance_with_the_pretrained_backb
     assert log.mean_at(3, "test_accuracy") > 3 * chance
 
 
+@pytest.mark.slow
 def test_default_suite_runs_every_recipe_and_writes_the_comparison(tiny_vit, tmp_path):
     from fedml_pfedseq.suite import run_suite
 
@@ -106,6 +114,7 @@ def test_default_suite_runs_every_recipe_and_writes_the_comparison(tiny_vit, tmp
     assert all(s["recipe"] in table for s in summaries)
 
 
+@pytest.mark.slow
 def test_pfedseq_learns_and_personalizes_with_the_pretrained_backbone(tmp_path):
     """pFedSeq end to end (W=1, L=2, 3 rounds, 20 drawers x 200 drawings): above chance, personalized adapters
     that differ across clients, calibrations a fraction of a round's update, the learner saved.

@@ -276,6 +276,7 @@ def test_bad_algorithm_args_are_named(method, key, value):
 
 
 @pytest.mark.parametrize("name", ["fedrep", "pfedla"])
+@pytest.mark.slow
 def test_recipe_runs_end_to_end(name, tiny_vit, tmp_path):
     fed, summary, metrics = run_shipped_recipe(name, tiny_vit, tmp_path)
     assert summary["clients"] == 20 and summary["rounds"] == 2

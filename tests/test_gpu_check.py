@@ -7,9 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_the_gpu_check_runs_without_the_packages_the_gpu_image_lacks(tmp_path):
     env = {**os.environ, "REHEARSE": "1", "PYTHON": sys.executable, "KIT": str(tmp_path / "empty_kit")}
     done = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh")], env=env, capture_output=True, text=True,

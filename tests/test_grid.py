@@ -38,6 +38,7 @@ def write_grid(tmp_path, tiny_vit, **changes) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_vit, tmp_path, monkeypatch):
     path = write_grid(tmp_path, tiny_vit)
     ran = []
@@ -97,6 +98,7 @@ def test_a_grid_runs_every_cell_once_and_resumes_only_the_unfinished_ones(tiny_v
     assert ran == []
 
 
+@pytest.mark.slow
 def test_rows_and_seeds_run_only_those_cells_in_the_whole_grids_folders(tiny_vit, tmp_path, monkeypatch):
     path = write_grid(tmp_path, tiny_vit, scenarios={"small": ["data_args.samples_per_client=40"]}, seeds=[0, 1],
                       tuning={"rounds": 1, "grid": {"train_args.learning_rate": [0.05, 0.5]},
@@ -144,6 +146,7 @@ def lock(cell: Path, host: str, pid: int | str) -> None:
     (cell / grid.LOCK_FILE).write_text(json.dumps({"host": host, "pid": pid}))
 
 
+@pytest.mark.slow
 def test_two_workers_give_the_one_worker_table_and_leave_no_lock(tiny_vit, tmp_path):
     path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
     parallel = grid.run_grid(path, progress=False, workers=2)  # 2 cells, one process each
@@ -188,6 +191,7 @@ def test_parties_get_one_gpu_each_round_robin():
     assert party_env(env, 1, ["0"]) is env and party_env(env, 1, []) is env  # one GPU or none: as it is
 
 
+@pytest.mark.slow
 def test_a_cell_another_live_process_holds_is_left_to_it_and_waited_for(tiny_vit, tmp_path, monkeypatch):
     path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
     held = tmp_path / "grid/small/FedAvg/seed_0"
@@ -216,6 +220,7 @@ def test_a_cell_another_live_process_holds_is_left_to_it_and_waited_for(tiny_vit
     assert result["table"]["FedAvg"]["small"]["seeds"] == 1  # the holder's cell is in the table
 
 
+@pytest.mark.slow
 def test_the_cell_of_a_process_that_died_on_this_host_is_taken_over(tiny_vit, tmp_path):
     path = one_scenario_grid(tmp_path, tiny_vit, seeds=[0])
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -254,6 +259,7 @@ def run_tuned_grid(tiny_vit, tmp_path, monkeypatch, **tuning) -> tuple[dict, lis
     return grid.run_grid(path, progress=False), ran
 
 
+@pytest.mark.slow
 def test_tuning_keeps_the_candidate_with_the_best_validation_accuracy_and_seeds_run_with_it(tiny_vit, tmp_path,
                                                                                            monkeypatch):
     result, ran = run_tuned_grid(tiny_vit, tmp_path, monkeypatch)
@@ -304,6 +310,7 @@ def test_bad_grids_are_refused_before_anything_runs(tiny_vit, tmp_path, changes,
         grid.load_grid(write_grid(tmp_path, tiny_vit, **changes))
 
 
+@pytest.mark.slow
 def test_the_smoke_reproduction_produces_a_complete_table(tiny_vit, tmp_path):
     path = RECIPES / "grids" / "smoke.yaml"
     result = grid.run_grid(path, [f"model_args.model={tiny_vit}", "device_args.num_threads=1",
@@ -317,6 +324,7 @@ def test_the_smoke_reproduction_produces_a_complete_table(tiny_vit, tmp_path):
     assert all(f"| {name} " in table for name in expected)
 
 
+@pytest.mark.slow
 def test_grid_chosen_by_shares_the_learning_rate_fedavg_picks_and_tunes_only_the_key_values(tiny_vit, tmp_path,
                                                                                            monkeypatch):
     result, ran = run_tuned_grid(tiny_vit, tmp_path, monkeypatch, grid_chosen_by="FedAvg")
@@ -344,6 +352,7 @@ def test_choose_ranks_candidates_by_validation_never_by_test(tmp_path):
     assert [r["validation_accuracy"] for r in rows] == [0.30, 0.50, 0.50, 0.20]
 
 
+@pytest.mark.slow
 def test_pfedseq_grid_and_check_run_a_grid_from_the_command_line(tiny_vit, tmp_path, capsys):
     from fedml_pfedseq.cli import main
 

@@ -7,7 +7,6 @@ import dataclasses
 import hashlib
 import http.client
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -17,7 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import run_shipped_recipe
+from conftest import REPO, run_shipped_recipe
 from huggingface_hub import HfApi, ModelCard, constants
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
@@ -30,46 +29,12 @@ from fedml_pfedseq.federation import build_federation
 from fedml_pfedseq.hub import PersonalizedClassifier, PushError, load_client_classifier, push_run
 from fedml_pfedseq.hub.card import build_card
 from fedml_pfedseq.hub.warm_start import warm_start_learner
-from fedml_pfedseq.testing.hub_server import LocalHubServer
 from fedml_pfedseq.training import evaluate_model, make_loader
 
-REPO = "local-user/omniglot-pfedseq"
 CLIENT = 3
 CLIENT_FILES = {"adapter_config.json", "adapter_model.safetensors", "head.safetensors", "head_config.json",
                 "splits.json"}
 SRC = Path(__file__).resolve().parents[1]
-
-
-def hub_environment(monkeypatch, url: str, cache: Path) -> dict:
-    """Point this process's ``huggingface_hub`` (constants are read at import) and child processes at ``url``."""
-    env = {"HF_ENDPOINT": url, "HF_TOKEN": "dummy-token", "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1"}
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return {**os.environ, **env}
-
-
-@pytest.fixture(scope="module")
-def pushed(tiny_vit, tmp_path_factory):
-    """One pFedSeq run on the tiny slice (personalized adapters from round 2 on), pushed by its recipe."""
-    root = tmp_path_factory.mktemp("hub")
-    server = LocalHubServer(root / "repos").start()
-    with pytest.MonkeyPatch.context() as mp:
-        hub_environment(mp, server.url, root / "push-cache")
-        fed, summary, metrics = run_shipped_recipe("pfedseq", tiny_vit, root, overrides=(
-            "algorithm_args.warmup_rounds=1", "hub_args.push_to_hub=true", f"hub_args.hub_repo_id={REPO}"))
-    final = {r["client"]: r for r in metrics["eval"] if r["round"] == 2}
-    yield SimpleNamespace(server=server, run_dir=root / "out", fed=fed, summary=summary, final=final, root=root)
-    server.stop()
-
-
-@pytest.fixture
-def hub_env(pushed, monkeypatch, tmp_path):
-    return hub_environment(monkeypatch, pushed.server.url, tmp_path / "cache")
 
 
 def client_inputs(fed, client: int, count: int = 8) -> torch.Tensor:
@@ -103,6 +68,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 # --- A: run outputs ------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_run_writes_each_clients_evaluated_model_in_peft_format(pushed, tiny_vit):
     adapters = pushed.run_dir / "adapters"
     manifest = json.loads((adapters / "manifest.json").read_text())
@@ -132,6 +98,7 @@ def test_pfedseq_clients_get_their_personalized_adapter_and_the_global_one_is_sa
     assert not (adapters / "global" / "head.safetensors").exists()  # pFedSeq's heads are local
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, has_global, has_backbone", [
     ("perfedavg", True, False),  # the evaluated model is the meta-model after one adaptation step
     ("apple", False, False),  # the mix of all cores; APPLE aggregates no global adapter
@@ -208,6 +175,7 @@ def test_seq_learner_loads_back_from_the_repo(pushed, hub_env):
     assert all(torch.equal(v, original[k].cpu()) for k, v in learner.state_dict().items())
 
 
+@pytest.mark.slow
 def test_fresh_process_loads_client_k_with_the_documented_lines_and_gets_identical_logits(pushed, hub_env, tmp_path):
     x = client_inputs(pushed.fed, CLIENT)
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
@@ -237,6 +205,7 @@ save_file({{"logits": logits}}, sys.argv[2])
     assert torch.equal(load_file(str(tmp_path / "y.st"))["logits"], reference_logits(pushed.fed, CLIENT, x))
 
 
+@pytest.mark.slow
 def test_hub_eval_in_a_fresh_process_reproduces_the_reported_accuracy(pushed, hub_env):
     done = subprocess.run([sys.executable, "-m", "fedml_pfedseq.cli", "hub-eval", REPO, "--client", str(CLIENT),
                            "--set", "device_args.num_threads=1"],
@@ -401,6 +370,7 @@ def test_old_revisions_stay_downloadable_by_commit_id(pushed, hub_env, tmp_path)
 
 # --- warm start ----------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_warm_starts_its_seq_learner_from_the_pushed_repo(pushed, hub_env, tiny_vit, tmp_path):
     fed, _, _ = run_shipped_recipe("pfedseq", tiny_vit, tmp_path, overrides=(
         "train_args.comm_round=1", f"hub_args.hub_learner_init={REPO}"))  # one round: the learner takes no step
@@ -421,6 +391,7 @@ def test_a_learner_of_another_shape_is_refused_naming_what_differs(pushed, hub_e
 
 # --- pushing every K rounds ----------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_push_every_round_commits_a_loadable_checkpoint_then_the_final_run(pushed, hub_env, tiny_vit, tmp_path):
     repo = "local-user/omniglot-fedavg"
     fed, _, metrics = run_shipped_recipe("fedavg", tiny_vit, tmp_path, overrides=(
@@ -442,6 +413,7 @@ def test_push_every_round_commits_a_loadable_checkpoint_then_the_final_run(pushe
 
 # --- continuing a run from the Hub ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_run_pushed_with_its_checkpoint_continues_from_the_repo_exactly(pushed, hub_env, tiny_vit, tmp_path,
                                                                        capsys):
     """The default push leaves the checkpoint out; pushed with it, `pfedseq run --resume-from REPO` given one more

@@ -11,9 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import small_recipe
+from conftest import hub_environment, small_recipe
 from huggingface_hub import HfApi, ModelCard
-from test_hub import closed_port, hub_environment
+from test_hub import closed_port
 
 from fedml_pfedseq.cross_silo.launcher import deploy
 from fedml_pfedseq.hub import PushError
@@ -79,6 +79,7 @@ def party_commits(api: HfApi) -> list[tuple[str, str, set[str]]]:
             for parent, c in zip(commits, commits[1:])]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when", ["checkpoint after round 1", "final"])
 def test_each_party_pushes_only_its_own_share_in_its_own_commit(deployed, hub_env, when):
     commits = party_commits(HfApi())
@@ -112,6 +113,7 @@ def test_the_deploy_folder_is_the_simulators_run_folder_with_each_clients_accura
 
 
 @pytest.mark.parametrize("round_idx", [1, 2])
+@pytest.mark.slow
 def test_a_fresh_process_reloads_each_client_with_the_accuracy_it_reported(deployed, hub_env, round_idx):
     """Round 2: the repo's head; round 1: the revision once every party's checkpoint after round 1 has landed."""
     revision = party_commits(HfApi())[CLIENTS][1] if round_idx == 1 else None
@@ -142,6 +144,7 @@ def test_the_servers_card_says_where_each_clients_accuracy_is(deployed, hub_env)
         {"client": k, "path": f"adapters/client_{k}"} for k in range(CLIENTS)]
 
 
+@pytest.mark.slow
 def test_an_endpoint_that_is_down_is_a_clear_error_and_keeps_every_partys_files(deployed, tiny_vit, tmp_path,
                                                                                  monkeypatch):
     down = f"http://127.0.0.1:{closed_port()}"

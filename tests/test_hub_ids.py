@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from transformers import ViTImageProcessor
 
 from fedml_pfedseq.config import DataArgs
@@ -31,6 +32,7 @@ def test_hub_ids_pass_through_unchanged_and_bare_names_resolve_to_bundled_models
     assert Path(resolve_backbone("vit-small-cifar10")).name == "vit-small-cifar10"
 
 
+@pytest.mark.slow
 def test_a_backbone_named_by_hub_id_loads_from_the_hub_cache_offline(tiny_vit, tmp_path):
     """Lay the tiny ViT out as the Hub cache does (models--owner--name/snapshots/<commit>), then load it by id."""
     commit = "0123456789abcdef0123456789abcdef01234567"

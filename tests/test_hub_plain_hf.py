@@ -12,11 +12,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
-from conftest import run_shipped_recipe
+from conftest import REPO, run_shipped_recipe
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 from safetensors.torch import load_file, save_file
-from test_hub import REPO, client_inputs, hub_env, pushed, reference_logits  # noqa: F401 - hub_env, pushed: fixtures
+from test_hub import client_inputs, reference_logits
 
 from fedml_pfedseq.data.loading import find_data_file, load_image_dataset
 from fedml_pfedseq.federation import build_data
@@ -75,11 +76,13 @@ def assert_the_cards_snippet_gets_client_0s_accuracy(repo: str, fed, run_dir: Pa
     return float(accuracy.split()[-1])
 
 
+@pytest.mark.slow
 def test_the_cards_snippet_run_as_written_gets_client_0s_reported_accuracy(pushed, hub_env, tmp_path):
     accuracy = assert_the_cards_snippet_gets_client_0s_accuracy(REPO, pushed.fed, pushed.run_dir, hub_env, tmp_path)
     assert accuracy == pushed.final[0]["test_accuracy"]  # what the run's own evaluation gave
 
 
+@pytest.mark.slow
 def test_the_snippet_loads_a_clients_own_backbone_too(pushed, hub_env, tiny_vit, tmp_path):
     """pFedLoRA trains each client's backbone (cut to its depth): adapter_config.json names the client's folder."""
     repo = "local-user/omniglot-pfedlora"
@@ -120,6 +123,7 @@ def test_the_repo_names_base_model_labels_clients_and_splits(pushed, hub_env):
     assert [c["partition_value"] for c in manifest["clients"]] == drawers.tolist()
 
 
+@pytest.mark.slow
 def test_the_seq_learner_loads_with_auto_model_and_its_pushed_code_alone(pushed, hub_env, tmp_path):
     files = HfApi().list_repo_files(REPO)
     assert {"seq_learner/modeling_seq_learner.py", "seq_learner/configuration_seq_learner.py"} <= set(files)

@@ -270,6 +270,7 @@ def test_pefll_descriptor_path_matches_the_direct_composition(tiny_vit, tmp_path
 
 @pytest.mark.parametrize("name, method, inputs", [("pfedhn", "pFedHN", "client_embeddings.weight"),
                                                   ("pefll", "PeFLL", "embedding_net.0.weight")])
+@pytest.mark.slow
 def test_recipe_runs_end_to_end(tiny_vit, tmp_path, name, method, inputs):
     recipe = load_recipe(RECIPES / f"omniglot_{name}.yaml",
                          [f"model_args.model={tiny_vit}", "data_args.samples_per_client=40", "train_args.comm_round=2",

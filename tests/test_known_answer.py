@@ -141,6 +141,7 @@ def test_a_diverging_method_is_a_row_of_the_table_not_a_crash(tiny_vit, tmp_path
     assert math.isfinite(bench.run_of("FedAvg", 0).losses[-1])
 
 
+@pytest.mark.slow
 def test_seeds_in_worker_processes_give_the_one_process_numbers(tiny_vit):
     settings = ka.Settings(clients=3, rounds=3, clusters=2, lr=0.5, batches=1, model=tiny_vit)
     overrides = ["algorithm_args.warmup_rounds=1"]

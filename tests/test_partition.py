@@ -99,6 +99,7 @@ def test_split_is_seeded():
 
 
 @pytest.mark.shared_data
+@pytest.mark.slow
 def test_cifar10_recipe_data_path_federates_the_test_split_with_dirichlet_skew():
     from transformers import ViTImageProcessor
 

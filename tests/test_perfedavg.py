@@ -100,6 +100,7 @@ def test_evaluation_takes_one_alpha_step_on_the_seeded_batch_and_keeps_the_meta_
     assert client.evaluate(("validation",))["validation_loss"] != pytest.approx(adapted_loss, rel=1e-6)
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end_reproducibly(tiny_vit, tmp_path):
     _, _, metrics = run_shipped_recipe("perfedavg", tiny_vit, tmp_path, "a")
     assert_every_client_evaluated(metrics)

@@ -139,6 +139,7 @@ def test_each_client_keeps_its_own_local_model_on_a_shared_backbone(tiny_vit, tm
     assert third.evaluate(("test",)) == before  # evaluating loads client 2's own local model again
 
 
+@pytest.mark.slow
 def test_pfedlora_runs_from_its_recipe_on_heterogeneous_clients(tiny_vit, tmp_path):
     fed, summary, metrics = run_shipped_recipe("pfedlora", tiny_vit, tmp_path,
                                                overrides=("model_args.client_depths=[2, 1]",))

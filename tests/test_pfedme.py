@@ -188,6 +188,7 @@ def flat(state):
     return torch.cat([state[part][k].reshape(-1) for part in ("lora", "head") for k in sorted(state[part])])
 
 
+@pytest.mark.slow
 def test_recipe_runs_end_to_end_evaluating_personalized_models_that_differ_from_the_uploaded_ones(
         tiny_vit, tmp_path):
     fed, _, metrics = run_shipped_recipe("pfedme", tiny_vit, tmp_path, "a")

@@ -57,6 +57,7 @@ def test_half_precision_computes_in_half_and_keeps_logits_weights_and_gradients_
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_a_half_precision_pfedseq_run_trains_and_its_learner_stays_fp32(tiny_vit, tmp_path, precision):
     recipe = small_recipe("pFedSeq", tiny_vit, tmp_path, algorithm_args={"warmup_rounds": 1},
                           train_args={"comm_round": 3, "learning_rate": 0.5},

@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from conftest import small_recipe
+from conftest import MATRIX, small_recipe, three_clients
 
 from fedml_pfedseq.config import RayArgs, RecipeError
 from fedml_pfedseq.ray_engine import RayEngineError, RaySession
@@ -26,13 +26,6 @@ from fedml_pfedseq.simulation import run_recipe
 from fedml_pfedseq.strategies import METHODS
 
 RAY = {"num_workers": 2, "worker_timeout": 300.0}
-# three clients from a Dirichlet split, two sampled per round: a client moves between the two workers across rounds
-FEDERATION = {
-    "data_args": {"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 40},
-    "train_args": {"client_num_in_total": 3, "client_num_per_round": 2, "comm_round": 3, "learning_rate": 0.5},
-    "device_args": {"num_threads": 1, "using_gpu": False},
-    "common_args": {"checkpoint": False},
-}
 
 
 @pytest.fixture(scope="module")
@@ -43,13 +36,12 @@ def local_ray():
 
 
 def federation(method: str, tiny_vit, tmp_path, engine: str, **sections):
-    name = METHODS[method.lower()].name
-    model_args = {"client_depths": [2, 1]} if method.lower() == "pfedlora" else {}
-    merged = {section: {**values, **sections.get(section, {})} for section, values in FEDERATION.items()}
-    merged["common_args"]["engine"] = engine
-    return small_recipe(name, tiny_vit, tmp_path, model_args=model_args, ray_args={**RAY, **sections.get("ray_args",
-                                                                                                         {})},
-                        **merged)
+    """``method``'s matrix recipe (conftest.py: two of three clients per round, so a client moves between the two
+    workers across rounds) on ``engine``, checkpoints off unless ``sections`` turn them on."""
+    merged = {"common_args": {"checkpoint": False, "engine": engine}, "ray_args": dict(RAY), **MATRIX}
+    for section, values in sections.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return three_clients(method, tiny_vit, tmp_path, **merged)
 
 
 def run(recipe, out) -> dict:
@@ -65,19 +57,23 @@ def assert_same_rows(ray_rows: list[dict], local_rows: list[dict]) -> None:
         assert a["test_loss"] == pytest.approx(b["test_loss"], rel=1e-6), (a, b)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", sorted(METHODS))
-def test_every_method_on_ray_gives_the_local_engines_per_client_metrics(method, tiny_vit, tmp_path, local_ray):
-    local = run(federation(method, tiny_vit, tmp_path, "local"), tmp_path / "local")
+def test_every_method_on_ray_gives_the_local_engines_per_client_metrics(method, tiny_vit, tmp_path, local_ray,
+                                                                       matrix_reference):
     on_ray = run(federation(method, tiny_vit, tmp_path, "ray"), tmp_path / "ray")
+    local = json.loads((matrix_reference(method)[1] / "metrics.json").read_text())
     assert_same_rows(on_ray["eval"], local["eval"])
     assert [(r["round"], r["client"]) for r in on_ray["train"]] == [(r["round"], r["client"]) for r in local["train"]]
     assert [(r["aggregated"], r["left_out"]) for r in on_ray["server"]] == [(2, "")] * 3
 
 
 @pytest.mark.parametrize("first,then", [("local", "ray"), ("ray", "local")])
-def test_a_run_resumes_from_its_checkpoint_on_the_other_engine(first, then, tiny_vit, tmp_path, local_ray):
+@pytest.mark.slow
+def test_a_run_resumes_from_its_checkpoint_on_the_other_engine(first, then, tiny_vit, tmp_path, local_ray,
+                                                               matrix_reference):
     """Ditto keeps a personal model on each client: it must come back from the checkpoint to whichever engine."""
-    whole = run(federation("Ditto", tiny_vit, tmp_path, "local"), tmp_path / "whole")
+    whole = json.loads((matrix_reference("ditto")[1] / "metrics.json").read_text())
     started = federation("Ditto", tiny_vit, tmp_path, first, common_args={"checkpoint": True},
                          train_args={"comm_round": 1})
     run_recipe(started, tmp_path / "run", progress=False)
@@ -116,9 +112,11 @@ def run_with_a_kill(recipe, out) -> tuple[dict | None, int | None, BaseException
         killer.join()
 
 
+@pytest.mark.slow
 def test_a_worker_killed_mid_round_is_restarted_and_its_client_retried_with_the_same_results(tiny_vit, tmp_path,
-                                                                                            local_ray):
-    local = run(federation("FedRep", tiny_vit, tmp_path, "local"), tmp_path / "local")
+                                                                                            local_ray,
+                                                                                            matrix_reference):
+    local = json.loads((matrix_reference("fedrep")[1] / "metrics.json").read_text())
     on_ray, killed, error = run_with_a_kill(federation("FedRep", tiny_vit, tmp_path, "ray",
                                                        ray_args={"worker_retries": 1}), tmp_path / "ray")
     assert error is None and killed is not None and not psutil.pid_exists(killed)
@@ -126,8 +124,10 @@ def test_a_worker_killed_mid_round_is_restarted_and_its_client_retried_with_the_
     assert all(r["left_out"] == "" for r in on_ray["server"])
 
 
-def test_without_retries_a_killed_workers_clients_are_left_out_of_that_round_only(tiny_vit, tmp_path, local_ray):
-    local = run(federation("FedRep", tiny_vit, tmp_path, "local"), tmp_path / "local")
+@pytest.mark.slow
+def test_without_retries_a_killed_workers_clients_are_left_out_of_that_round_only(tiny_vit, tmp_path, local_ray,
+                                                                                 matrix_reference):
+    local = json.loads((matrix_reference("fedrep")[1] / "metrics.json").read_text())
     on_ray, killed, error = run_with_a_kill(federation("FedRep", tiny_vit, tmp_path, "ray",
                                                        ray_args={"worker_retries": 0}), tmp_path / "ray")
     assert error is None and killed is not None
@@ -142,6 +142,7 @@ def test_without_retries_a_killed_workers_clients_are_left_out_of_that_round_onl
                      [r for r in local["eval"] if r["round"] == 0 and r["client"] in trained_in_1])
 
 
+@pytest.mark.slow
 def test_a_kill_that_leaves_too_few_uploads_stops_the_run_with_round_error(tiny_vit, tmp_path, local_ray):
     recipe = federation("FedRep", tiny_vit, tmp_path, "ray", ray_args={"worker_retries": 0},
                         train_args={"min_uploads_per_round": 2})
@@ -186,6 +187,7 @@ with RaySession(RayArgs(object_store_mib=100), cpus=1) as session:
 """
 
 
+@pytest.mark.slow
 def test_a_local_ray_keeps_its_session_and_token_in_a_temporary_folder_it_removes(tmp_path):
     home = tmp_path / "home"
     home.mkdir()
@@ -208,6 +210,7 @@ for _ in range(2):
 """
 
 
+@pytest.mark.slow
 def test_one_process_starts_a_local_ray_a_second_time(tmp_path):
     """Ray's driver keeps the first token it read: a second local Ray (a test module after another, a grid after a
     run) must get the same one, or the driver is refused (InvalidAuthToken)."""

@@ -69,6 +69,7 @@ def test_spearman_and_ranks_by_hand():
     assert report.spearman({"a": 1.0}, {"a": 2.0}) is None
 
 
+@pytest.mark.slow
 def test_table1_from_a_real_grid_then_with_a_cell_missing(tiny_vit, tmp_path):
     definition = write_definition(
         tmp_path / "table1.yaml",

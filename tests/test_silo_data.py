@@ -43,6 +43,7 @@ def same_client(a, b) -> None:
         assert len(x["labels"]) > 0 and all(torch.equal(x[k], y[k]) for k in ("labels", "pixel_values")), split
 
 
+@pytest.mark.slow
 def test_one_file_per_drawer_gives_the_column_partitions_clients(drawer_files, tiny_vit, tmp_path):
     files, names = drawer_files
     column = build_data(small_recipe("FedAvg", tiny_vit, tmp_path))  # drawers, 40 drawings each

@@ -35,6 +35,7 @@ def wandb_history(folder) -> list[dict]:
     return history
 
 
+@pytest.mark.slow
 def test_every_rounds_figures_reach_tensorboard_and_an_offline_wandb_run(tiny_vit, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")  # belt and braces: the tracker itself asks for offline
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -58,6 +59,7 @@ def test_every_rounds_figures_reach_tensorboard_and_an_offline_wandb_run(tiny_vi
         assert {k: history[t][k] for k in scalars} == pytest.approx(scalars), t
 
 
+@pytest.mark.slow
 def test_report_to_is_checked_and_none_writes_nothing(tiny_vit, tmp_path):
     with pytest.raises(RecipeError, match=r"tracking_args.report_to names \['tensorbord'\]"):
         parse_recipe({"tracking_args": {"report_to": ["tensorbord"]}})
