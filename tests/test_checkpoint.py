@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import small_recipe, three_clients
 
 from fedml_pfedseq import checkpoint as ckpt
 from fedml_pfedseq.checkpoint import CheckpointError, read_checkpoint
@@ -21,11 +21,10 @@ from fedml_pfedseq.strategies import METHODS
 
 
 def small(method: str, tiny_vit: str, tmp_path: Path, rounds: int, learning_rate: float = 0.5, **algorithm_args):
-    """Three clients from a Dirichlet split of the embedded Omniglot, on the tiny ViT."""
-    return small_recipe(method, tiny_vit, tmp_path, algorithm_args=algorithm_args,
-                        data_args={"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 30},
-                        train_args={"client_num_in_total": 3, "learning_rate": learning_rate, "comm_round": rounds},
-                        device_args={"num_threads": 1, "using_gpu": False})
+    """``three_clients`` with 30 drawings per drawer, ``rounds`` rounds at ``learning_rate``."""
+    return three_clients(method, tiny_vit, tmp_path, algorithm_args=algorithm_args,
+                         data_args={"samples_per_client": 30},
+                         train_args={"learning_rate": learning_rate, "comm_round": rounds})
 
 
 class Crash(Exception):

@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from conftest import small_recipe
+from conftest import small_recipe, three_clients
 
 from fedml_pfedseq.config import RecipeError
 from fedml_pfedseq.federation import build_federation, participants
@@ -16,13 +16,12 @@ from fedml_pfedseq.round_close import RoundError
 from fedml_pfedseq.simulation import run_federation
 
 
-def three_clients(method: str, tiny_vit, tmp_path, rounds: int = 2, per_round: int | None = None,
-                  **algorithm_args):
-    return small_recipe(method, tiny_vit, tmp_path, algorithm_args=algorithm_args,
-                        data_args={"partition_method": "dirichlet", "partition_alpha": 0.5, "samples_per_client": 30},
-                        train_args={"client_num_in_total": 3, "client_num_per_round": per_round,
-                                    "learning_rate": 0.5, "comm_round": rounds},
-                        device_args={"num_threads": 1, "using_gpu": False})
+def small_federation(method: str, tiny_vit, tmp_path, rounds: int = 2, per_round: int | None = None,
+                     **algorithm_args):
+    """``three_clients`` with 30 drawings per drawer, ``rounds`` rounds, ``per_round`` clients a round."""
+    return three_clients(method, tiny_vit, tmp_path, algorithm_args=algorithm_args,
+                         data_args={"samples_per_client": 30},
+                         train_args={"client_num_per_round": per_round, "comm_round": rounds})
 
 
 def recording(server):
@@ -41,18 +40,18 @@ def recording(server):
 # --- sampling K of N -------------------------------------------------------------------------------------------
 
 def test_participants_are_k_distinct_clients_seeded_by_round_and_uniform(tiny_vit, tmp_path):
-    recipe = three_clients("FedAvg", tiny_vit, tmp_path, per_round=2)
+    recipe = small_federation("FedAvg", tiny_vit, tmp_path, per_round=2)
     draws = [participants(recipe, 10, t) for t in range(1, 2001)]
     assert all(len(d) == 2 and d == sorted(set(d)) and all(0 <= i < 10 for i in d) for d in draws)
     assert draws == [participants(recipe, 10, t) for t in range(1, 2001)]  # the same in every engine and resume
     counts = collections.Counter(i for d in draws for i in d)
     expected = 2000 * 2 / 10  # each client's share K/N of the rounds; binomial sd ~ 17.9
     assert all(abs(counts[i] - expected) < 5 * 17.9 for i in range(10))
-    assert participants(three_clients("FedAvg", tiny_vit, tmp_path), 10, 1) == list(range(10))
+    assert participants(small_federation("FedAvg", tiny_vit, tmp_path), 10, 1) == list(range(10))
 
 
 def test_fedavg_with_two_of_three_aggregates_only_the_sampled_clients(tiny_vit, tmp_path):
-    recipe = three_clients("FedAvg", tiny_vit, tmp_path, rounds=3, per_round=2)
+    recipe = small_federation("FedAvg", tiny_vit, tmp_path, rounds=3, per_round=2)
     fed = build_federation(recipe)
     rounds = recording(fed.server)
     log = run_federation(fed, progress=False)
@@ -74,7 +73,7 @@ def test_fedavg_with_two_of_three_aggregates_only_the_sampled_clients(tiny_vit, 
 
 
 def test_pfedseq_history_masks_absent_clients_and_every_client_gets_its_calibration(tiny_vit, tmp_path):
-    recipe = three_clients("pFedSeq", tiny_vit, tmp_path, rounds=4, per_round=2, warmup_rounds=1, seq_len=3)
+    recipe = small_federation("pFedSeq", tiny_vit, tmp_path, rounds=4, per_round=2, warmup_rounds=1, seq_len=3)
     fed = build_federation(recipe)
     rounds = recording(fed.server)
     run_federation(fed, progress=False)
@@ -118,7 +117,7 @@ def synthetic_round(server, present, seed=0):
 def test_pfedhn_treats_an_absent_client_as_a_zero_update(tiny_vit, tmp_path):
     """pFedHN's step is on sum_i <theta_i, -Delta_i>: an absent client adds nothing; its embedding does not move
     (zero gradient, and zero moments: round 1's input gradients are zero), the others' do."""
-    server = build_federation(three_clients("pFedHN", tiny_vit, tmp_path, per_round=2)).server
+    server = build_federation(small_federation("pFedHN", tiny_vit, tmp_path, per_round=2)).server
     server.initial_payloads()
     server.aggregate(synthetic_round(server, [0, 1, 2]))  # the heads start at zero: inputs get gradients from round 2
     twin = copy.deepcopy(server)
@@ -133,7 +132,7 @@ def test_pfedhn_treats_an_absent_client_as_a_zero_update(tiny_vit, tmp_path):
 
 
 def test_pfedla_steps_only_the_sampled_clients_and_keeps_the_others_adapters(tiny_vit, tmp_path):
-    server = build_federation(three_clients("pFedLA", tiny_vit, tmp_path, per_round=2)).server
+    server = build_federation(small_federation("pFedLA", tiny_vit, tmp_path, per_round=2)).server
     server.initial_payloads()
     server.aggregate(synthetic_round(server, [0, 1, 2]))  # round 1: everyone; the hypernetworks start stepping next
     kept = [adapter[:, 1].clone() for adapter in server.adapters]
@@ -146,8 +145,8 @@ def test_pfedla_steps_only_the_sampled_clients_and_keeps_the_others_adapters(tin
 
 
 @pytest.mark.parametrize("method", ["pFedHN", "pFedLA", "APPLE", "PeFLL"])
-def test_personalized_servers_run_with_two_of_three_clients(method, tiny_vit, tmp_path):
-    log = run_federation(build_federation(three_clients(method, tiny_vit, tmp_path, rounds=3, per_round=2)),
+def test_personalized_servers_run_with_two_of_small_federation(method, tiny_vit, tmp_path):
+    log = run_federation(build_federation(small_federation(method, tiny_vit, tmp_path, rounds=3, per_round=2)),
                          progress=False)
     assert [row["aggregated"] for row in log.server_rows] == [2, 2, 2]
     assert sorted(r["client"] for r in log.rows if r["round"] == 3) == [0, 1, 2]
@@ -196,7 +195,7 @@ def corrupt_client(fed, client: int, round_idx: int, corruption):
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
 def test_a_bad_update_is_left_out_with_its_reason_and_the_round_goes_on(kind, tiny_vit, tmp_path, caplog):
     corruption, reason = CORRUPTIONS[kind]
-    fed = build_federation(three_clients("FedAvg", tiny_vit, tmp_path))
+    fed = build_federation(small_federation("FedAvg", tiny_vit, tmp_path))
     corrupt_client(fed, 1, 2, corruption)
     rounds = recording(fed.server)
     with caplog.at_level(logging.WARNING):
@@ -210,7 +209,7 @@ def test_a_bad_update_is_left_out_with_its_reason_and_the_round_goes_on(kind, ti
 
 
 def test_pfedseq_never_puts_a_bad_update_in_its_history_or_learner(tiny_vit, tmp_path):
-    fed = build_federation(three_clients("pFedSeq", tiny_vit, tmp_path, rounds=3, warmup_rounds=1, seq_len=3))
+    fed = build_federation(small_federation("pFedSeq", tiny_vit, tmp_path, rounds=3, warmup_rounds=1, seq_len=3))
     corrupt_client(fed, 1, 2, CORRUPTIONS["NaN"][0])
     run_federation(fed, progress=False)
     round_2 = fed.server.history[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import small_recipe
+from conftest import three_clients
 
 from fedml_pfedseq.cli import main
 from fedml_pfedseq.config import RecipeWarning
@@ -19,10 +19,9 @@ from fedml_pfedseq.simulation import CHECKPOINT_FILE, run_recipe
 
 
 def three_drawers(method: str, tiny_vit: str, tmp_path: Path, **train_args):
-    return small_recipe(method, tiny_vit, tmp_path, data_args={"partition_method": "dirichlet", "partition_alpha": 0.5,
-                                                               "samples_per_client": 30},
-                        train_args={"client_num_in_total": 3, "comm_round": 1, **train_args},
-                        device_args={"num_threads": 1, "using_gpu": False}, algorithm_args={})
+    """``three_clients`` with 30 drawings per drawer, one round at learning rate 0.05 (``train_args`` override)."""
+    return three_clients(method, tiny_vit, tmp_path, data_args={"samples_per_client": 30},
+                         train_args={"comm_round": 1, "learning_rate": 0.05, **train_args}, algorithm_args={})
 
 
 def write_recipe(recipe, path: Path) -> Path:
