@@ -21,7 +21,8 @@ replaces its upload handling (``patch_fedml`` installs it):
   reaches the server again: with a late upload, or with the waiting report a client sends when nothing follows its
   upload or notice (client_manager.py). It then gets payloads (or notices) from the next round on, or its final
   payload at once when the run is over (the server then waits for its FINISHED report too, a new deadline counting
-  from then).
+  from then). While a client is left out, the run does not end at the others' last FINISHED report but at the final
+  deadline, ``upload_timeout`` after the final payloads: a live client left out reports within that time.
 
 A restarted client party (same rank) reports ONLINE again: the round in progress stops waiting for it, and it is
 sent FedML's init message with the next round's payload and takes part from then on, with the state its strategy
@@ -246,6 +247,17 @@ class RoundDeadlineServerManager(FedMLServerManager):
             if i not in chosen and i not in self.absent:
                 self.send_notice(client_id, t)
 
+    def process_finished_status(self, client_status, msg_params):
+        """A FINISHED report: FedML finishes once every client sent the final payload has reported; while a client is
+        left out, the final deadline finishes instead, so a left-out client's waiting report still brings it its
+        final payload."""
+        if not self.absent:
+            super().process_finished_status(client_status, msg_params)
+            return
+        self.client_finished_mapping[str(msg_params.get_sender_id())] = True
+        logging.warning("client %d finished; the run ends at the final deadline, as clients %s are left out",
+                        self.index(msg_params.get_sender_id()), sorted(self.absent))
+
     def handle_deadline(self, msg_params):
         if msg_params.get(MSG_ARG_KEY_DEADLINE) != self.deadline:
             return  # its round closed before it, or a later deadline replaced it
@@ -253,7 +265,8 @@ class RoundDeadlineServerManager(FedMLServerManager):
             self.close_round()
             return
         missing = [c for c in self.client_id_list_in_this_round if not self.client_finished_mapping.get(str(c))]
-        logging.warning("no FINISHED report from clients %s within comm_args.upload_timeout; finishing", missing)
+        logging.warning("final deadline: no FINISHED report from clients %s, clients %s left out; finishing", missing,
+                        sorted(self.absent))
         self.finish()
 
     def close_round(self) -> None:
