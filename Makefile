@@ -30,8 +30,8 @@ lint: setup  # CI runs this before the tests: ruff (pyproject.toml) and the gene
 docs: setup  # rewrite docs/reference/ from the code's docstrings and help texts
 	$(BIN)/pfedseq docs
 
-test: setup
-	$(BIN)/python -m pytest
+test: setup  # two workers; a file's tests stay on one (tests/conftest.py, pytest_collection_modifyitems)
+	$(BIN)/python -m pytest -n 2 --dist loadgroup
 
 test-fast: setup  # the inner loop: every test not marked slow (CI runs them all)
 	$(BIN)/python -m pytest -m "not slow"
