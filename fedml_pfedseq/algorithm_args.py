@@ -1,13 +1,16 @@
-"""The ``algorithm_args`` section of a recipe: one dataclass per method, registered under the method's name.
+"""The ``algorithm_args`` section of a recipe: one dataclass per method with settings of its own.
 
 Apart from the strategies (as transformers keeps a model's configuration apart from its modeling code), so that
-reading and checking a recipe (``pfedseq check``, ``pfedseq keys``) imports no torch; a strategy module's ``Method``
-finds its dataclass here by name.
+reading and checking a recipe (``pfedseq check``, ``pfedseq keys``) imports no torch. The strategy files stay the one
+list of methods: ``ALGORITHM_ARGS`` is read from each one's ``METHOD = Method("Name", Server, Client, Args=...)``
+line without importing it (``registered_methods``).
 """
 from __future__ import annotations
 
+import ast
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
+from pathlib import Path
 
 from fedml_pfedseq.config import Recipe, RecipeError, recipe_key
 
@@ -377,13 +380,41 @@ class PFedSeqArgs:
 
 
 
+STRATEGIES = Path(__file__).parent / "strategies"  # one module per method (fedml_pfedseq.strategies)
+
+
+def registered_methods(folder: Path = STRATEGIES) -> dict[str, type]:
+    """Each strategy module's method name -> its algorithm_args dataclass, in module order, read from the module's
+    ``METHOD = Method(...)`` statement without importing it (the strategies import torch); ImportError naming the
+    file for a module without one, or one whose name or ``Args`` cannot be read this way."""
+    found: dict[str, type] = {}
+    for path in sorted(folder.glob("*.py")):
+        if path.name == "__init__.py":
+            continue
+        where = f"fedml_pfedseq/strategies/{path.name}"
+        calls = [node.value for node in ast.parse(path.read_text(), str(path)).body
+                 if isinstance(node, ast.Assign) and [ast.unparse(t) for t in node.targets] == ["METHOD"]
+                 and isinstance(node.value, ast.Call) and ast.unparse(node.value.func) == "Method"]
+        if len(calls) != 1:
+            raise ImportError(f"{where} registers no method: a strategy module ends with one "
+                              "METHOD = Method(name, Server, Client[, Args=...]) (docs/adding-a-method.md)")
+        call = calls[0]
+        if not (call.args and isinstance(call.args[0], ast.Constant) and isinstance(call.args[0].value, str)):
+            raise ImportError(f"{where}: Method's first argument must be the method's name as a string literal")
+        name = call.args[0].value
+        args = next((k.value for k in call.keywords if k.arg == "Args"), None)
+        args_class = NoArgs if args is None else globals().get(ast.unparse(args))
+        if not (isinstance(args_class, type) and is_dataclass(args_class)):
+            raise ImportError(f"{where}: Args={ast.unparse(args)} is not a dataclass of fedml_pfedseq.algorithm_args, "
+                              "where a method's algorithm_args are declared")
+        if name.lower() in {known.lower() for known in found}:
+            raise ImportError(f"{where} registers the method {name!r} a second time")
+        found[name] = args_class
+    return found
+
+
 # train_args.federated_optimizer -> its algorithm_args, in the order `pfedseq keys` lists them
-ALGORITHM_ARGS: dict[str, type] = {
-    "APPLE": AppleArgs, "Ditto": DittoArgs, "FedALA": FedALAArgs, "FedAvg": NoArgs,
-    "FedAvgLocalHead": FedAvgLocalHeadArgs, "FedRep": FedRepArgs, "Local": NoArgs, "PeFLL": PeFLLArgs,
-    "PerAda": PerAdaArgs, "PerFedAvg": PerFedAvgArgs,
-    "pFedHN": PFedHNArgs, "pFedLA": PFedLAArgs, "pFedLoRA": PFedLoRAArgs, "pFedMe": PFedMeArgs, "pFedSeq": PFedSeqArgs,
-}
+ALGORITHM_ARGS: dict[str, type] = registered_methods()
 
 
 def method_name(name: str) -> str:

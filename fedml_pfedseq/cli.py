@@ -270,7 +270,7 @@ def docs(args) -> int:
     if args.check:
         pages = reference_docs.stale()
         if pages:
-            print(f"pfedseq: stale reference pages in {reference_docs.DOCS}: {pages}; run `pfedseq docs`",
+            print(f"pfedseq: stale generated docs: {pages}; run `pfedseq docs`",
                   file=sys.stderr)
             return 1
         print(f"{reference_docs.DOCS}: up to date")

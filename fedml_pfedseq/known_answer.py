@@ -16,9 +16,10 @@ Clients are analytic: a "batch" is a gradient theta - theta*_i + sigma z with z 
 round, batch), sigma = noise * s; a local epoch is ``batches`` such steps at train_args.learning_rate. They receive
 and upload exactly what the method's real client does (its ``shared_parts``): LoRA deltas from training and, where
 the head travels, zero head deltas (the problem has no head loss, so heads never move). Methods whose real client
-is FedAvg's (FedAvg, FedAvgLocalHead, Local, pFedSeq, pFedHN, pFedLA) share one analytic client; Ditto, pFedMe,
-Per-FedAvg (FO) and APPLE get their client rule with L_i in place of the cross-entropy (same batches, same
-steps, same kept state as their module says). Methods whose personalization needs images or a head loss are listed
+is FedAvg's (FedAvg, FedAvgLocalHead, Local, pFedSeq, pFedHN, pFedLA, FedSA-LoRA) share one analytic client, which
+keeps its own entries of the LoRA factors its method does not send (FedSA-LoRA's B); Ditto, pFedMe, Per-FedAvg (FO),
+APPLE and FFA-LoRA (steps on the B entries only) get their client rule with L_i in place of the cross-entropy (same
+batches, same steps, same kept state as their module says). Methods whose personalization needs images or a head loss are listed
 as not run, with the reason. Everything on the server side is the method's own: servers are built by
 ``federation.build_server`` from the shipped ``recipes/omniglot_<method>.yaml`` (its algorithm_args, LoRA settings;
 two adjusted, see ``benchmark_defaults``) with this benchmark's train_args, and driven as the simulator drives
@@ -74,7 +75,8 @@ SET_BY_OPTIONS = {  # recipe keys the benchmark sets from its own options
     "train_args.federated_optimizer": "--methods", "train_args.client_num_in_total": "--clients",
     "train_args.client_num_per_round": "--per-round", "train_args.comm_round": "--rounds",
     "train_args.learning_rate": "--lr", "common_args.random_seed": "--seeds", "model_args.model": "--model"}
-NOT_RUN = {  # why a registered method has no analytic client here
+DEFAULT_NOT_RUN = "no analytic client for its client's upload format"  # a method not in ANALYTIC_CLIENTS
+NOT_RUN = {  # why a registered method has no analytic client here, where more can be said than DEFAULT_NOT_RUN
     "fedrep": "personalization is client-side (a head fitted on images; no head loss here)",
     "perada": "personalization is client-side (it distils the global model's logits on images)",
     "fedala": "personalization is client-side (ALA's weights are learnt on images, by default over the head)",
@@ -148,13 +150,18 @@ def make_problem(theta0: StateDict, settings: Settings, seed: int) -> Problem:
 
 class QuadraticClient:
     """FedAvgClient's protocol with L_i for the cross-entropy: holds the adapter it received (its own, where the
-    method keeps the LoRA local), takes plain gradient steps and uploads the deltas of the parts its method shares."""
+    method keeps the LoRA local; its own entries of the LoRA factors that do not travel), takes plain gradient steps
+    and uploads the deltas of the parts its method shares."""
 
     def __init__(self, client_id: int, problem: Problem, recipe: Recipe):
         self.client_id, self.problem, self.recipe = client_id, problem, recipe
         self.shared_parts = method_class(recipe.train_args.federated_optimizer).Client.shared_parts
         self.adapter = problem.theta0.clone()  # [D]
         self.received: dict[str, StateDict] = {}
+
+    def merged(self, lora: StateDict) -> torch.Tensor:
+        """The adapter [D] with the entries ``lora`` holds replaced (all of them, unless some factors stay here)."""
+        return self.problem.flat({**self.problem.state(self.adapter), **lora})
 
     @property
     def steps(self) -> int:
@@ -175,11 +182,11 @@ class QuadraticClient:
     def receive(self, payload: Payload) -> None:
         self.received = {part: payload[part] for part in self.shared_parts}
         if "lora" in self.received:
-            self.adapter = self.problem.flat(self.received["lora"])
+            self.adapter = self.merged(self.received["lora"])
 
     def evaluated(self, payload: Payload, round_idx: int) -> torch.Tensor:
         """The adapter [D] this client evaluates once it receives ``payload`` (left as it is: pure)."""
-        return self.problem.flat(payload["lora"]) if "lora" in self.shared_parts else self.adapter
+        return self.merged(payload["lora"]) if "lora" in self.shared_parts else self.adapter
 
     def train(self, round_idx: int) -> Upload:
         self.adapter = self.sgd(self.adapter, round_idx, self.steps)
@@ -189,8 +196,18 @@ class QuadraticClient:
         """The shared parts' deltas w.r.t. what was received (zeros for the head) and n_i."""
         deltas = {part: {k: torch.zeros_like(v) for k, v in state.items()} for part, state in self.received.items()}
         if "lora" in self.received:
-            deltas["lora"] = self.problem.state(self.adapter - self.problem.flat(self.received["lora"]))
+            trained = self.problem.state(self.adapter)
+            deltas["lora"] = {k: trained[k] - sent for k, sent in self.received["lora"].items()}
         return {"client_id": self.client_id, "num_samples": NUM_SAMPLES, **deltas}
+
+
+class FrozenAQuadraticClient(QuadraticClient):
+    """FFA-LoRA (ffa_lora.py): the plain steps move the B entries only; the A entries stay at theta^0's."""
+
+    def gradient(self, theta: torch.Tensor, round_idx: int, batch: int) -> torch.Tensor:
+        trainable = self.problem.flat({k: torch.full_like(v, float(".lora_B" in k))
+                                       for k, v in self.problem.state(theta).items()})
+        return trainable * super().gradient(theta, round_idx, batch)
 
 
 class PersonalQuadraticClient(QuadraticClient):
@@ -291,9 +308,10 @@ class AppleQuadraticClient(QuadraticClient):
 
 
 ANALYTIC_CLIENTS: dict[str, type[QuadraticClient]] = {
-    **{name: QuadraticClient for name in ("fedavg", "fedavglocalhead", "local", "pfedseq", "pfedhn", "pfedla")},
+    **{name: QuadraticClient for name in ("fedavg", "fedavglocalhead", "local", "pfedseq", "pfedhn", "pfedla",
+                                           "fedsa-lora")},
     "ditto": DittoQuadraticClient, "pfedme": PFedMeQuadraticClient, "perfedavg": PerFedAvgQuadraticClient,
-    "apple": AppleQuadraticClient,
+    "apple": AppleQuadraticClient, "ffa-lora": FrozenAQuadraticClient,
 }
 
 
@@ -450,7 +468,7 @@ def select_methods(methods: list[str] | None) -> tuple[list[str], dict[str, str]
     names = [method_class(m).name for m in methods] if methods else [m.name for m in METHODS.values()]
     names = ["FedAvg", *dict.fromkeys(n for n in names if n != "FedAvg")]
     run = [n for n in names if n.lower() in ANALYTIC_CLIENTS]
-    skipped = {n: NOT_RUN.get(n.lower(), "no analytic client for its client's upload format")
+    skipped = {n: NOT_RUN.get(n.lower(), DEFAULT_NOT_RUN)
                for n in names if n not in run}
     return run, skipped
 

@@ -14,6 +14,7 @@ import torch
 StateDict = dict[str, torch.Tensor]
 
 _LAYER_INDEX = re.compile(r"\.layers?\.(\d+)\.")
+_LORA_FACTOR = re.compile(r"\.lora_([AB])(?:\.|$)")
 
 
 def weighted_average(states: list[StateDict], weights: list[float]) -> StateDict:
@@ -38,6 +39,14 @@ def add(a: StateDict, b: StateDict, scale: float = 1.0) -> StateDict:
 def subtract(a: StateDict, b: StateDict) -> StateDict:
     """a - b."""
     return {k: a[k] - b[k] for k in a}
+
+
+def lora_factors(state: StateDict, factors: tuple[str, ...]) -> StateDict:
+    """The entries of a LoRA state that belong to ``factors``: "A" (PEFT's ``lora_A``, the down-projections),
+    "B" (``lora_B``, the up-projections); with both, the whole state (whatever else an adapter holds)."""
+    if {"A", "B"} <= set(factors):
+        return state
+    return {k: v for k, v in state.items() if (m := _LORA_FACTOR.search(k)) and m.group(1) in factors}
 
 
 def check_finite(state: StateDict, who: str) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedml_pfedseq.algorithm_args import ALGORITHM_ARGS
+from fedml_pfedseq.algorithm_args import NoArgs
 
 
 @dataclass(frozen=True)
@@ -12,12 +12,9 @@ class Method:
     name: str  # what recipes write in train_args.federated_optimizer (matched case-insensitively)
     Server: type
     Client: type
+    # the dataclass of its algorithm_args; it lives in fedml_pfedseq.algorithm_args (checking a recipe imports no
+    # torch), which reads this line from the strategy file without importing it
+    Args: type = NoArgs
     # at most this many (LoRA, head) states travel in one payload or upload of a federation of n clients: the
     # cross-silo message-size limit is derived from it (party.message_limit)
     states_per_message: Callable[[int], int] = lambda n: 2
-
-    @property
-    def Args(self) -> type:
-        """The dataclass of the method's algorithm_args, registered under its name in fedml_pfedseq.algorithm_args
-        (which a recipe is checked with, without importing the strategies)."""
-        return ALGORITHM_ARGS[self.name]

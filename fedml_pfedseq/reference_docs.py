@@ -2,8 +2,9 @@
 
 Each explanation has one source, and the pages are built from it: recipe keys from the config dataclasses'
 ``field(metadata={"help": ...})``, commands from the CLI's argparse help, the public API and each method from their
-docstrings, the layout from every module's first docstring line. ``pfedseq docs --check`` (run by ``make lint`` in
-CI, and by a test) fails when a page differs from what the code says now.
+docstrings, the layout from every module's first docstring line, and the method counts in README.md and
+docs/index.md from the registry. ``pfedseq docs --check`` (run by ``make lint`` in CI, and by a test) fails when a
+page or a count differs from what the code says now.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import argparse
 import importlib
 import inspect
 import pkgutil
+import re
 from pathlib import Path
 
 import fedml_pfedseq
@@ -110,26 +112,54 @@ def index_page() -> str:
                       _paragraph(__doc__), "", *rows]) + "\n"
 
 
+# prose outside docs/reference/ that says how many methods there are: file, the pattern whose group 1 is the number,
+# the number given how many methods are registered
+METHOD_COUNTS = [("README.md", r"Around it: (\d+) other methods", lambda n: n - 1),
+                 ("docs/index.md", r"Methods: (\d+) \(", lambda n: n),
+                 ("docs/index.md", r"the (\d+) registered methods", lambda n: n)]
+PROSE_ROOT = REPO  # where METHOD_COUNTS' files are
+
+
+def counted_prose() -> dict[str, str]:
+    """The files of ``METHOD_COUNTS`` with their counts as the registry has them (a source checkout only)."""
+    from fedml_pfedseq.strategies import METHODS
+
+    texts = {name: (PROSE_ROOT / name).read_text() for name, _, _ in METHOD_COUNTS if (PROSE_ROOT / name).is_file()}
+    for name, pattern, number in METHOD_COUNTS:
+        if name in texts:
+            if not re.search(pattern, texts[name]):
+                raise ValueError(f"{name} no longer says {pattern!r}: update reference_docs.METHOD_COUNTS")
+            count = str(number(len(METHODS)))
+            texts[name] = re.sub(pattern, lambda m, count=count: m.group(0).replace(m.group(1), count), texts[name])
+    return texts
+
+
 def render() -> dict[str, str]:
     return {"README.md": index_page(), **{name: make() for name, make in PAGES.items()}}
 
 
+def targets(out: Path | None) -> dict[Path, str]:
+    """Every generated file and its text: the pages under ``out`` (default: docs/reference/), and with the default
+    also the method counts of ``METHOD_COUNTS``."""
+    pages = {(out or DOCS) / name: text for name, text in render().items()}
+    return pages if out else {**pages, **{PROSE_ROOT / name: text for name, text in counted_prose().items()}}
+
+
 def write(out: Path | None = None) -> list[str]:
-    """Write every page to ``out`` (default: docs/reference/); returns the names of those that changed."""
-    out = out or DOCS
-    out.mkdir(parents=True, exist_ok=True)
+    """Write every generated file (``targets``); returns the names of those that changed."""
+    (out or DOCS).mkdir(parents=True, exist_ok=True)
     changed = []
-    for name, text in render().items():
-        path = out / name
+    for path, text in targets(out).items():
         if not path.is_file() or path.read_text() != text:
             path.write_text(text)
-            changed.append(name)
+            changed.append(_shown(path))
     return changed
 
 
 def stale(out: Path | None = None) -> list[str]:
-    """The pages under ``out`` (default: docs/reference/) that differ from what the code says now (missing ones
-    included)."""
-    out = out or DOCS
-    return [name for name, text in render().items()
-            if not (out / name).is_file() or (out / name).read_text() != text]
+    """The generated files (``targets``) that differ from what the code says now (missing ones included)."""
+    return [_shown(path) for path, text in targets(out).items() if not path.is_file() or path.read_text() != text]
+
+
+def _shown(path: Path) -> str:
+    return path.relative_to(PROSE_ROOT).as_posix() if path.is_relative_to(PROSE_ROOT) else path.name

@@ -51,17 +51,28 @@ def test_the_generated_reference_pages_are_current():
     assert recipe_key_reference(markdown=True) in (reference_docs.DOCS / "recipe-keys.md").read_text()
 
 
-def test_docs_check_fails_naming_a_stale_page_and_docs_rewrites_it(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(reference_docs, "DOCS", tmp_path)
+def test_docs_check_fails_naming_a_stale_page_or_count_and_docs_rewrites_it(tmp_path, monkeypatch, capsys):
+    pages, prose = tmp_path / "reference", tmp_path / "repo"
+    for name, _, _ in reference_docs.METHOD_COUNTS:
+        (prose / name).parent.mkdir(parents=True, exist_ok=True)
+        (prose / name).write_text((REPO / name).read_text())
+    monkeypatch.setattr(reference_docs, "DOCS", pages)
+    monkeypatch.setattr(reference_docs, "PROSE_ROOT", prose)
     assert main(["docs"]) == 0 and main(["docs", "--check"]) == 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["README.md", *reference_docs.PAGES])
-    (tmp_path / "methods.md").write_text((tmp_path / "methods.md").read_text().replace("FedAvg", "FedSGD", 1))
-    (tmp_path / "api.md").unlink()
+    assert sorted(p.name for p in pages.iterdir()) == sorted(["README.md", *reference_docs.PAGES])
+    (pages / "methods.md").write_text((pages / "methods.md").read_text().replace("FedAvg", "FedSGD", 1))
+    (pages / "api.md").unlink()
+    readme, index, n = prose / "README.md", prose / "docs" / "index.md", len(METHODS)
+    readme.write_text(readme.read_text().replace(f"Around it: {n - 1} other", "Around it: 99 other"))
+    index.write_text(index.read_text().replace(f"Methods: {n} (", "Methods: 98 (").replace(f"the {n} registered",
+                                                                                             "the 97 registered"))
     capsys.readouterr()
     assert main(["docs", "--check"]) == 1
-    assert "['api.md', 'methods.md']" in capsys.readouterr().err
+    assert "['api.md', 'methods.md', 'README.md', 'docs/index.md']" in capsys.readouterr().err
     main(["docs"])
     assert main(["docs", "--check"]) == 0
+    assert f"Around it: {n - 1} other methods" in readme.read_text()
+    assert f"Methods: {n} (" in index.read_text() and f"the {n} registered methods" in index.read_text()
 
 
 def test_check_names_ray_where_the_engine_needs_it_and_this_machine_lacks_it(monkeypatch, capsys):
@@ -105,10 +116,11 @@ def test_check_and_keys_import_no_torch(argv, tmp_path):
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
-def test_every_method_has_its_algorithm_args_under_its_name():
-    """The strategies and fedml_pfedseq.algorithm_args know the same methods in the same order (`pfedseq keys`
-    lists them, an unknown name is refused with the list), and pFedSeq's architectures are the learner's."""
-    assert [m.name for m in METHODS.values()] == list(ALGORITHM_ARGS)
+def test_the_methods_read_without_importing_the_strategies_are_the_registered_ones():
+    """``ALGORITHM_ARGS`` (read from the strategy files' ``METHOD`` lines, for torch-free recipe checks) holds the
+    imported registry's methods, in its order (`pfedseq keys` lists them), each with its ``Args``; pFedSeq's
+    architectures are the learner's."""
+    assert [(m.name, m.Args) for m in METHODS.values()] == list(ALGORITHM_ARGS.items())
     assert LEARNER_ARCHITECTURES == ARCHITECTURES
 
 

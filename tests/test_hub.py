@@ -103,6 +103,8 @@ def test_pfedseq_clients_get_their_personalized_adapter_and_the_global_one_is_sa
     ("perfedavg", True, False),  # the evaluated model is the meta-model after one adaptation step
     ("apple", False, False),  # the mix of all cores; APPLE aggregates no global adapter
     ("pfedlora", True, True),  # each client trains its own (cut) backbone: saved as a transformers checkpoint
+    ("ffa_lora", True, False),  # the global adapter: the A every client froze with the averaged B
+    ("fedsa_lora", False, False),  # the averaged A with the client's own B
 ])
 def test_reloaded_client_models_reproduce_what_each_method_evaluated(method, has_global, has_backbone, tiny_vit,
                                                                       tmp_path):

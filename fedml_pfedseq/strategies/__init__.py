@@ -1,8 +1,9 @@
 """Federated methods, one module each: a server strategy and a client strategy.
 
-A module registers its method by defining ``METHOD = Method(name, Server, Client)``; every module of this package is
-scanned. The method's ``algorithm_args`` dataclass lives in :mod:`fedml_pfedseq.algorithm_args` under the same name
-(checking a recipe then needs no torch), so a new method is one new file here plus its dataclass there.
+A module registers its method by ending with ``METHOD = Method(name, Server, Client[, Args=...])``; every module of
+this package is scanned, and it is the one list of methods (docs/adding-a-method.md). A method with settings of its
+own names its ``algorithm_args`` dataclass, declared in :mod:`fedml_pfedseq.algorithm_args` so that checking a recipe
+needs no torch (that module reads the ``METHOD`` lines without importing the strategies).
 """
 from __future__ import annotations
 

@@ -235,4 +235,5 @@ class AppleClient(FedAvgClient):
         return self.upload()
 
 
-METHOD = Method("APPLE", AppleServer, AppleClient, states_per_message=lambda n: n + 1)  # its core, N - 1 peers, 1 spare
+METHOD = Method("APPLE", AppleServer, AppleClient, Args=AppleArgs,
+                states_per_message=lambda n: n + 1)  # its core, N - 1 peers, 1 spare

@@ -27,6 +27,7 @@ from collections.abc import Callable
 import torch
 
 from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.algorithm_args import DittoArgs
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.personal_model import PersonalModelClient
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Upload
@@ -78,4 +79,4 @@ class DittoClient(PersonalModelClient):
         return self.upload()
 
 
-METHOD = Method("Ditto", DittoServer, DittoClient)
+METHOD = Method("Ditto", DittoServer, DittoClient, Args=DittoArgs)

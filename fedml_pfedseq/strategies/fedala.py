@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.algorithm_args import FedALAArgs
 from fedml_pfedseq.config import Recipe, RecipeError
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.lora_state import StateDict
@@ -144,4 +145,4 @@ class FedALAClient(FedAvgClient):
         return upload
 
 
-METHOD = Method("FedALA", FedAvgServer, FedALAClient)
+METHOD = Method("FedALA", FedAvgServer, FedALAClient, Args=FedALAArgs)

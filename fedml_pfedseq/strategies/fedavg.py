@@ -3,7 +3,9 @@
 What travels is declared by ``shared_parts``: the server sends client i a payload {"client_id", part: state...}
 and the client answers with an upload {"client_id", "num_samples", part: delta...} where each delta is what local
 training changed in that part. The server keeps what it sent, so it rebuilds each client's trained state as
-sent + delta (spec, round step 2) and averages them weighted by sample counts (eq. 1).
+sent + delta (spec, round step 2) and averages them weighted by sample counts (eq. 1). ``lora_factors`` narrows the
+"lora" part to some of LoRA's factors (FFA-LoRA sends B only, FedSA-LoRA A only): the others stay where they are,
+the server's in its global state, each client's in its own.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from torch.utils.data import DataLoader
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
-from fedml_pfedseq.lora_state import StateDict, add, check_finite, subtract, weighted_average
+from fedml_pfedseq.lora_state import StateDict, add, check_finite, lora_factors, subtract, weighted_average
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.training import evaluate_model, loader_workers, make_loader, train_epochs
 
@@ -25,6 +27,7 @@ class FedAvgServer:
     """Averages every shared part and sends the same global state to all clients."""
 
     shared_parts: tuple[str, ...] = ("lora", "head")
+    lora_factors: tuple[str, ...] = ("A", "B")  # the LoRA factors that travel in the "lora" part
     global_adapter = True  # global_state["lora"] is the clients' aggregate (saved and pushed as adapters/global)
 
     def __init__(self, num_clients: int, initial_state: dict[str, StateDict], recipe: Recipe):
@@ -38,8 +41,10 @@ class FedAvgServer:
         return self._send({i: self.global_state for i in range(self.num_clients)})
 
     def _send(self, states: dict[int, dict[str, StateDict]]) -> dict[int, Payload]:
-        """Record what each client gets (to rebuild its trained state later) and wrap it as payloads."""
-        self.sent = {i: {"client_id": i, **states[i]} for i in states}
+        """Record what each client gets (to rebuild its trained state later) and wrap it as payloads: of the "lora"
+        part, the factors that travel."""
+        self.sent = {i: {"client_id": i, **{part: lora_factors(state, self.lora_factors) if part == "lora" else state
+                                            for part, state in states[i].items()}} for i in states}
         return self.sent
 
     def check_upload(self, i: int, upload: Upload) -> None:
@@ -84,8 +89,9 @@ class FedAvgServer:
     def aggregate(self, uploads: dict[int, Upload]) -> dict[int, Payload]:
         states = self.trained_states(uploads)
         weights = [uploads[i]["num_samples"] for i in states]
-        self.global_state = {part: weighted_average([states[i][part] for i in states], weights)
-                             for part in self.shared_parts}
+        self.global_state = {part: {**self.global_state[part], **weighted_average([states[i][part] for i in states],
+                                                                                 weights)}
+                             for part in self.shared_parts}  # what does not travel stays as it was
         return self._send({i: self.global_state for i in range(self.num_clients)})
 
 
@@ -97,6 +103,7 @@ class FedAvgClient:
     """Loads what it receives, evaluates it with its current head, trains LoRA + head, reports deltas."""
 
     shared_parts: tuple[str, ...] = ("lora", "head")
+    lora_factors: tuple[str, ...] = ("A", "B")  # the LoRA factors that travel in the "lora" part (as its server's)
 
     def __init__(self, client_id: int, data: ClientData, model: AdapterModel, recipe: Recipe):
         self.client_id = client_id
@@ -126,7 +133,7 @@ class FedAvgClient:
         if missing:
             raise KeyError(f"client {self.client_id}: payload lacks {missing}; this method expects {self.shared_parts}")
         self.received = {part: payload[part] for part in self.shared_parts}
-        self.state.update(self.received)
+        self.state.update({part: {**self.state[part], **received} for part, received in self.received.items()})
 
     def load(self) -> None:
         """Put this client's state into the (possibly shared) model."""
@@ -151,7 +158,8 @@ class FedAvgClient:
 
     def upload(self) -> Upload:
         """What local training changed in each shared part (``self.state`` - what was received), with n_i."""
-        deltas = {part: subtract(self.state[part], self.received[part]) for part in self.shared_parts}
+        deltas = {part: subtract({k: self.state[part][k] for k in self.received[part]}, self.received[part])
+                  for part in self.shared_parts}
         return {"client_id": self.client_id, "num_samples": self.num_samples, **deltas}
 
     def train(self, round_idx: int) -> Upload:

@@ -2,6 +2,7 @@
 
 With ``oracle_clusters`` the adapter is averaged only within each data cluster, as if the server were told the
 clusters: not a method of the paper, but a reference for what sharing the adapter only within each cluster gives."""
+from fedml_pfedseq.algorithm_args import FedAvgLocalHeadArgs
 from fedml_pfedseq.data.transforms import cluster_of
 from fedml_pfedseq.lora_state import weighted_average
 from fedml_pfedseq.method import Method
@@ -40,4 +41,4 @@ class FedAvgLocalHeadClient(FedAvgClient):
     shared_parts = ("lora",)
 
 
-METHOD = Method("FedAvgLocalHead", ClusterOracleServer, FedAvgLocalHeadClient)
+METHOD = Method("FedAvgLocalHead", ClusterOracleServer, FedAvgLocalHeadClient, Args=FedAvgLocalHeadArgs)

@@ -17,6 +17,7 @@ Both phases use train_args' SGD settings and one data loader per round (its shuf
 """
 from __future__ import annotations
 
+from fedml_pfedseq.algorithm_args import FedRepArgs
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
@@ -43,4 +44,4 @@ class FedRepClient(FedAvgLocalHeadClient):
         return self.upload()
 
 
-METHOD = Method("FedRep", FedAvgLocalHeadServer, FedRepClient)
+METHOD = Method("FedRep", FedAvgLocalHeadServer, FedRepClient, Args=FedRepArgs)

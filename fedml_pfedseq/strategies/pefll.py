@@ -178,4 +178,4 @@ class PeFLLClient(PFedHNClient):
         return {name: grad.detach().cpu() for name, grad in zip(names, grads)}
 
 
-METHOD = Method("PeFLL", PeFLLServer, PeFLLClient)
+METHOD = Method("PeFLL", PeFLLServer, PeFLLClient, Args=PeFLLArgs)

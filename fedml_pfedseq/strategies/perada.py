@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from fedml_pfedseq.algorithm_args import PerAdaArgs
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.ditto import DittoClient, DittoServer, ExtraLoss
 
@@ -60,4 +61,4 @@ class PerAdaClient(DittoClient):
         return loss
 
 
-METHOD = Method("PerAda", PerAdaServer, PerAdaClient)
+METHOD = Method("PerAda", PerAdaServer, PerAdaClient, Args=PerAdaArgs)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.algorithm_args import PerFedAvgArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData, client_seed
 from fedml_pfedseq.method import Method
@@ -119,4 +120,4 @@ class PerFedAvgClient(FedAvgClient):
         return self.upload()
 
 
-METHOD = Method("PerFedAvg", FedAvgServer, PerFedAvgClient)
+METHOD = Method("PerFedAvg", FedAvgServer, PerFedAvgClient, Args=PerFedAvgArgs)

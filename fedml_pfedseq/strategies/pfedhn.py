@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from fedml_pfedseq.algorithm_args import PFedHNArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.hypernetwork import LoRAHypernetwork
@@ -141,4 +142,4 @@ class PFedHNClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head (pFedHN-PC); reports the LoRA delta."""
 
 
-METHOD = Method("pFedHN", PFedHNServer, PFedHNClient)
+METHOD = Method("pFedHN", PFedHNServer, PFedHNClient, Args=PFedHNArgs)

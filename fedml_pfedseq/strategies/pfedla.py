@@ -154,4 +154,4 @@ class PFedLAClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head; reports the LoRA delta (the head stays here)."""
 
 
-METHOD = Method("pFedLA", PFedLAServer, PFedLAClient)
+METHOD = Method("pFedLA", PFedLAServer, PFedLAClient, Args=PFedLAArgs)

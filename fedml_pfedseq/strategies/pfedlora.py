@@ -25,6 +25,7 @@ chosen on validation in the Omniglot recipe (which says how).
 from __future__ import annotations
 
 from fedml_pfedseq.adapter_model import AdapterModel
+from fedml_pfedseq.algorithm_args import PFedLoRAArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData
 from fedml_pfedseq.method import Method
@@ -63,4 +64,4 @@ class PFedLoRAClient(FedAvgLocalHeadClient):
         return self.upload()
 
 
-METHOD = Method("pFedLoRA", FedAvgLocalHeadServer, PFedLoRAClient)
+METHOD = Method("pFedLoRA", FedAvgLocalHeadServer, PFedLoRAClient, Args=PFedLoRAArgs)

@@ -53,6 +53,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from fedml_pfedseq.algorithm_args import PFedMeArgs
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.lora_state import StateDict, add, subtract, weighted_average
 from fedml_pfedseq.method import Method
@@ -133,4 +134,4 @@ class PFedMeClient(PersonalModelClient):
         return self.upload()
 
 
-METHOD = Method("pFedMe", PFedMeServer, PFedMeClient)
+METHOD = Method("pFedMe", PFedMeServer, PFedMeClient, Args=PFedMeArgs)

@@ -259,4 +259,4 @@ class PFedSeqClient(FedAvgLocalHeadClient):
     """Trains the adapter it received and its own head; reports the LoRA delta (the head stays here)."""
 
 
-METHOD = Method("pFedSeq", PFedSeqServer, PFedSeqClient)
+METHOD = Method("pFedSeq", PFedSeqServer, PFedSeqClient, Args=PFedSeqArgs)
