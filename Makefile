@@ -30,8 +30,8 @@ lint: setup  # CI runs this before the tests: ruff (pyproject.toml) and the gene
 docs: setup  # rewrite docs/reference/ from the code's docstrings and help texts
 	$(BIN)/pfedseq docs
 
-test: setup  # two workers; a file's tests stay on one (tests/conftest.py, pytest_collection_modifyitems)
-	$(BIN)/python -m pytest -n 2 --dist loadgroup
+test: setup  # two workers, each file's tests on one (its module-scoped deployments and runs are built once)
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 test-fast: setup  # the inner loop: every test not marked slow (CI runs them all)
 	$(BIN)/python -m pytest -m "not slow"

@@ -19,8 +19,8 @@ the head travels, zero head deltas (the problem has no head loss, so heads never
 is FedAvg's (FedAvg, FedAvgLocalHead, Local, pFedSeq, pFedHN, pFedLA, FedSA-LoRA) share one analytic client, which
 keeps its own entries of the LoRA factors its method does not send (FedSA-LoRA's B); Ditto, pFedMe, Per-FedAvg (FO),
 APPLE and FFA-LoRA (steps on the B entries only) get their client rule with L_i in place of the cross-entropy (same
-batches, same steps, same kept state as their module says). Methods whose personalization needs images or a head loss are listed
-as not run, with the reason. Everything on the server side is the method's own: servers are built by
+batches, same steps, same kept state as their module says). Methods whose personalization needs images or a head
+loss are listed as not run, with the reason. Everything on the server side is the method's own: servers are built by
 ``federation.build_server`` from the shipped ``recipes/omniglot_<method>.yaml`` (its algorithm_args, LoRA settings;
 two adjusted, see ``benchmark_defaults``) with this benchmark's train_args, and driven as the simulator drives
 them: ``initial_payloads``, the sampled clients of ``federation.participants``, ``round_close.screen`` and
@@ -82,6 +82,7 @@ NOT_RUN = {  # why a registered method has no analytic client here, where more c
     "fedala": "personalization is client-side (ALA's weights are learnt on images, by default over the head)",
     "pefll": "the client computes its descriptor from its images",
     "pfedlora": "personalization is client-side (its own backbone weights, trained on images)",
+    "flora": "its global model is the merged product B A, which a loss on the LoRA entries does not see",
 }
 
 

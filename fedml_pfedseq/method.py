@@ -18,3 +18,5 @@ class Method:
     # at most this many (LoRA, head) states travel in one payload or upload of a federation of n clients: the
     # cross-silo message-size limit is derived from it (party.message_limit)
     states_per_message: Callable[[int], int] = lambda n: 2
+    # bytes a message carries beyond those states, given the model (FLoRA's merged weights)
+    extra_message_bytes: Callable[[object], int] = lambda model: 0

@@ -155,6 +155,16 @@ def synthetic_lora(rank: int, hidden: int, layers: int = 2) -> dict[str, torch.T
     return state
 
 
+def own_ray_processes(title: str) -> list:
+    """This test process's Ray processes titled ``title`` (``ray::run_cell``, ``ray::ClientWorker.visit``): its
+    descendants only, so a test that kills one never touches another pytest worker's Ray."""
+    import psutil
+
+    me = os.getpid()
+    return [p for p in psutil.process_iter(["name"])
+            if p.info["name"] == title and me in {parent.pid for parent in p.parents()}]
+
+
 # --- one pushed run on a local Hub endpoint -------------------------------------------------------------------
 
 REPO = "local-user/omniglot-pfedseq"
@@ -201,9 +211,6 @@ def pytest_collection_modifyitems(config, items):
     """Tests that use a ``SLOW_FIXTURES`` fixture are marked ``slow`` (``make test-fast`` leaves them out, with the
     tests marked so by hand).
 
-    Under pytest-xdist (``make test``: two workers, ``--dist loadgroup``) a file's tests run on one worker, so its
-    module-scoped deployments and runs are built once; the two Ray files share one worker, so one local Ray runs
-    at a time.
 
     Tests marked ``shared_data`` read ../shared/data (PACS, CIFAR-10), which only some machines have. Where it is
     missing they are skipped with the reason shown; with PFEDSEQ_REQUIRE_SHARED_DATA=1 (set by .ci/run) they run
@@ -216,8 +223,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
-        module = item.path.stem
-        item.add_marker(pytest.mark.xdist_group("ray" if module.startswith("test_ray") else module))
     if os.environ.get("PFEDSEQ_REQUIRE_SHARED_DATA") == "1":
         return
     if any((d / "pacs112.parquet").is_file() for d in data_search_path()):

@@ -105,6 +105,7 @@ def test_pfedseq_clients_get_their_personalized_adapter_and_the_global_one_is_sa
     ("pfedlora", True, True),  # each client trains its own (cut) backbone: saved as a transformers checkpoint
     ("ffa_lora", True, False),  # the global adapter: the A every client froze with the averaged B
     ("fedsa_lora", False, False),  # the averaged A with the client's own B
+    ("flora", False, True),  # the merged weights: a backbone of its own, theta^0's adapter on it
 ])
 def test_reloaded_client_models_reproduce_what_each_method_evaluated(method, has_global, has_backbone, tiny_vit,
                                                                       tmp_path):

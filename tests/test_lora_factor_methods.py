@@ -1,5 +1,6 @@
-"""FFA-LoRA (A frozen, B trained and averaged) and FedSA-LoRA (A averaged, B kept by each client): their aggregation
-against hand-computed values, what travels, what stays, and both run end to end from their recipes."""
+"""The federated-LoRA methods: FFA-LoRA (A frozen, B trained and averaged), FedSA-LoRA (A averaged, B kept by each
+client) and FLoRA (factors stacked, their product merged into the weights): their aggregation against hand-computed
+values, what travels, what stays, and each run end to end from its recipe."""
 from __future__ import annotations
 
 import pytest
@@ -78,8 +79,50 @@ def test_a_fedsa_lora_client_keeps_its_b_and_head_when_a_new_a_arrives(tiny_vit,
     assert any(v.abs().sum() > 0 for v in own_b.values())  # B trained (it starts at 0)
 
 
+def test_flora_merges_the_stacked_product_not_the_product_of_averages(tmp_path):
+    a, b = "m.layers.0.q_proj.lora_A.weight", "m.layers.0.q_proj.lora_B.weight"  # r = 1, d_in = d_out = 2
+    initial = {"lora": {a: torch.tensor([[0.5, 0.5]]), b: torch.zeros(2, 1)}, "head": {"weight": torch.zeros(1)}}
+    recipe = small_recipe("FLoRA", "unused", tmp_path, model_args={"lora_r": 1, "lora_alpha": 2})  # scaling 2
+    flora = method_class("FLoRA").Server(2, initial, recipe)
+    key = "m.layers.0.q_proj.base_layer.weight"
+    assert torch.equal(flora.initial_payloads()[0]["merged"][key], torch.zeros(2, 2))
+    trained = {0: (torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0], [0.0]])),  # (A_k, B_k), n = 1 and 3
+               1: (torch.tensor([[0.0, 1.0]]), torch.tensor([[0.0], [2.0]]))}
+    uploads = {i: upload(i, n, lora={a: trained[i][0] - initial["lora"][a], b: trained[i][1]},
+                         head={"weight": torch.tensor([float(i)])}) for i, n in ((0, 1), (1, 3))}
+    payloads = flora.aggregate(uploads)
+    # 2 * (1/4 B_0 A_0 + 3/4 B_1 A_1) = [[0.5, 0], [0, 3]]; FedAvg of the factors would merge
+    # 2 * avg(B) avg(A) = 2 * [[0.25], [1.5]] [[0.25, 0.75]]
+    assert torch.equal(payloads[1]["merged"][key], torch.tensor([[0.5, 0.0], [0.0, 3.0]]))
+    assert torch.equal(payloads[1]["lora"][a], initial["lora"][a]) and torch.equal(payloads[1]["lora"][b],
+                                                                                   torch.zeros(2, 1))
+    assert torch.equal(payloads[0]["head"]["weight"], torch.tensor([0.75]))
+    payloads = flora.aggregate(uploads)  # the merged updates add up round after round
+    assert torch.equal(payloads[0]["merged"][key], torch.tensor([[1.0, 0.0], [0.0, 6.0]]))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name, method", [("ffa_lora", "FFA-LoRA"), ("fedsa_lora", "FedSA-LoRA")])
+def test_a_flora_global_model_of_one_upload_computes_what_its_client_trained(tiny_vit, tmp_path):
+    """The merged weights with theta^0's LoRA (B = 0) are the function of the client's trained LoRA on the
+    pretrained weights: the scaling and the stacking are PEFT's."""
+    fed = build_federation(small_recipe("FLoRA", tiny_vit, tmp_path, train_args={"learning_rate": 0.5}))
+    client = fed.clients[0]
+    client.receive(fed.server.initial_payloads()[0])
+    sent = client.train(1)
+    x = torch.stack([client.data.test[i]["pixel_values"] for i in range(4)])
+    fed.model.eval()
+    with torch.no_grad():
+        trained_logits = fed.model(x)  # its trained LoRA and head on the pretrained weights
+        client.receive(fed.server.aggregate({0: sent})[0])
+        client.load()
+        global_logits = fed.model(x)
+    assert torch.allclose(global_logits, trained_logits, atol=1e-5)
+    assert any(v.abs().sum() > 0 for v in client.state["merged"].values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, method", [("ffa_lora", "FFA-LoRA"), ("fedsa_lora", "FedSA-LoRA"),
+                                          ("flora", "FLoRA")])
 def test_the_shipped_recipe_runs_and_evaluates_every_client(name, method, tiny_vit, tmp_path):
     _, summary, metrics = run_shipped_recipe(name, tiny_vit, tmp_path)
     assert_every_client_evaluated(metrics)

@@ -17,7 +17,7 @@ import time
 
 import psutil
 import pytest
-from conftest import MATRIX, small_recipe, three_clients
+from conftest import MATRIX, own_ray_processes, small_recipe, three_clients
 
 from fedml_pfedseq.config import RayArgs, RecipeError
 from fedml_pfedseq.ray_engine import RayEngineError, RaySession
@@ -83,7 +83,7 @@ def test_a_run_resumes_from_its_checkpoint_on_the_other_engine(first, then, tiny
 
 
 class KillFirstVisit(threading.Thread):
-    """Kills (SIGKILL) the first Ray worker process seen training a client (its title: ray::ClientWorker.visit)."""
+    """Kills (SIGKILL) the first of its Ray worker processes seen training a client (ray::ClientWorker.visit)."""
 
     def __init__(self):
         super().__init__(daemon=True)
@@ -92,11 +92,10 @@ class KillFirstVisit(threading.Thread):
 
     def run(self) -> None:
         while not self.stop.is_set() and self.killed is None:
-            for process in psutil.process_iter(["name"]):
-                if process.info["name"] == "ray::ClientWorker.visit":
-                    os.kill(process.pid, signal.SIGKILL)
-                    self.killed = process.pid
-                    return
+            for process in own_ray_processes("ray::ClientWorker.visit"):
+                os.kill(process.pid, signal.SIGKILL)
+                self.killed = process.pid
+                return
             time.sleep(0.02)
 
 

@@ -8,10 +8,9 @@ import signal
 import threading
 import time
 
-import psutil
 import pytest
 import yaml
-from conftest import RECIPES
+from conftest import RECIPES, own_ray_processes
 
 from fedml_pfedseq.cli import main
 from fedml_pfedseq.config import RayArgs
@@ -73,10 +72,9 @@ def test_a_cell_whose_process_is_killed_is_retried_from_its_checkpoint(tiny_vit,
     def kill_after_the_first_checkpoint():
         while not (cell / "checkpoint.safetensors").is_file():
             time.sleep(0.02)
-        for process in psutil.process_iter(["name"]):
-            if process.info["name"] == "ray::run_cell":
-                os.kill(process.pid, signal.SIGKILL)
-                killed.append(process.pid)
+        for process in own_ray_processes("ray::run_cell"):
+            os.kill(process.pid, signal.SIGKILL)
+            killed.append(process.pid)
 
     killer = threading.Thread(target=kill_after_the_first_checkpoint, daemon=True)
     killer.start()

@@ -142,12 +142,13 @@ def check_tls(recipe: Recipe, rank: int) -> None:
 
 def message_limit(recipe: Recipe, model, num_clients: int) -> int:
     """The largest message this party sends or accepts, in bytes: ``comm_args.max_message_mb``, or the method's
-    states per message times the size of one (LoRA, head) state, plus ``MESSAGE_SLACK``."""
+    states per message times the size of one (LoRA, head) state, plus its extra bytes and ``MESSAGE_SLACK``."""
     if recipe.comm_args.max_message_mb is not None:
         return int(recipe.comm_args.max_message_mb * 2**20)
     state = [*model.get_lora_state().values(), *model.get_head_state().values()]
-    states = method_class(recipe.train_args.federated_optimizer).states_per_message(num_clients)
-    return states * sum(t.numel() * t.element_size() for t in state) + MESSAGE_SLACK
+    method = method_class(recipe.train_args.federated_optimizer)
+    return (method.states_per_message(num_clients) * sum(t.numel() * t.element_size() for t in state)
+            + method.extra_message_bytes(model) + MESSAGE_SLACK)
 
 
 def write_json(path: Path, content) -> None:
