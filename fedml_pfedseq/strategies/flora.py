@@ -59,12 +59,14 @@ class FLoRAServer(FedAvgServer):
         weights = torch.tensor([float(uploads[i]["num_samples"]) for i in states])
         p = weights / weights.sum()  # [K]
         lora = [states[i]["lora"] for i in states]
-        for key in self.merged:
+        merged = {}  # a new dict: the payloads already sent keep theirs
+        for key, before in self.merged.items():
             a_key = key.replace(".base_layer.", ".lora_A.")
             b_key = a_key.replace(".lora_A.", ".lora_B.")
             stacked_a = torch.cat([state[a_key] for state in lora], dim=0)  # [K r, d_in]
             stacked_b = torch.cat([p_k * state[b_key] for p_k, state in zip(p, lora)], dim=1)  # [d_out, K r]
-            self.merged = {**self.merged, key: self.merged[key] + self.scaling * stacked_b @ stacked_a}
+            merged[key] = before + self.scaling * stacked_b @ stacked_a
+        self.merged = merged
         head = weighted_average([states[i]["head"] for i in states], weights.tolist())
         self.global_state = {"lora": self.global_state["lora"], "head": head}  # the LoRA: theta^0's, every round
         return self._send({i: self.global_state for i in range(self.num_clients)})
