@@ -54,7 +54,7 @@ from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe, RecipeError, apply_overrides, load_yaml, parse_recipe, warn_about
 from fedml_pfedseq.data.federated import client_seed
 from fedml_pfedseq.federation import build_model, build_server, participants
-from fedml_pfedseq.lora_state import LayerLayout, StateDict
+from fedml_pfedseq.lora_state import LayerLayout, StateDict, lora_factors
 from fedml_pfedseq.results import format_table, write_csv
 from fedml_pfedseq.round_close import screen
 from fedml_pfedseq.shipped import RECIPES_DIR
@@ -205,10 +205,14 @@ class QuadraticClient:
 class FrozenAQuadraticClient(QuadraticClient):
     """FFA-LoRA (ffa_lora.py): the plain steps move the B entries only; the A entries stay at theta^0's."""
 
+    def __init__(self, client_id: int, problem: Problem, recipe: Recipe):
+        super().__init__(client_id, problem, recipe)
+        theta0 = problem.state(problem.theta0)
+        trained = lora_factors(theta0, ("B",))
+        self.trainable = problem.flat({k: torch.full_like(v, float(k in trained)) for k, v in theta0.items()})  # [D]
+
     def gradient(self, theta: torch.Tensor, round_idx: int, batch: int) -> torch.Tensor:
-        trainable = self.problem.flat({k: torch.full_like(v, float(".lora_B" in k))
-                                       for k, v in self.problem.state(theta).items()})
-        return trainable * super().gradient(theta, round_idx, batch)
+        return self.trainable * super().gradient(theta, round_idx, batch)
 
 
 class PersonalQuadraticClient(QuadraticClient):

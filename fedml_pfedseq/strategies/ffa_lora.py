@@ -9,6 +9,7 @@ with the averaged B) is saved and pushed as FedAvg's is.
 """
 from __future__ import annotations
 
+from fedml_pfedseq.lora_state import lora_factors
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Upload
 from fedml_pfedseq.training import requires_grad
@@ -24,8 +25,8 @@ class FFALoRAClient(FedAvgClient):
     lora_factors = ("B",)
 
     def train(self, round_idx: int) -> Upload:
-        frozen = [p for name, p in self.model.backbone.named_parameters() if ".lora_A." in name]
-        with requires_grad(frozen, False):
+        frozen = lora_factors(dict(self.model.backbone.named_parameters()), ("A",))
+        with requires_grad(list(frozen.values()), False):
             return super().train(round_idx)
 
 

@@ -22,7 +22,7 @@ import torch
 from fedml_pfedseq.adapter_model import AdapterModel
 from fedml_pfedseq.config import Recipe
 from fedml_pfedseq.data.federated import ClientData
-from fedml_pfedseq.lora_state import StateDict, weighted_average
+from fedml_pfedseq.lora_state import StateDict, lora_factors, weighted_average
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import FedAvgClient, FedAvgServer, Payload, Upload
 
@@ -35,7 +35,7 @@ def base_weight(lora_a_key: str) -> str:
 def merged_shapes(lora: StateDict) -> dict[str, tuple[int, int]]:
     """Each adapted weight's shape (d_out, d_in), read from its module's factors: B [d_out, r], A [r, d_in]."""
     return {base_weight(a): (lora[a.replace(".lora_A.", ".lora_B.")].shape[0], value.shape[1])
-            for a, value in lora.items() if ".lora_A." in a}
+            for a, value in lora_factors(lora, ("A",)).items()}
 
 
 class FLoRAServer(FedAvgServer):
