@@ -13,21 +13,22 @@ from fedml_pfedseq.models.seq_learner import (
     selective_scan,
     selective_scan_loop,
 )
+from fedml_pfedseq.models.seq_learner import modeling_seq_learner as modeling
 from fedml_pfedseq.models.seq_learner import scan as scan_module
 from fedml_pfedseq.models.seq_learner.modeling_seq_learner import causal_conv_silu
 from fedml_pfedseq.models.seq_learner.reference import reference_implementation
 
 
 def scan_inputs(b=3, length=6, d=4, m=5, dtype=torch.float64, seed=0, groups=None):
-    """u, dt, A, B, C, D; B and C [b, L, groups, M] where ``groups`` is given."""
+    """u, dt, A, B, C, D; with a leading dim of ``groups`` scans where it is given."""
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(b, length, d, generator=g, dtype=dtype)
-    dt = torch.nn.functional.softplus(torch.randn(b, length, d, generator=g, dtype=dtype))
-    A = -torch.rand(d, m, generator=g, dtype=dtype) * 2 - 0.1
-    shape = (b, length, m) if groups is None else (b, length, groups, m)
-    B = torch.randn(shape, generator=g, dtype=dtype)
-    C = torch.randn(shape, generator=g, dtype=dtype)
-    D = torch.randn(d, generator=g, dtype=dtype)
+    lead = () if groups is None else (groups,)
+    u = torch.randn(*lead, b, length, d, generator=g, dtype=dtype)
+    dt = torch.nn.functional.softplus(torch.randn(*lead, b, length, d, generator=g, dtype=dtype))
+    A = -torch.rand(*lead, d, m, generator=g, dtype=dtype) * 2 - 0.1
+    B = torch.randn(*lead, b, length, m, generator=g, dtype=dtype)
+    C = torch.randn(*lead, b, length, m, generator=g, dtype=dtype)
+    D = torch.randn(*lead, d, generator=g, dtype=dtype)
     return [t.requires_grad_() for t in (u, dt, A, B, C, D)]
 
 
@@ -69,49 +70,61 @@ def test_scan_gradients_match_finite_differences():
 def loop_with_extras(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus=False):
     """mamba-ssm's ``selective_scan_fn`` semantics written out around the loop: softplus(dt + bias) steps, silu(z)
     gate."""
-    dt = dt + (0 if dt_bias is None else dt_bias)
+    dt = dt + (0 if dt_bias is None else dt_bias[..., None, None, :])
     y = selective_scan_loop(u, torch.nn.functional.softplus(dt) if dt_softplus else dt, A, B, C, D)
     return y if z is None else y * torch.nn.functional.silu(z)
 
 
-def test_scan_hands_the_cuda_kernel_its_channels_first_layout(monkeypatch):
-    """The mamba-ssm path transposes to the kernel's [b, d, L] / [b, M, L] layout and back and passes the gate and
-    the step's bias and softplus on; a stand-in kernel with that layout must give the loop's result."""
+def mamba_ssm_stand_in(calls):
+    """mamba-ssm's ``selective_scan_fn`` on its layout, written with the loop: u, dt, z [b, G e, L], A [G e, M],
+    B and C [b, G, M, L] (group g's e channels read B[:, g]), D and delta_bias [G e]; records the shapes it gets."""
+    def kernel(u, dt, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
+        calls.append((u.shape, B.shape, None if z is None else z.shape, delta_softplus))
+        e, t = u.shape[1] // B.shape[1], (lambda x: None if x is None else x.transpose(1, 2))  # noqa: E731
+        return torch.cat([t(loop_with_extras(
+            t(u[:, ch]), t(dt[:, ch]), A[ch], t(B[:, g]), t(C[:, g]), D[ch], None if z is None else t(z[:, ch]),
+            None if delta_bias is None else delta_bias[ch], delta_softplus))
+            for g, ch in enumerate(torch.arange(u.shape[1]).split(e))], dim=1)
+    return kernel
+
+
+@pytest.mark.parametrize("groups", [None, 3], ids=["one scan", "3 groups"])
+def test_scan_hands_the_cuda_kernel_its_channels_first_layout(monkeypatch, groups):
+    """The mamba-ssm path hands the kernel its [b, d, L] / [b, G, M, L] layout, the leading dim's groups side by
+    side as its n_groups, passes the gate and the step's bias and softplus on, and brings the result back; a
+    stand-in kernel with that layout must give the loop's result."""
     calls = []
-
-    def fake_kernel(u, dt, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
-        calls.append((u.shape, B.shape, z.shape, delta_softplus))
-        t = lambda x: x.transpose(1, 2)  # noqa: E731
-        return t(loop_with_extras(t(u), t(dt), A, t(B), t(C), D, t(z), delta_bias, delta_softplus))
-
-    monkeypatch.setattr(scan_module, "cuda_kernel", lambda u: fake_kernel)
-    inputs = [x.detach().float() for x in scan_inputs(b=2, length=5, d=3, m=4)]
-    z, bias = torch.randn(2, 5, 3), torch.randn(3)
+    monkeypatch.setattr(scan_module, "cuda_kernel", lambda u: mamba_ssm_stand_in(calls))
+    inputs = [x.detach().float() for x in scan_inputs(b=2, length=5, d=3, m=4, groups=groups)]
+    lead = inputs[0].shape[:-3]
+    z, bias = torch.randn(*lead, 2, 5, 3), torch.randn(*lead, 3)
     for last_only in (False, True):
         expected = loop_with_extras(*inputs, z, bias, True)
         torch.testing.assert_close(scan_module.selective_scan(*inputs, z=z, dt_bias=bias, dt_softplus=True,
                                                               last_only=last_only),
-                                   expected[:, -1] if last_only else expected)
-    assert calls == [(torch.Size([2, 3, 5]), torch.Size([2, 4, 5]), torch.Size([2, 3, 5]), True)] * 2
+                                   expected[..., -1, :] if last_only else expected)
+    G = groups or 1
+    assert calls == [(torch.Size([2, 3 * G, 5]), torch.Size([2, G, 4, 5]), torch.Size([2, 3 * G, 5]), True)] * 2
 
 
-@pytest.mark.parametrize("groups", [None, 3], ids=["B, C shared", "3 groups"])
+@pytest.mark.parametrize("groups", [None, 3], ids=["one scan", "3 groups"])
 @pytest.mark.parametrize("last_only", [False, True])
 @pytest.mark.parametrize("extras", ["none", "gate", "bias+softplus", "all"])
 def test_the_fused_cpu_scan_matches_the_loop(last_only, extras, groups):
     """cpu_kernels.FusedScan, forward and every gradient, against the loop with the extras written out (float64,
-    so only rounding differs); with B and C shared by every channel of a row, or per group of channels."""
+    so only rounding differs); one scan, or a leading dim of groups with their own parameters."""
     assert cpu_kernels.status()[0], cpu_kernels.status()[1]  # the kernels build on the machines the tests run on
     inputs = scan_inputs(b=3, length=6, d=6, m=4, groups=groups)
+    lead = inputs[0].shape[:-3]
     g = torch.Generator().manual_seed(3)
-    z = torch.randn(3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True) if extras in ("gate", "all") \
-        else None
-    bias = torch.randn(6, generator=g, dtype=torch.float64, requires_grad=True) if extras != "none" and \
-        extras != "gate" else None
+    z = torch.randn(*lead, 3, 6, 6, generator=g, dtype=torch.float64, requires_grad=True) \
+        if extras in ("gate", "all") else None
+    bias = torch.randn(*lead, 6, generator=g, dtype=torch.float64, requires_grad=True) \
+        if extras in ("bias+softplus", "all") else None
     softplus = bias is not None
     fused = scan_module.selective_scan(*inputs, z=z, dt_bias=bias, dt_softplus=softplus, last_only=last_only)
     loop = loop_with_extras(*inputs, z, bias, softplus)
-    loop = loop[:, -1] if last_only else loop
+    loop = loop[..., -1, :] if last_only else loop
     torch.testing.assert_close(fused, loop, rtol=1e-12, atol=1e-12)
     leaves = [*inputs, *(t for t in (z, bias) if t is not None)]
     weights = torch.randn(fused.shape, generator=g, dtype=torch.float64)
@@ -145,23 +158,33 @@ def test_the_fused_cpu_scan_passes_gradcheck():
         assert torch.autograd.gradcheck(functools.partial(scan, last_only=last_only), (u, dt, A, B, C, D, z, bias))
 
 
-def test_the_fused_conv_matches_the_grouped_convolution():
-    """causal_conv_silu on CPU (the fused kernel) against nn.Conv1d with its right padding dropped, for windows
+@pytest.mark.parametrize("code", ["fused kernel", "PyTorch code"])
+def test_the_causal_conv_matches_the_grouped_convolution(monkeypatch, code):
+    """causal_conv_silu on CPU (the fused kernel, or the F.conv1d it falls back on) against each group's own
+    nn.Conv1d with its right padding dropped, two groups with their own weights as the leading dim, for windows
     shorter and longer than the kernel width, forward and gradients."""
-    conv = torch.nn.Conv1d(5, 5, 4, groups=5, padding=3).double()
+    if code == "PyTorch code":
+        monkeypatch.setattr(modeling, "kernels_apply", lambda *tensors: False)
+    convs = [torch.nn.Conv1d(5, 5, 4, groups=5, padding=3).double() for _ in range(2)]
+    params = [p for conv in convs for p in (conv.weight, conv.bias)]
     for length in (1, 3, 7):
-        u = torch.randn(3, length, 5, dtype=torch.float64, requires_grad=True)
-        fused = causal_conv_silu(u, conv.weight[:, 0], conv.bias)
-        module = torch.nn.functional.silu(conv(u.transpose(1, 2))[..., :length].transpose(1, 2))
-        torch.testing.assert_close(fused, module)
-        weights = torch.randn_like(fused)
-        for a, b in zip(torch.autograd.grad((fused * weights).sum(), [u, conv.weight, conv.bias]),
-                        torch.autograd.grad((module * weights).sum(), [u, conv.weight, conv.bias])):
+        u = torch.randn(2, 3, length, 5, dtype=torch.float64, requires_grad=True)
+        ours = causal_conv_silu(u, torch.stack([conv.weight[:, 0] for conv in convs]),
+                                torch.stack([conv.bias for conv in convs]))
+        module = torch.stack([torch.nn.functional.silu(conv(x.transpose(1, 2))[..., :length].transpose(1, 2))
+                              for conv, x in zip(convs, u)])
+        torch.testing.assert_close(ours, module)
+        weights = torch.randn_like(ours)
+        for a, b in zip(torch.autograd.grad((ours * weights).sum(), [u, *params]),
+                        torch.autograd.grad((module * weights).sum(), [u, *params])):
             torch.testing.assert_close(a, b)
+
+
+def test_the_fused_conv_passes_gradcheck():
     assert torch.autograd.gradcheck(lambda *x: cpu_kernels.FusedConvSiLU.apply(*x),
-                                    (torch.randn(2, 5, 3, dtype=torch.float64, requires_grad=True),
-                                     torch.randn(3, 4, dtype=torch.float64, requires_grad=True),
-                                     torch.randn(3, dtype=torch.float64, requires_grad=True)))
+                                    (torch.randn(2, 2, 5, 3, dtype=torch.float64, requires_grad=True),
+                                     torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True),
+                                     torch.randn(2, 3, dtype=torch.float64, requires_grad=True)))
 
 
 def test_scan_on_cpu_never_asks_for_the_cuda_kernel():
@@ -533,35 +556,18 @@ def test_a_learner_with_memory_saves_and_loads(tmp_path):
 
 
 def test_a_grouped_scan_is_each_groups_own_scan():
-    """B and C [b, L, G, M]: the loop (and so the fused kernel, tested against it above) gives group g's channels
-    the scan with B[:, :, g] and C[:, :, g], the layout several layers' learners share in one call."""
-    u, dt, A, B, C, D = scan_inputs(b=2, length=5, d=6, m=3, groups=3)
+    """A leading dim of groups: the loop (and so the fused kernel, tested against it above) gives group g the scan
+    of its own inputs and parameters, the layout several layers' learners share in one call."""
+    u, dt, A, B, C, D = scan_inputs(b=2, length=5, d=2, m=3, groups=3)
     grouped = selective_scan_loop(u, dt, A, B, C, D)
-    for g, channels in enumerate(torch.arange(6).split(2)):
-        torch.testing.assert_close(grouped[..., channels], selective_scan_loop(
-            u[..., channels], dt[..., channels], A[channels], B[:, :, g], C[:, :, g], D[channels]))
-
-
-def test_a_grouped_scan_hands_the_cuda_kernel_mamba_ssms_grouped_layout(monkeypatch):
-    """Grouped B and C go to mamba-ssm's kernel as [b, G, M, L] (its n_groups layout)."""
-    shapes = []
-
-    def fake_kernel(u, dt, A, B, C, D, z=None, delta_bias=None, delta_softplus=False):
-        shapes.append(B.shape)
-        t, back = (lambda x: x.transpose(1, 2)), (lambda x: x.permute(0, 3, 1, 2))  # noqa: E731
-        return t(loop_with_extras(t(u), t(dt), A, back(B), back(C), D, t(z), delta_bias, delta_softplus))
-
-    monkeypatch.setattr(scan_module, "cuda_kernel", lambda u: fake_kernel)
-    inputs = [x.detach().float() for x in scan_inputs(b=2, length=5, d=6, m=4, groups=3)]
-    z = torch.randn(2, 5, 6)
-    torch.testing.assert_close(scan_module.selective_scan(*inputs, z=z), loop_with_extras(*inputs, z))
-    assert shapes == [torch.Size([2, 3, 4, 5])]
+    for g in range(3):
+        torch.testing.assert_close(grouped[g], selective_scan_loop(u[g], dt[g], A[g], B[g], C[g], D[g]))
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"magnitude_preserving": False}, {"num_blocks": 1}],
                          ids=["mamba", "legacy", "one block"])
 def test_several_layers_learners_in_one_call_give_each_layers_own_result(kwargs):
-    """learners_forward over 3 layers (channels side by side, grouped B and C, batched projections) against each
+    """learners_forward over 3 layers (the layers as the kernels' leading dim, batched projections) against each
     layer's learner on its own: outputs and every parameter's gradient, in float64."""
     from fedml_pfedseq.models.seq_learner.modeling_seq_learner import learners_forward
 

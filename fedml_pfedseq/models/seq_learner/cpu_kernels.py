@@ -85,8 +85,8 @@ def library(dtype: torch.dtype) -> ctypes.CDLL:
         raise KernelUnavailable(f"{target} did not load: {err}") from err
     loaded.scan_forward.argtypes = [_POINTER] * 3 + [_INT] + [_POINTER] * 6 + [_LONG] * 5 + [_INT] * 2
     loaded.scan_backward.argtypes = [_POINTER] * 3 + [_INT] + [_POINTER] * 14 + [_LONG] * 5 + [_INT] * 2
-    loaded.conv_silu_forward.argtypes = [_POINTER] * 4 + [_LONG] * 4 + [_INT]
-    loaded.conv_silu_backward.argtypes = [_POINTER] * 7 + [_LONG] * 4 + [_INT]
+    loaded.conv_silu_forward.argtypes = [_POINTER] * 4 + [_LONG] * 5 + [_INT]
+    loaded.conv_silu_backward.argtypes = [_POINTER] * 7 + [_LONG] * 5 + [_INT]
     return loaded
 
 
@@ -128,30 +128,31 @@ def _pointers(*tensors: torch.Tensor | None) -> list[ctypes.c_void_p]:
     return [ctypes.c_void_p(None if t is None else t.data_ptr()) for t in tensors]
 
 
-def _groups(B: torch.Tensor) -> int:
-    """G of B [b, L, G, M]; 1 for B [b, L, M]."""
-    return B.shape[2] if B.dim() == 4 else 1
-
-
 def _contiguous(*tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
     return [None if t is None else t.contiguous() for t in tensors]
+
+
+def _sizes(u: torch.Tensor) -> tuple[int, int, int, int]:
+    """(rows of all groups, L, channels, rows per group) of u [..., b, L, d]: its leading dims are the groups."""
+    b, length, d = u.shape[-3:]
+    return u.numel() // (length * d), length, d, b
 
 
 class FusedScan(torch.autograd.Function):
     """scan.selective_scan's result and gradients: y = scan(u, dt, A, B, C, D) * silu(z) with
     dt = softplus(delta + delta_bias), each extra optional (z or delta_bias None, delta_softplus False), as in
-    mamba-ssm's ``selective_scan_fn``. Shapes as ``scan.selective_scan_loop``; with ``last_only`` y and z are the
-    last round's [b, d]. B and C may be [b, L, G, M]: the d channels are then G groups of d / G, group g reading
-    B[:, :, g] and C[:, :, g] (the learners of G layers side by side in one call)."""
+    mamba-ssm's ``selective_scan_fn``. Shapes as ``scan.selective_scan_loop``, leading dims included (G layers'
+    learners in one call, each with its own A, D and delta_bias); with ``last_only`` y and z are the last round's
+    [..., b, d]."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus: bool, last_only: bool):
         u, delta, B, C, D, z, delta_bias = _contiguous(u, delta, B, C, D, z, delta_bias)
-        A_t = A.t().contiguous()  # [M, d]: the kernel's inner loops run over the channels
-        b, length, d = u.shape
-        y = u.new_empty((b, d) if last_only else (b, length, d))
+        A_t = A.transpose(-1, -2).contiguous()  # [..., M, d]: the kernel's inner loops run over the channels
+        rows, length, d, group_rows = _sizes(u)
+        y = u.new_empty((*u.shape[:-2], d) if last_only else u.shape)
         library(u.dtype).scan_forward(*_pointers(u, delta, delta_bias), int(delta_softplus),
-                                      *_pointers(A_t, B, C, D, z, y), b, length, d, A.shape[1], _groups(B),
+                                      *_pointers(A_t, B, C, D, z, y), rows, length, d, A.shape[-1], group_rows,
                                       int(last_only), torch.get_num_threads())
         ctx.save_for_backward(u, delta, A_t, B, C, D, z, delta_bias)
         ctx.flags = delta_softplus, last_only
@@ -162,17 +163,18 @@ class FusedScan(torch.autograd.Function):
         u, delta, A_t, B, C, D, z, delta_bias = ctx.saved_tensors
         delta_softplus, last_only = ctx.flags
         gy = gy.contiguous()
-        b, length, d = u.shape
+        rows, length, d, group_rows = _sizes(u)
         threads = torch.get_num_threads()
         gu, gdelta, gB, gC = (torch.empty_like(t) for t in (u, delta, B, C))
         gz = None if z is None else torch.empty_like(z)
-        parts = [u.new_zeros(threads, *shape) for shape in ((d,), A_t.shape, (d,))]  # one slice per thread
+        parts = [u.new_zeros(threads, *shape) for shape in (D.shape, A_t.shape, D.shape)]  # one slice per thread
         library(u.dtype).scan_backward(*_pointers(u, delta, delta_bias), int(delta_softplus),
                                        *_pointers(A_t, B, C, D, z, gy, gu, gdelta, parts[0], parts[1], gB, gC,
                                                   parts[2], gz),
-                                       b, length, d, A_t.shape[0], _groups(B), int(last_only), threads)
+                                       rows, length, d, A_t.shape[-2], group_rows, int(last_only), threads)
         g_delta_bias, gA, gD = (part.sum(0) for part in parts)
-        return (gu, gdelta, gA.t(), gB, gC, gD, gz, None if delta_bias is None else g_delta_bias, None, None)
+        return (gu, gdelta, gA.transpose(-1, -2), gB, gC, gD, gz, None if delta_bias is None else g_delta_bias,
+                None, None)
 
 
 class FusedConvSiLU(torch.autograd.Function):
@@ -180,15 +182,15 @@ class FusedConvSiLU(torch.autograd.Function):
     s = 0..K-1 (rounds before the first are zeros): what ``nn.Conv1d(e, e, K, groups=e, padding=K-1)`` followed by
     SiLU gives once the right padding is dropped.
 
-    u: [b, L, e]; weight: [e, K]; bias: [e]  ->  [b, L, e]
+    u: [..., b, L, e]; weight: [..., e, K]; bias: [..., e]  ->  [..., b, L, e] (leading dims: groups, each with its
+    own weight and bias)
     """
 
     @staticmethod
     def forward(ctx, u, weight, bias):
         u, weight, bias = _contiguous(u, weight, bias)
-        b, length, d = u.shape
         v = torch.empty_like(u)
-        library(u.dtype).conv_silu_forward(*_pointers(u, weight, bias, v), b, length, d, weight.shape[1],
+        library(u.dtype).conv_silu_forward(*_pointers(u, weight, bias, v), *_sizes(u), weight.shape[-1],
                                            torch.get_num_threads())
         ctx.save_for_backward(u, weight, bias)
         return v
@@ -197,10 +199,9 @@ class FusedConvSiLU(torch.autograd.Function):
     def backward(ctx, gv):
         u, weight, bias = ctx.saved_tensors
         gv = gv.contiguous()
-        b, length, d = u.shape
         threads = torch.get_num_threads()
         gu = torch.zeros_like(u)
-        gw, gbias = u.new_zeros(threads, *weight.shape), u.new_zeros(threads, d)  # one slice per thread
-        library(u.dtype).conv_silu_backward(*_pointers(u, weight, bias, gv, gu, gw, gbias),
-                                            b, length, d, weight.shape[1], threads)
+        gw, gbias = u.new_zeros(threads, *weight.shape), u.new_zeros(threads, *bias.shape)  # one slice per thread
+        library(u.dtype).conv_silu_backward(*_pointers(u, weight, bias, gv, gu, gw, gbias), *_sizes(u),
+                                            weight.shape[-1], threads)
         return gu, gw.sum(0), gbias.sum(0)

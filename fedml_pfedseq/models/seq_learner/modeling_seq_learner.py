@@ -63,48 +63,47 @@ def capped_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 
 def causal_conv_silu(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """silu of a depthwise causal convolution over rounds: u [b, L, e], weight [e, K], bias [e] -> [b, L, e]. The
-    fused CPU kernel where it runs (on CPU the grouped convolution's backward cost more than the rest of a block),
-    else ``F.conv1d`` with its right padding dropped."""
+    """silu of a depthwise causal convolution over rounds: u [..., b, L, e], weight [..., e, K], bias [..., e] ->
+    [..., b, L, e], leading dims being groups with their own weight and bias. The fused CPU kernel where it runs (on
+    CPU the grouped convolution's backward cost more than the rest of a block), else ``F.conv1d`` over the groups'
+    channels side by side with its right padding dropped."""
     if kernels_apply(u, weight, bias):
         return FusedConvSiLU.apply(u, weight, bias)
-    length, kernel = u.shape[1], weight.shape[1]
-    v = F.conv1d(u.transpose(1, 2), weight.unsqueeze(1), bias, padding=kernel - 1, groups=u.shape[2])
-    return F.silu(v[..., :length].transpose(1, 2))
+    (b, length, e), kernel = u.shape[-3:], weight.shape[-1]
+    groups = u.numel() // (b * length * e)
+    side = u.reshape(groups, b, length, e).permute(1, 0, 3, 2).reshape(b, groups * e, length)  # [b, G e, L]
+    v = F.conv1d(side, weight.reshape(groups * e, 1, kernel), bias.reshape(-1), padding=kernel - 1,
+                 groups=groups * e)
+    return F.silu(v[..., :length].reshape(b, groups, e, length).permute(1, 0, 3, 2).reshape(u.shape))
 
 
 def blocks_forward(blocks: list[MambaBlock], x: torch.Tensor, last_only: bool = False) -> torch.Tensor:
     """G layers' blocks (one each, alike in shape) at once: x [G, b, L, c] -> [G, b, L, c], or with ``last_only``
-    [G, b, c]. The projections are batched matmuls over the layers, and the conv and scan see the G layers'
-    channels side by side ([b, L, G e], B and C grouped), so a round's learner steps cost one call per block
-    instead of one per layer and block."""
-    first, (G, b, length, c) = blocks[0], x.shape
-    rows = b * length
+    [G, b, c]. The projections are batched matmuls over the layers, and the conv and scan take the layers as their
+    leading dim, so a round's learner steps cost one call per block instead of one per layer and block; every
+    tensor stays in that [G, b, L, ...] layout."""
+    first, (G, c) = blocks[0], (x.shape[0], x.shape[-1])
 
     def stack(name: str) -> torch.Tensor:  # [G, ...]: that parameter of each layer's block
         return torch.stack([operator.attrgetter(name)(block) for block in blocks])
 
-    def side(t: torch.Tensor) -> torch.Tensor:  # [G, rows, k] -> [b, L, G k]: the layers' channels side by side
-        return t.transpose(0, 1).reshape(b, length, G * t.shape[-1])
+    def project(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # [G, ..., k] @ [G, n, k]^T -> [G, ..., n]
+        return torch.bmm(t.reshape(G, -1, t.shape[-1]), weight.transpose(1, 2)).reshape(*t.shape[:-1], -1)
 
-    def apart(t: torch.Tensor, n: int) -> torch.Tensor:  # [n, G k] (any leading shape of n rows) -> [G, n, k]
-        return t.reshape(n, G, -1).transpose(0, 1)
-
-    h = x.reshape(G, rows, c)
+    h = x
     if isinstance(first.norm, CappedRMSNorm):
-        h = capped_rms_norm(h, stack("norm.weight")[:, None], first.norm.eps)
+        h = capped_rms_norm(h, stack("norm.weight")[:, None, None], first.norm.eps)
     else:  # the legacy RMSNorm
-        h = F.rms_norm(h, (c,), eps=first.norm.eps) * stack("norm.weight")[:, None]
-    u, z = torch.bmm(h, stack("in_proj.weight").transpose(1, 2)).chunk(2, dim=-1)  # [G, rows, e] each
-    e, m = u.shape[-1], first.state_size
-    u = causal_conv_silu(side(u), stack("conv1d.weight").reshape(G * e, -1), stack("conv1d.bias").reshape(G * e))
-    dt, B, C = torch.bmm(apart(u, rows), stack("x_proj.weight").transpose(1, 2)).split([first.dt_rank, m, m], dim=-1)
-    dt = torch.bmm(dt, stack("dt_proj.weight").transpose(1, 2))  # [G, rows, e]; the scan adds the bias (softplus)
-    grouped = [t.transpose(0, 1).reshape(b, length, G, m) for t in (B, C)]  # [b, L, G, M]
-    y = selective_scan(u, side(dt), -torch.exp(stack("A_log")).reshape(G * e, m), *grouped, stack("D").reshape(G * e),
-                       z=side(z), dt_bias=stack("dt_proj.bias").reshape(G * e), dt_softplus=True, last_only=last_only)
-    out = torch.bmm(apart(y, b if last_only else rows), stack("out_proj.weight").transpose(1, 2))  # [G, n, c]
-    return x[:, :, -1] + out if last_only else x + out.reshape(G, b, length, c)
+        h = F.rms_norm(h, (c,), eps=first.norm.eps) * stack("norm.weight")[:, None, None]
+    u, z = (project(h, w) for w in stack("in_proj.weight").chunk(2, dim=1))  # [G, b, L, e] each
+    m = first.state_size
+    u = causal_conv_silu(u, stack("conv1d.weight").squeeze(2), stack("conv1d.bias"))  # weight [G, e, K]
+    dt, B, C = project(u, stack("x_proj.weight")).split([first.dt_rank, m, m], dim=-1)
+    dt = project(dt, stack("dt_proj.weight"))  # [G, b, L, e]; the scan adds the bias (softplus)
+    y = selective_scan(u, dt, -torch.exp(stack("A_log")), B, C, stack("D"), z=z, dt_bias=stack("dt_proj.bias"),
+                       dt_softplus=True, last_only=last_only)  # [G, b, L, e], or [G, b, e]
+    out = project(y, stack("out_proj.weight"))
+    return x[:, :, -1] + out if last_only else x + out
 
 
 def learners_forward(learners: list[MambaLearner], x: torch.Tensor) -> torch.Tensor:

@@ -57,48 +57,57 @@ def cuda_kernel(u: torch.Tensor):
 def selective_scan_loop(u, dt, A, B, C, D):
     """The scan as a per-step loop.
 
-    u, dt: [b, L, d]; A: [d, M]; B, C: [b, L, M], or [b, L, G, M] where the d channels are G groups of d / G (as
-    mamba-ssm's grouped B and C), group g's reading B[:, :, g]; D: [d]  ->  y: [b, L, d]
+    u, dt: [..., b, L, d]; A: [..., d, M]; B, C: [..., b, L, M]; D: [..., d]  ->  y: [..., b, L, d]. Leading dims
+    are independent scans, each with its own A and D (several layers' learners in one call).
     """
-    grouped = B.dim() == 4
-    if grouped:  # each channel's own B and C: [b, L, d, M]
-        B, C = (x.repeat_interleave(u.shape[2] // x.shape[2], dim=2) for x in (B, C))
-    h = u.new_zeros(u.shape[0], u.shape[2], A.shape[1])  # [b, d, M]
+    A = A.unsqueeze(-3)  # [..., 1, d, M]: every row's
+    h = u.new_zeros(*u.shape[:-2], *A.shape[-2:])  # [..., b, d, M]
     ys = []
-    for u_j, dt_j, B_j, C_j in zip(u.unbind(1), dt.unbind(1), B.unbind(1), C.unbind(1)):
-        dA = torch.exp(dt_j.unsqueeze(-1) * A)  # [b, d, M]
-        dBu = (dt_j * u_j).unsqueeze(-1) * (B_j if grouped else B_j.unsqueeze(1))  # [b, d, M]
+    for j in range(u.shape[-2]):
+        u_j, dt_j, B_j, C_j = (x[..., j, :] for x in (u, dt, B, C))  # [..., b, d] and [..., b, M]
+        dA = torch.exp(dt_j.unsqueeze(-1) * A)  # [..., b, d, M]
+        dBu = (dt_j * u_j).unsqueeze(-1) * B_j.unsqueeze(-2)  # [..., b, d, M]
         h = dA * h + dBu
-        ys.append(torch.einsum("bdm,bdm->bd" if grouped else "bdm,bm->bd", h, C_j))  # [b, d]
-    return torch.stack(ys, dim=1) + u * D  # [b, L, d]
+        ys.append(torch.einsum("...dm,...m->...d", h, C_j))  # [..., b, d]
+    return torch.stack(ys, dim=-2) + u * D.unsqueeze(-2).unsqueeze(-2)  # [..., b, L, d]
+
+
+def _mamba_ssm_scan(kernel, u, dt, A, B, C, D, z, dt_bias, dt_softplus: bool) -> torch.Tensor:
+    """mamba-ssm's kernel on its channels-first layout: the G groups of the leading dims side by side as its
+    n_groups (u [b, G d, L], B and C [b, G, M, L]), and back to [..., b, L, d]."""
+    b, length, d = u.shape[-3:]
+    groups = u.numel() // (b * length * d)
+
+    def channels(x):  # [..., b, L, d] -> [b, G d, L]
+        return None if x is None else x.reshape(groups, b, length, -1).permute(1, 0, 3, 2).reshape(b, -1, length)
+
+    B, C = (x.reshape(groups, b, length, -1).permute(1, 0, 3, 2).contiguous() for x in (B, C))  # [b, G, M, L]
+    y = kernel(*(channels(x).contiguous() for x in (u, dt)), A.reshape(groups * d, -1).contiguous(), B, C,
+               D.reshape(-1).float(), z=None if z is None else channels(z).contiguous(),
+               delta_bias=None if dt_bias is None else dt_bias.reshape(-1).float(), delta_softplus=dt_softplus)
+    return y.reshape(b, groups, d, length).permute(1, 0, 3, 2).reshape(u.shape)
 
 
 def selective_scan(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus: bool = False, last_only: bool = False):
     """y = selective scan of u, as mamba-ssm's ``selective_scan_fn`` computes it: the step sizes are
-    softplus(dt + dt_bias) where asked, and the output is gated by silu(z) where z [b, L, d] is given. With
-    ``last_only`` only the last round's y[:, -1] [b, d] is returned (all that a learner's last block reads). The
-    fused C kernel for CPU tensors, mamba-ssm's for CUDA ones, else the loop. Shapes as :func:`selective_scan_loop`
-    (B and C grouped or not).
+    softplus(dt + dt_bias) where asked (dt_bias [..., d]), and the output is gated by silu(z) where z [..., b, L, d]
+    is given. With ``last_only`` only the last round's y[..., -1, :] [..., b, d] is returned (all that a learner's
+    last block reads). The fused C kernel for CPU tensors, mamba-ssm's for CUDA ones, else the loop. Shapes as
+    :func:`selective_scan_loop`, leading dims included.
     """
     kernel = cuda_kernel(u)
     if kernel is not None:
-        t = lambda x: None if x is None else x.transpose(1, 2).contiguous()  # noqa: E731  channels-first layout
-        if B.dim() == 4:  # mamba-ssm's grouped B and C: [b, G, M, L]
-            B, C = (x.permute(0, 2, 3, 1).contiguous() for x in (B, C))
-        else:
-            B, C = t(B), t(C)
-        y = kernel(t(u), t(dt), A.contiguous(), B, C, D.float(), z=t(z),
-                   delta_bias=None if dt_bias is None else dt_bias.float(), delta_softplus=dt_softplus).transpose(1, 2)
-        return y[:, -1] if last_only else y
+        y = _mamba_ssm_scan(kernel, u, dt, A, B, C, D, z, dt_bias, dt_softplus)
+        return y[..., -1, :] if last_only else y
     if last_only and z is not None:
-        z = z[:, -1]  # the gate of the round that is read
+        z = z[..., -1, :]  # the gate of the round that is read
     if kernels_apply(u, dt, A, B, C, D):
         return FusedScan.apply(u, dt, A, B, C, D, z, dt_bias, dt_softplus, last_only)
     if dt_bias is not None:
-        dt = dt + dt_bias
+        dt = dt + dt_bias.unsqueeze(-2).unsqueeze(-2)
     if dt_softplus:
         dt = F.softplus(dt)
     y = selective_scan_loop(u, dt, A, B, C, D)
     if last_only:
-        y = y[:, -1]
+        y = y[..., -1, :]
     return y if z is None else y * F.silu(z)
