@@ -26,7 +26,7 @@ LEARNER_CONFIG_KEYS = {
     "num_blocks": "num_blocks", "state_size": "state_size", "expand": "expand", "conv_kernel": "conv_kernel",
     "learner_hidden_size": "hidden_size", "output_scale_init": "output_scale_init",
     "learner_magnitude_preserving": "magnitude_preserving", "client_mixing_rank": "mixing_rank",
-    "learner_memory": "memory",
+    "learner_memory": "memory", "learner_memory_decay": "memory_decay",
 }
 LEARNER_OBJECTIVES = ("proxy", "proximal")
 
@@ -330,6 +330,9 @@ class PFedSeqArgs:
     learner_memory: bool = recipe_key(
         False, "the learner also reads the calibration it output last and adds to it: xi^t = xi^{t-1} + "
         "f(window, xi^{t-1}), a per-entry state across rounds (false: xi^t from the window alone, the paper's)")
+    learner_memory_decay: float = recipe_key(
+        1.0, "rho in (0, 1]: the memory read is rho xi^{t-1}, so xi^t = rho xi^{t-1} + f(window, rho xi^{t-1}) "
+        "forgets at rate rho a round and stays within about f / (1 - rho) (1: keeps all)")
     train_during_warmup: bool = recipe_key(True, "false: train the learner only on rounds whose xi was sent")
     center_calibrations: bool = recipe_key(False, "remove each parameter's mean over clients from xi")
     calibration_bound: float | None = recipe_key(
@@ -358,6 +361,11 @@ class PFedSeqArgs:
         if self.client_mixing_rank is not None and (self.client_mixing_rank < 1 or not self.cross_client):
             raise RecipeError(f"{where}.client_mixing_rank must be >= 1 or null, and needs cross_client: true; got "
                               f"{self.client_mixing_rank} with cross_client: {self.cross_client}")
+        if not 0 < self.learner_memory_decay <= 1:
+            raise RecipeError(f"{where}.learner_memory_decay must be in (0, 1], got {self.learner_memory_decay}")
+        if self.learner_memory_decay != 1 and not self.learner_memory:
+            raise RecipeError(f"{where}.learner_memory_decay={self.learner_memory_decay} needs "
+                              "algorithm_args.learner_memory: true (it is the weight of the memory)")
         if self.calibration_bound is not None and not self.calibration_bound > 0:
             raise RecipeError(f"{where}.calibration_bound must be > 0 or null, got {self.calibration_bound}")
         if not self.global_aggregation and (self.center_calibrations or self.calibration_bound is not None):

@@ -218,7 +218,8 @@ def test_learner_is_reproducible_from_the_seed():
 
 @pytest.mark.parametrize("key, value", [("warmup_rounds", -1), ("seq_len", 0), ("learner_architecture", "gru"),
                                         ("learner_lr", 0.0), ("norm_momentum", 1.0), ("d_chunk", 0),
-                                        ("client_mixing_rank", 0)])
+                                        ("client_mixing_rank", 0), ("learner_memory_decay", 0.0),
+                                        ("learner_memory_decay", 0.5)])
 def test_bad_algorithm_args_are_named(key, value):
     with pytest.raises(RecipeError, match=key):
         make_server(**{key: value})
@@ -331,7 +332,7 @@ def test_every_schedule_switch_resumes_from_a_checkpoint(tmp_path):
     from fedml_pfedseq.checkpoint import load_checkpoint, save_checkpoint
 
     switches = dict(learner_objective="proximal", learner_steps=3, train_during_warmup=False,
-                    center_calibrations=True, calibration_bound=2.0, learner_memory=True)
+                    center_calibrations=True, calibration_bound=2.0, learner_memory=True, learner_memory_decay=0.7)
     server = make_server(**switches)
     run_rounds(server, 3)
     save_checkpoint(tmp_path / "c.safetensors", {"server": server}, {"round": 3})

@@ -527,6 +527,20 @@ def test_memory_adds_the_last_calibration_and_reads_it(kwargs):
     torch.testing.assert_close(moved, learner(x + shift.unsqueeze(1), 1) - latest_path, rtol=1e-5, atol=1e-5)
 
 
+def test_a_decaying_memory_reads_rho_times_the_last_calibration():
+    """memory_decay rho: f(x, previous) is the keeping learner's f(x, rho previous), so xi^t = rho xi^{t-1} + ...;
+    a decay needs memory, and lies in (0, 1]."""
+    keeping, x, previous = with_memory(make_learner()), window(), torch.randn(11, 4)
+    decaying = SeqLearnerModel(SeqLearnerConfig(**{**keeping.config.to_dict(), "memory_decay": 0.5}))
+    decaying.load_state_dict(keeping.state_dict())
+    torch.testing.assert_close(decaying(x, 1, previous), keeping(x, 1, 0.5 * previous))
+    assert not torch.allclose(decaying(x, 1, previous), keeping(x, 1, previous), atol=1e-3)
+    for config in ({"memory": True, "memory_decay": 0.0}, {"memory": True, "memory_decay": 1.5},
+                   {"memory": False, "memory_decay": 0.5}):
+        with pytest.raises(ValueError, match="memory_decay"):
+            SeqLearnerConfig(num_clients=4, **config)
+
+
 def test_a_learner_with_memory_checks_its_input_and_trains_its_weights():
     learner, x, previous = make_learner(memory=True), window(), torch.randn(11, 4)
     with pytest.raises(ValueError, match=r"its last output \[D, N\]"):

@@ -25,7 +25,9 @@ the window in all); ``train_during_warmup: false`` trains only on rounds whose x
 ``calibration_bound: b`` caps each client's xi per layer at an RMS of b times the updates' RMS.
 ``learner_memory`` has the learner read the calibration it output last and add to it (xi^t = xi^{t-1} + f): the
 server keeps xi^{t-1}, and the input that produced it (``memory``), so the training step recomputes xi^{t-1}
-exactly; the gradient flows through that last step only. Memory starts from zero at the first calibrated round;
+exactly; the gradient flows through that last step only. ``learner_memory_decay: rho`` below 1 has the learner
+read rho xi^{t-1} instead, so the state forgets at rate rho a round. Memory starts from zero at the first calibrated
+round;
 a client that skips rounds keeps its column (still calibrated each round, from zero updates); one that joins late
 has the column the learner gave it meanwhile.
 """

@@ -35,6 +35,8 @@ class SeqLearnerConfig(PretrainedConfig):
         memory: True (beyond the paper): the learner also reads what it output last, xi^{t-1}, and adds it to its
             output, xi^t = xi^{t-1} + f(window, xi^{t-1}), so a per-entry state persists across rounds (see
             ``SeqLearnerModel``); False: xi^t is a function of the window alone (the paper's).
+        memory_decay: rho in (0, 1] (with ``memory``): the learner reads rho xi^{t-1} in its place, xi^t =
+            rho xi^{t-1} + f(window, rho xi^{t-1}), a state that forgets at rate rho a round (1: keeps all).
     """
 
     model_type = "pfedseq_seq_learner"
@@ -43,7 +45,7 @@ class SeqLearnerConfig(PretrainedConfig):
                  architecture: str = "mamba", cross_client: bool = True, num_blocks: int = 2, state_size: int = 16,
                  expand: int = 2, conv_kernel: int = 4, dt_rank: int | None = None, hidden_size: int = 64,
                  output_scale_init: float = 0.1, rms_norm_eps: float = 1e-5, magnitude_preserving: bool | None = None,
-                 mixing_rank: int | None = None, memory: bool = False, **kwargs):
+                 mixing_rank: int | None = None, memory: bool = False, memory_decay: float = 1.0, **kwargs):
         checks = {"num_clients": num_clients, "num_adapter_layers": num_adapter_layers, "max_seq_len": max_seq_len,
                   "num_blocks": num_blocks, "state_size": state_size, "expand": expand, "conv_kernel": conv_kernel,
                   "hidden_size": hidden_size}
@@ -53,6 +55,9 @@ class SeqLearnerConfig(PretrainedConfig):
         if mixing_rank is not None and (not isinstance(mixing_rank, int) or mixing_rank < 1 or not cross_client):
             raise ValueError("SeqLearnerConfig.mixing_rank must be a positive integer (or None) and needs "
                              f"cross_client, got {mixing_rank!r} with cross_client={cross_client}")
+        if not 0 < memory_decay <= 1 or (memory_decay != 1 and not memory):
+            raise ValueError(f"SeqLearnerConfig.memory_decay must be in (0, 1], and 1 without memory, got "
+                             f"{memory_decay!r} with memory={memory}")
         if architecture not in ARCHITECTURES:
             raise ValueError(f"SeqLearnerConfig.architecture must be one of {ARCHITECTURES}, got {architecture!r}")
         self.num_clients = num_clients
@@ -62,6 +67,7 @@ class SeqLearnerConfig(PretrainedConfig):
         self.cross_client = cross_client
         self.mixing_rank = mixing_rank
         self.memory = memory
+        self.memory_decay = memory_decay
         self.num_blocks = num_blocks
         self.state_size = state_size
         self.expand = expand

@@ -25,8 +25,9 @@ across rounds, which the window alone cannot (it holds the last L updates, and t
 ideal). m enters g added to every round's input with a learnt weight w per channel (zero at first, so an untrained
 learner with memory moves xi as one without it does), each row capped like the blocks' norm (an RMS over its
 channels above 1 is scaled to 1: xi grows to many updates' size); g's channel mixing then decides which clients'
-states to pool. The caller holds m (the server's last calibrations) and treats it as an input: a gradient flows
-through f's last step, not back through the rounds that produced m.
+states to pool. The caller holds xi^{t-1} (the server's last calibrations) and treats it as an input: a gradient
+flows through f's last step, not back through the rounds that produced it. ``config.memory_decay`` rho < 1 reads
+m = rho xi^{t-1} / s in its place, so the state forgets at rate rho a round.
 """
 from __future__ import annotations
 
@@ -289,7 +290,8 @@ class SeqLearnerModel(PreTrainedModel):
             self._check(updates[i], layer, None if previous is None else previous[i])
         g, d, length, n = updates.shape
         inputs = updates
-        if self.config.memory:  # w * cap(m), the same for every round of the window
+        if self.config.memory:  # m = rho previous; w * cap(m), the same for every round of the window
+            previous = previous * self.config.memory_decay
             capped = previous / previous.pow(2).mean(-1, keepdim=True).sqrt().clamp_min(1.0)
             inputs = updates + (capped * self.memory_weight[layers][:, None]).unsqueeze(2)
         if not self.config.cross_client:  # variant C: each client's own sequence, as 1-channel rows
