@@ -68,11 +68,18 @@ class AdapterModel(nn.Module):
         """Logits [batch, num_labels], always fp32 (the loss and every method's regulariser stay fp32); with
         ``precision`` "bf16" or "fp16" the ViT and the head compute under autocast in that type, so their backward
         does too."""
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        with torch.autocast(self.head.weight.device.type, dtype=dtype, enabled=dtype is not None):
-            features = self.backbone(pixel_values=pixel_values).logits  # [batch, hidden]
-            logits = self.head(features)
+        with self.autocast():
+            logits = self.head(self.backbone(pixel_values=pixel_values).logits)  # [CLS] features -> [batch, labels]
         return logits.float()
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The [CLS] features the head reads [batch, hidden], fp32 (computed as ``forward`` computes them)."""
+        with self.autocast():
+            return self.backbone(pixel_values=pixel_values).logits.float()
+
+    def autocast(self) -> torch.autocast:
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        return torch.autocast(self.head.weight.device.type, dtype=dtype, enabled=dtype is not None)
 
     def get_lora_state(self) -> StateDict:
         """A detached CPU copy of the LoRA tensors (PEFT's names, without the adapter name)."""

@@ -153,6 +153,25 @@ class FedAvgLocalHeadArgs:
 
 
 @dataclass
+class FedDPAArgs:
+    """``algorithm_args`` of FedDPA (defaults: the paper's code, Lydia-yang/FedDPA)."""
+
+    local_weight: float = recipe_key(0.5, "a: the global adapter's weight while the local adapter trains (the local "
+                                          "one's is 1 - a)")
+    instance_weight_scale: float = recipe_key(0.5, "w: an instance's local weight is w times its mean cosine "
+                                                   "similarity to the reference instances")
+    reference_instances: int = recipe_key(5, "k: training instances drawn at random for each evaluated instance")
+
+    def __post_init__(self):
+        where = "algorithm_args"
+        for name in ("local_weight", "instance_weight_scale"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise RecipeError(f"{where}.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.reference_instances < 1:
+            raise RecipeError(f"{where}.reference_instances must be >= 1, got {self.reference_instances}")
+
+
+@dataclass
 class FedRepArgs:
     """``algorithm_args`` of FedRep (the adapter's epochs are train_args.epochs)."""
 

@@ -9,6 +9,7 @@ written under ``<output_dir>/adapters/``::
     adapters/global/                   the server's global adapter (+ head.safetensors if the head is shared),
                                        for methods that average one (absent for Local, APPLE, pFedHN, PeFLL, pFedLA)
     adapters/client_<k>/adapter_config.json, adapter_model.safetensors   (PeftModel.save_pretrained)
+    adapters/client_<k>/local/         FedDPA only: the client's local adapter (PEFT's folder for a second adapter)
     adapters/client_<k>/head.safetensors                                 (the nn.Linear on the [CLS] features)
     adapters/client_<k>/head_config.json   the head's sizes and label names (id2label, label2id)
     adapters/client_<k>/splits.json    its partition value and its rows (train / validation / test) of the data file,
@@ -98,10 +99,10 @@ def save_peft_adapter(model: AdapterModel, directory: Path, base_model_name_or_p
     one card)."""
     model.backbone.save_pretrained(str(directory), safe_serialization=True)
     (directory / "README.md").unlink(missing_ok=True)
-    config_path = directory / "adapter_config.json"
-    config = json.loads(config_path.read_text())
-    config["base_model_name_or_path"] = base_model_name_or_path
-    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for config_path in directory.rglob("adapter_config.json"):  # a second adapter (FedDPA's) is in a subfolder
+        config = json.loads(config_path.read_text())
+        config["base_model_name_or_path"] = base_model_name_or_path
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def remove_stale(directory: Path) -> None:
