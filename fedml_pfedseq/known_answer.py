@@ -83,6 +83,7 @@ NOT_RUN = {  # why a registered method has no analytic client here, where more c
     "pefll": "the client computes its descriptor from its images",
     "pfedlora": "personalization is client-side (its own backbone weights, trained on images)",
     "flora": "its global model is the merged product B A, which a loss on the LoRA entries does not see",
+    "feddpa": "it mixes two adapters' outputs per instance by feature similarity; the problem has no instances",
 }
 
 
