@@ -1,5 +1,8 @@
 """Shared fixtures: a tiny random ViT saved like a Hub checkpoint, small recipes built in code, the every-method
-matrices' reference runs (one per method and session), and one pushed run on a local Hub endpoint per session."""
+matrices' reference runs (one per method and session), and one pushed run on a local Hub endpoint per session.
+
+The tiny ViT and the reference runs are built once per session even under pytest-xdist: in a folder every worker
+shares (``shared_dir``), by the first worker that asks, under a file lock the others wait on."""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,7 @@ from unittest import mock
 
 import pytest
 import torch
+from filelock import FileLock
 from huggingface_hub import constants
 from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
 
@@ -26,15 +30,26 @@ TINY_HIDDEN = 32
 TINY_LAYERS = 2
 
 
+def shared_dir(tmp_path_factory) -> Path:
+    """This session's folder shared by its xdist workers (the parent of each worker's own), else its own."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(scope="session")
 def tiny_vit(tmp_path_factory) -> str:
-    """A randomly initialised 2-layer ViT (hidden 32, 32x32 input, patch 8) with its image processor."""
-    path = tmp_path_factory.mktemp("tiny_vit")
-    torch.manual_seed(0)
-    config = ViTConfig(image_size=32, patch_size=8, hidden_size=TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
-                       num_attention_heads=2, intermediate_size=64, num_labels=10)
-    ViTForImageClassification(config).save_pretrained(path)
-    ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(path)
+    """A randomly initialised 2-layer ViT (hidden 32, 32x32 input, patch 8) with its image processor, one per
+    session (read-only: every worker's recipes name this folder)."""
+    path = shared_dir(tmp_path_factory) / "tiny_vit"
+    with FileLock(f"{path}.lock"):
+        if not (path / "preprocessor_config.json").is_file():
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(0)
+                config = ViTConfig(image_size=32, patch_size=8, hidden_size=TINY_HIDDEN, num_hidden_layers=TINY_LAYERS,
+                                   num_attention_heads=2, intermediate_size=64, num_labels=10)
+                ViTForImageClassification(config).save_pretrained(path)
+            ViTImageProcessor(size={"height": 32, "width": 32}, image_mean=[0.5] * 3,
+                              image_std=[0.5] * 3).save_pretrained(path)
     return str(path)
 
 
@@ -80,15 +95,19 @@ MATRIX = {"train_args": {"client_num_per_round": 2}}
 
 @pytest.fixture(scope="session")
 def matrix_reference(tiny_vit, tmp_path_factory):
-    """``matrix_reference(method)``: (recipe, run folder) of ``method``'s matrix recipe run once per session on the
-    local engine, its checkpoint kept; the matrices build their runs from a copy of that recipe."""
+    """``matrix_reference(method)``: (recipe, run folder) of ``method``'s matrix recipe run once per session (by the
+    first worker that needs it) on the local engine, its checkpoint kept; the matrices build their runs from a copy
+    of that recipe."""
     runs = {}
 
     def reference(method: str) -> tuple[Recipe, Path]:
         if method not in runs:
-            root = tmp_path_factory.mktemp(f"reference_{method}")
+            root = shared_dir(tmp_path_factory) / f"reference_{method}"
             recipe = three_clients(method, tiny_vit, root, **MATRIX)
-            simulation.run_recipe(recipe, root / "run", progress=False)
+            with FileLock(f"{root}.lock"):  # the first worker to ask runs it; the others read its files
+                if not (root / "done").is_file():
+                    simulation.run_recipe(recipe, root / "run", progress=False)
+                    (root / "done").touch()
             runs[method] = recipe, root / "run"
         recipe, folder = runs[method]
         return parse_recipe(recipe.to_dict(), where=f"matrix:{method}"), folder
