@@ -112,6 +112,10 @@ def test_a_client_trains_its_local_adapter_from_its_second_round_and_never_uploa
 
 @pytest.mark.slow
 def test_feddpa_runs_from_its_recipe_and_saves_both_adapters(tiny_vit, tmp_path):
+    """Both adapters of a client load with PEFT as the client held them, and the model card names the local one
+    and the rule that mixes them."""
+    from fedml_pfedseq.hub.card import build_card
+
     fed, summary, metrics = run_shipped_recipe("feddpa", tiny_vit, tmp_path)
     assert summary["method"] == "FedDPA"
     assert_every_client_evaluated(metrics)
@@ -122,3 +126,5 @@ def test_feddpa_runs_from_its_recipe_and_saves_both_adapters(tiny_vit, tmp_path)
     for name, state in ((GLOBAL, client.state["lora"]), (LOCAL, client.local)):
         saved = get_peft_model_state_dict(loaded, adapter_name=name)
         assert all(torch.equal(saved[k], state[k]) for k in state), name
+    card = str(build_card(tmp_path / "out", "someone/feddpa-run", backbone_pushed=False))
+    assert "adapters/client_<k>/local/" in card and "mean cosine similarity" in card

@@ -157,6 +157,7 @@ def build_card(run_dir: str | Path, repo_id: str, backbone_pushed: bool) -> Mode
         global_head=bool(manifest.get("global") and manifest["global"].get("head")),
         has_learner=(run_dir / "seq_learner" / "config.json").is_file(),
         any_client_backbone=any(c.get("backbone") for c in clients),
+        local_adapters=(run_dir / clients[0]["path"] / "local" / "adapter_config.json").is_file(),
         by_server=by_server,
         lora_r=model["lora_r"], lora_alpha=model["lora_alpha"], lora_dropout=model["lora_dropout"],
         lora_target_modules=", ".join(f"`{m}`" for m in model["lora_target_modules"]),
