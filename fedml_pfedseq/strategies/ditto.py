@@ -31,7 +31,7 @@ from fedml_pfedseq.algorithm_args import DittoArgs
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.personal_model import PersonalModelClient
 from fedml_pfedseq.strategies.fedavg import FedAvgServer, Upload
-from fedml_pfedseq.training import proximal_term, train_epochs
+from fedml_pfedseq.training import proximal_term
 
 ExtraLoss = Callable[[torch.Tensor, dict], torch.Tensor]
 
@@ -47,12 +47,6 @@ class DittoServer(FedAvgServer):
 
 class DittoClient(PersonalModelClient):
     """Trains the global copy (uploaded, as in FedAvg) and the personal model v_k (kept here, evaluated)."""
-
-    def _sgd(self, round_idx: int, epochs: int, extra_loss: ExtraLoss | None = None) -> dict[str, float]:
-        """Local SGD on the model as loaded, over this round's batches (FedAvg's seed: both models see the same)."""
-        args = self.recipe.train_args
-        return train_epochs(self.model, self.round_loader(round_idx), epochs, args.learning_rate, args.momentum,
-                            args.weight_decay, extra_loss=extra_loss)
 
     def personal_loss(self, anchor: dict[str, torch.Tensor]) -> ExtraLoss:
         """The personal model's regulariser mu/2 ||v - w^t||^2 (Ditto: mu = lambda), w^t = ``anchor`` by name."""
@@ -70,10 +64,10 @@ class DittoClient(PersonalModelClient):
         epochs = self.recipe.train_args.epochs
         self._put(self.received)
         anchor = trainable_tensors(self.model)  # w^t, fixed for the whole round
-        stats = self._sgd(round_idx, epochs)
+        stats = self.sgd(round_idx, epochs)
         self.state = self._trained()
         self._put(self.personal)
-        personal_stats = self._sgd(round_idx, self.args.personal_epochs or epochs, self.personal_loss(anchor))
+        personal_stats = self.sgd(round_idx, self.args.personal_epochs or epochs, self.personal_loss(anchor))
         self.personal = self._trained()
         self.last_train_stats = {**stats, **{f"personal_{k}": v for k, v in personal_stats.items()}}
         return self.upload()

@@ -162,11 +162,17 @@ class FedAvgClient:
                   for part in self.shared_parts}
         return {"client_id": self.client_id, "num_samples": self.num_samples, **deltas}
 
+    def sgd(self, round_idx: int, epochs: int | None = None, extra_loss=None) -> dict[str, float]:
+        """Local SGD on the model as loaded (its trainable parameters) over this round's batches: ``epochs``
+        passes (default train_args.epochs), ``extra_loss`` added to each batch's cross-entropy."""
+        args = self.recipe.train_args
+        return train_epochs(self.model, self.round_loader(round_idx), args.epochs if epochs is None else epochs,
+                            args.learning_rate,
+                            args.momentum, args.weight_decay, extra_loss=extra_loss)
+
     def train(self, round_idx: int) -> Upload:
         self.load()
-        args = self.recipe.train_args
-        self.last_train_stats = train_epochs(self.model, self.round_loader(round_idx), args.epochs,
-                                             args.learning_rate, args.momentum, args.weight_decay)
+        self.last_train_stats = self.sgd(round_idx)
         self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
         return self.upload()
 

@@ -37,7 +37,7 @@ from fedml_pfedseq.lora_state import StateDict
 from fedml_pfedseq.method import Method
 from fedml_pfedseq.strategies.fedavg import Upload
 from fedml_pfedseq.strategies.fedavg_local_head import FedAvgLocalHeadClient, FedAvgLocalHeadServer
-from fedml_pfedseq.training import evaluate_model, make_loader, requires_grad, train_epochs
+from fedml_pfedseq.training import evaluate_model, make_loader, requires_grad
 
 GLOBAL, LOCAL = "default", "local"  # PEFT adapter names: the one every method trains, FedDPA's second
 
@@ -54,7 +54,8 @@ def mixed_adapters(backbone, weights: dict[str, float | torch.Tensor]) -> Iterat
 
     backbone.base_model.set_adapter(list(weights))
     handles = [layer.lora_B[name].register_forward_hook(scale(weight))
-               for layer in backbone.modules() if isinstance(layer, LoraLayer) for name, weight in weights.items()]
+               for layer in backbone.modules() if isinstance(layer, LoraLayer) for name, weight in weights.items()
+               if torch.is_tensor(weight) or weight != 1]  # a weight of 1 is PEFT's own output
     try:
         yield
     finally:
@@ -121,18 +122,15 @@ class FedDPAClient(FedAvgLocalHeadClient):
         the head trains in both. ``last_train_stats``: the global phase's ``train_loss``, the local's
         ``local_train_loss``."""
         self.load()
-        args, backbone = self.recipe.train_args, self.model.backbone
+        backbone = self.model.backbone
         stats = {}
         if self.rounds_trained:
             global_lora = [p for name, p in backbone.named_parameters() if ".lora_" in name and f".{GLOBAL}." in name]
             with (mixed_adapters(backbone, {GLOBAL: self.args.local_weight, LOCAL: 1 - self.args.local_weight}),
                   requires_grad(global_lora, False)):
-                local = train_epochs(self.model, self.round_loader(round_idx), args.epochs, args.learning_rate,
-                                     args.momentum, args.weight_decay)
+                stats = {f"local_{k}": v for k, v in self.sgd(round_idx).items()}
             self.local = self._local_state()
-            stats = {f"local_{k}": v for k, v in local.items()}
-        stats.update(train_epochs(self.model, self.round_loader(round_idx), args.epochs, args.learning_rate,
-                                  args.momentum, args.weight_decay))
+        stats.update(self.sgd(round_idx))
         self.state = {"lora": self.model.get_lora_state(), "head": self.model.get_head_state()}
         self.rounds_trained += 1
         self.last_train_stats = stats

@@ -43,7 +43,7 @@ from transformers import PreTrainedModel
 from .configuration_seq_learner import SeqLearnerConfig
 from .cpu_kernels import FusedConvSiLU, kernels_apply
 from .proxy_gradient import update_proxy_gradient
-from .scan import selective_scan
+from .scan import apart, selective_scan, side_by_side
 
 Descent = Callable[[torch.Tensor, slice], torch.Tensor]  # (xi of a chunk of rows, the rows) -> that chunk's descent
 
@@ -70,12 +70,9 @@ def causal_conv_silu(u: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     channels side by side with its right padding dropped."""
     if kernels_apply(u, weight, bias):
         return FusedConvSiLU.apply(u, weight, bias)
-    (b, length, e), kernel = u.shape[-3:], weight.shape[-1]
-    groups = u.numel() // (b * length * e)
-    side = u.reshape(groups, b, length, e).permute(1, 0, 3, 2).reshape(b, groups * e, length)  # [b, G e, L]
-    v = F.conv1d(side, weight.reshape(groups * e, 1, kernel), bias.reshape(-1), padding=kernel - 1,
-                 groups=groups * e)
-    return F.silu(v[..., :length].reshape(b, groups, e, length).permute(1, 0, 3, 2).reshape(u.shape))
+    side, (length, kernel) = side_by_side(u), (u.shape[-2], weight.shape[-1])  # [b, G e, L]
+    v = F.conv1d(side, weight.reshape(-1, 1, kernel), bias.reshape(-1), padding=kernel - 1, groups=side.shape[1])
+    return F.silu(apart(v[..., :length], u.shape))
 
 
 def blocks_forward(blocks: list[MambaBlock], x: torch.Tensor, last_only: bool = False) -> torch.Tensor:

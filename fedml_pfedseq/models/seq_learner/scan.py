@@ -72,20 +72,28 @@ def selective_scan_loop(u, dt, A, B, C, D):
     return torch.stack(ys, dim=-2) + u * D.unsqueeze(-2).unsqueeze(-2)  # [..., b, L, d]
 
 
+def side_by_side(x: torch.Tensor) -> torch.Tensor:
+    """[..., b, L, k] -> [b, G k, L] (contiguous): channels first, the G groups of the leading dims side by side,
+    the layout of mamba-ssm's n_groups and of a grouped ``F.conv1d``."""
+    b, length, k = x.shape[-3:]
+    return x.reshape(-1, b, length, k).permute(1, 0, 3, 2).reshape(b, -1, length).contiguous()
+
+
+def apart(y: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``side_by_side``'s inverse: [b, G k, L] -> ``shape`` [..., b, L, k]."""
+    b, length, k = shape[-3:]
+    return y.reshape(b, -1, k, length).permute(1, 0, 3, 2).reshape(shape)
+
+
 def _mamba_ssm_scan(kernel, u, dt, A, B, C, D, z, dt_bias, dt_softplus: bool) -> torch.Tensor:
-    """mamba-ssm's kernel on its channels-first layout: the G groups of the leading dims side by side as its
-    n_groups (u [b, G d, L], B and C [b, G, M, L]), and back to [..., b, L, d]."""
-    b, length, d = u.shape[-3:]
-    groups = u.numel() // (b * length * d)
-
-    def channels(x):  # [..., b, L, d] -> [b, G d, L]
-        return None if x is None else x.reshape(groups, b, length, -1).permute(1, 0, 3, 2).reshape(b, -1, length)
-
-    B, C = (x.reshape(groups, b, length, -1).permute(1, 0, 3, 2).contiguous() for x in (B, C))  # [b, G, M, L]
-    y = kernel(*(channels(x).contiguous() for x in (u, dt)), A.reshape(groups * d, -1).contiguous(), B, C,
-               D.reshape(-1).float(), z=None if z is None else channels(z).contiguous(),
+    """mamba-ssm's kernel on its channels-first layout, the groups of the leading dims as its n_groups (u [b, G d,
+    L], B and C [b, G, M, L]), and back to [..., b, L, d]."""
+    b, length, m = B.shape[-3:]
+    B, C = (side_by_side(x).reshape(b, -1, m, length) for x in (B, C))  # [b, G, M, L]
+    y = kernel(side_by_side(u), side_by_side(dt), A.reshape(-1, A.shape[-1]).contiguous(), B, C,
+               D.reshape(-1).float(), z=None if z is None else side_by_side(z),
                delta_bias=None if dt_bias is None else dt_bias.reshape(-1).float(), delta_softplus=dt_softplus)
-    return y.reshape(b, groups, d, length).permute(1, 0, 3, 2).reshape(u.shape)
+    return apart(y, u.shape)
 
 
 def selective_scan(u, dt, A, B, C, D, z=None, dt_bias=None, dt_softplus: bool = False, last_only: bool = False):
